@@ -1,0 +1,82 @@
+"""Constants and tunables of the swarm, in one place, with their units.
+
+Timing values are grouped in ``Timings`` so tests and the simulator shrink them instead
+of sleeping. Sizes are upper bounds on anything a peer accepts from the network: every
+one of them exists so that a hostile peer costs a log line, never memory or CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# DNS-SD service type (RFC 6763 section 7: _service._proto.domain).
+SERVICE_TYPE = "_vswarm._tcp.local."
+DEFAULT_SWARM = "default"
+
+# The canonical model input: N x 1 x 28 x 28 float32 in [0, 1] (pixel / 255).
+INPUT_NAME = "input"
+INPUT_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
+DEFAULT_TOP_K = 2
+MAX_TOP_K = NUM_CLASSES
+
+# Size limits (bytes). A request carries one 1x28x28 float32 tensor (3,136 bytes,
+# ~4.2 KB in base64) plus signed metadata; 64 KiB leaves room and bounds abuse.
+MAX_INFER_BODY = 64 * 1024
+# An image sent to /v1/classify: PNG/JPEG/.npy; decoded images are capped in pixels too.
+MAX_CLASSIFY_BODY = 8 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_REPLY_BODY = 16 * 1024
+# RFC 6763 section 6.2: a TXT record should stay well under 1300 bytes in total.
+MAX_TXT_VALUE = 255
+MAX_TXT_RECORD = 1300
+# A peer announces at most this many addresses; more is noise or abuse.
+MAX_PEER_ADDRESSES = 8
+
+# Caps on tables keyed by peer-supplied data.
+MAX_PEERS = 1024
+MAX_SEEN_REQUEST_IDS = 65_536
+MAX_EVIDENCE = 1_000
+# Inputs waiting for the local model; callers past this wait for room (backpressure).
+MAX_INFER_QUEUE = 1024
+# Resolutions of announced services in flight at once.
+MAX_PENDING_RESOLVES = 64
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timings:
+    """Every timing constant of the runtime, in seconds unless the name says otherwise."""
+
+    # A classify call's default deadline, from receipt to decision.
+    deadline_s: float = 2.0
+    # Connect timeout for one HTTP call to a peer.
+    connect_timeout_s: float = 0.5
+    # Hedge a variant's request to a second replica after this long without an answer
+    # (Dean & Barroso, "The Tail at Scale": hedge after roughly the p95 latency).
+    hedge_after_s: float = 0.25
+    # After the minimum quorum has answered, wait at most this much longer for the rest
+    # (hivemind's MoE client: k_min replies, then a short grace period).
+    grace_s: float = 0.15
+    # Replies and requests older (or further in the future) than this are stale.
+    freshness_s: float = 30.0
+    # A peer that failed is backed off for base * 2**(failures-1), capped.
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    # Consecutive failures after which a peer is suspected and dropped from the table
+    # without waiting for its mDNS TTL to expire.
+    suspect_after_failures: int = 3
+    # Micro-batching: wait at most this long to fill a batch of at most max_batch.
+    batch_wait_s: float = 0.002
+    max_batch: int = 32
+    # mDNS record TTLs are zeroconf's defaults (120 s host, 4500 s other); a peer that
+    # leaves says goodbye (TTL 0). Reputation halves every this many seconds.
+    reputation_half_life_s: float = 3600.0
+    # mDNS: resolving one announced service (SRV, TXT, A; RFC 6762 section 6 lets a
+    # responder delay its answer up to 500 ms), registering one (probing takes ~1 s,
+    # RFC 6762 section 8.1), and sending goodbyes at shutdown.
+    mdns_resolve_timeout_s: float = 3.0
+    mdns_register_timeout_s: float = 10.0
+    mdns_close_timeout_s: float = 3.0
+
+
+DEFAULT_TIMINGS = Timings()

@@ -1,0 +1,247 @@
+"""Select the family on the validation split, export ONNX, measure, write the manifest.
+
+Selection uses validation accuracy only (the 5,000 images split off the training set):
+the best candidate per architecture, then greedy forward selection of the ensemble (sum of
+top-2 probabilities) under the MACs rules of the family (each variant at least 5x cheaper
+than the reference, the cheapest at least 20x). Test accuracy is measured after selection
+and recorded; it never feeds a choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from variants import CLASS_NAMES, PACKAGE_DIR, data, ensemble
+
+OPSET = 17
+MIN_MACS_GAIN = 5.0  # every variant: at least 5x fewer MACs than the reference
+MIN_CHEAPEST_GAIN = 20.0  # the cheapest: at least 20x fewer
+PARITY_TOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """Selection or export cannot proceed; the message says why."""
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def _load_model(final: dict[str, Any]) -> Any:
+    from variants.train import Recipe, build_model
+
+    model = build_model(Recipe(**final["recipe"]))
+    model.load_state_dict(final["model"])
+    return model.eval()
+
+
+def _torch_probs(model: Any, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            outs.append(model(torch.from_numpy(x[i:i + batch])).numpy())
+    return _softmax(np.concatenate(outs))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_onnx(model: Any, path: Path) -> None:
+    """Write model + softmax as ONNX with the shared interface; check parity with torch."""
+    import torch
+
+    from variants.models import WithSoftmax
+
+    wrapped = WithSoftmax(model).eval()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is the one that writes a plain, dependency-free graph
+        # at opset 17; torch warns that it is no longer the default.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, (x,), str(path), input_names=["input"],
+                          output_names=["probs"], dynamic_axes={"input": {0: "N"},
+                                                                "probs": {0: "N"}},
+                          opset_version=OPSET, dynamo=False)
+    got = run_onnx(path, x.numpy())
+    with torch.no_grad():
+        want = wrapped(x).numpy()
+    diff = float(np.abs(got - want).max())
+    if diff > PARITY_TOL:
+        raise ExportError(f"{path}: ONNX output differs from PyTorch by {diff:.2e} "
+                          f"(> {PARITY_TOL})")
+
+
+def _session(path: Path, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, x: np.ndarray, batch: int = 1000) -> np.ndarray:
+    sess = _session(path, threads=0)
+    return np.concatenate([sess.run(None, {"input": x[i:i + batch]})[0]
+                           for i in range(0, len(x), batch)])
+
+
+def latency_ms(path: Path, runs: int = 300, warmup: int = 30) -> float:
+    """Median onnxruntime latency, 1 thread, batch 1."""
+    sess = _session(path, threads=1)
+    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
+    for _ in range(warmup):
+        sess.run(None, {"input": x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {"input": x})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def select(finals: dict[str, dict[str, Any]], val_probs: dict[str, np.ndarray],
+           labels: np.ndarray, macs: dict[str, int], min_members: int,
+           max_members: int) -> dict[str, Any]:
+    """Choose the family on validation data; returns the members and the reasoning."""
+    ref_macs = macs["reference"]
+    eligible = {n for n in finals if n != "reference" and ref_macs / macs[n] >= MIN_MACS_GAIN}
+    # The best candidate per architecture (plain vs distilled, seeds) by validation accuracy.
+    best_per_arch: dict[tuple[Any, ...], str] = {}
+    for n in sorted(eligible):
+        r = finals[n]["recipe"]
+        key = (r["width"], r["resolution"], r["depth"])
+        cur = best_per_arch.get(key)
+        if cur is None or finals[n]["val_accuracy"] > finals[cur]["val_accuracy"]:
+            best_per_arch[key] = n
+    pool = sorted(best_per_arch.values())
+    cheap = [n for n in pool if ref_macs / macs[n] >= MIN_CHEAPEST_GAIN]
+    if len(pool) < min_members or not cheap:
+        raise ExportError(f"only {len(pool)} eligible architectures ({len(cheap)} at >= "
+                          f"{MIN_CHEAPEST_GAIN}x fewer MACs); need {min_members} and one cheap")
+    # The cheapest member is the most accurate of the >=20x candidates; the rest are added
+    # greedily by validation ensemble accuracy, ties going to fewer MACs.
+    anchor = max(cheap, key=lambda n: (finals[n]["val_accuracy"], -macs[n]))
+    steps = ensemble.greedy_forward(
+        {n: val_probs[n] for n in pool}, labels, start=[anchor], min_members=min_members,
+        max_members=max_members, cost={n: float(macs[n]) for n in pool})
+    members = sorted((n for n, _ in steps), key=lambda n: macs[n])
+    return {
+        "members": members,
+        "anchor": anchor,
+        "greedy_steps": [{"added": n, "val_ensemble_accuracy": round(a, 5)} for n, a in steps],
+        "candidates": {n: {"val_accuracy": round(finals[n]["val_accuracy"], 5),
+                           "macs": macs[n], "eligible": n in eligible, "in_pool": n in pool}
+                       for n in sorted(finals) if n != "reference"},
+        "rule": f"best per architecture by val accuracy; >= {MIN_MACS_GAIN}x fewer MACs than "
+                f"the reference; cheapest member >= {MIN_CHEAPEST_GAIN}x; greedy forward "
+                f"selection on val ensemble accuracy (sum of top-2), {min_members}.."
+                f"{max_members} members",
+    }
+
+
+def select_and_export(run_dir: Path, plan: list[Any], args: argparse.Namespace,
+                      do_export: bool = True) -> dict[str, Any]:
+    import torch
+
+    from variants.models import count_macs, count_params
+
+    finals: dict[str, dict[str, Any]] = {}
+    for r in plan:
+        path = run_dir / r.name / "final.pt"
+        if path.exists():
+            finals[r.name] = torch.load(path, map_location="cpu", weights_only=False)
+    if "reference" not in finals:
+        raise ExportError(f"no trained reference under {run_dir}; run python -m variants.train")
+    _, val = data.split_train_val(data.load_split("train"))
+    val_x, val_y = val.as_float(), val.labels
+    models = {n: _load_model(f) for n, f in finals.items()}
+    macs = {n: count_macs(m) for n, m in models.items()}
+    val_probs = {n: _torch_probs(m, val_x) for n, m in models.items()}
+    for n in finals:  # val accuracy recomputed here, in eval mode on the CPU
+        finals[n]["val_accuracy"] = ensemble.accuracy(val_probs[n].argmax(1), val_y)
+    selection = select(finals, val_probs, val_y, macs, args.min_members, args.max_members)
+    (run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
+    print(json.dumps({"event": "select.done", "members": selection["members"]}))
+    if not do_export:
+        return selection
+
+    out_dir: Path = args.out_dir or PACKAGE_DIR
+    models_dir = out_dir / "models"
+    if models_dir.exists():
+        shutil.rmtree(models_dir)
+    test = data.load_split("test")
+    test_x, test_y = test.as_float(), test.labels
+    entries = []
+    names = ["reference"] + selection["members"]
+    for i, n in enumerate(names):
+        shipped = "reference" if n == "reference" else f"V{i}"
+        path = models_dir / f"{shipped.lower()}.onnx"
+        export_onnx(models[n], path)
+        probs = run_onnx(path, test_x)
+        recipe = finals[n]["recipe"]
+        entries.append({
+            "name": shipped,
+            "role": "reference" if n == "reference" else "variant",
+            "file": str(path.relative_to(out_dir)),
+            "sha256": sha256_file(path),
+            "params": count_params(models[n]),
+            "macs": macs[n],
+            "resolution": recipe["resolution"],
+            "width": recipe["width"],
+            "depth": recipe["depth"],
+            "val_accuracy": round(finals[n]["val_accuracy"], 5),
+            "test_accuracy": round(ensemble.accuracy(probs.argmax(1), test_y), 5),
+            "latency_ms": round(latency_ms(path), 4),
+            "recipe": {"command": f"python -m variants.train --plan {args.plan} --only {n}",
+                       "candidate": n, "seed": recipe["seed"], "epochs": recipe["epochs"],
+                       "distilled": recipe["distill"], "trained_on": finals[n].get("device"),
+                       **{k: recipe[k] for k in ("lr", "batch", "weight_decay",
+                                                 "label_smoothing", "erase_p")}},
+        })
+        print(json.dumps({"event": "export.model", "name": shipped, "candidate": n,
+                          "test_accuracy": entries[-1]["test_accuracy"],
+                          "macs": macs[n], "latency_ms": entries[-1]["latency_ms"]}))
+    manifest = {
+        "schema": 1,
+        "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist); test = t10k, held out",
+        "input": {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32",
+                  "scale": "pixel/255"},
+        "output": {"name": "probs", "shape": [None, 10], "dtype": "float32",
+                   "meaning": "softmax probabilities"},
+        "class_names": list(CLASS_NAMES),
+        "models": entries,
+        "selection": selection,
+        "latency": {"runtime": "onnxruntime CPU, 1 thread, batch 1, median of 300 runs",
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(json.dumps({"event": "export.manifest", "path": str(out_dir / "manifest.json"),
+                      "models": len(entries)}))
+    return manifest
+
+
+__all__ = ["ExportError", "export_onnx", "latency_ms", "run_onnx", "select",
+           "select_and_export", "sha256_file"]
