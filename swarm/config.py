@@ -73,10 +73,10 @@ class Timings:
     reputation_half_life_s: float = 3600.0
     # mDNS: resolving one announced service (SRV, TXT, A; RFC 6762 section 6 lets a
     # responder delay its answer up to 500 ms), registering one (probing takes ~1 s,
-    # RFC 6762 section 8.1), and sending goodbyes at shutdown.
+    # RFC 6762 section 8.1), and starting the responder or saying goodbye at shutdown.
     mdns_resolve_timeout_s: float = 3.0
     mdns_register_timeout_s: float = 10.0
-    mdns_close_timeout_s: float = 3.0
+    mdns_start_stop_timeout_s: float = 3.0
 
 
 DEFAULT_TIMINGS = Timings()

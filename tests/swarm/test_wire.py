@@ -1,0 +1,618 @@
+"""Tests of wire messages: canonical bytes, building, decoding hostile bytes, verification."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarm import PROTOCOL_VERSION, config
+from swarm.errors import DecodeError, MessageTooLargeError, VerificationError
+from swarm.identity import Identity, TrustStore, verify_signature
+from swarm.wire import (
+    ATTRIBUTABLE_REPLY_REASONS,
+    BAD_SIGNATURE,
+    BAD_TOPK,
+    INPUT_MISMATCH,
+    REJECT_REASONS,
+    REPLAYED,
+    REPLY_TAG,
+    REQUEST_TAG,
+    STALE,
+    UNTRUSTED_KEY,
+    WRONG_BINDING,
+    WRONG_KEY,
+    WRONG_PEER,
+    WRONG_SWARM,
+    WRONG_VARIANT,
+    WRONG_VERSION,
+    InferReply,
+    InferRequest,
+    ReplayCache,
+    build_reply,
+    build_request,
+    canonical_json,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+    topk_from_probs,
+    verify_reply,
+    verify_request,
+)
+
+NOW = 1_700_000_000_000
+FRESH_S = 30.0
+MODEL_SHA = "ab" * 32
+FUZZ = settings(max_examples=300, deadline=None)
+
+
+@pytest.fixture
+def requester() -> Identity:
+    """The requesting peer."""
+    return Identity.from_seed(b"\x01" * 32)
+
+
+@pytest.fixture
+def responder() -> Identity:
+    """The answering peer."""
+    return Identity.from_seed(b"\x02" * 32)
+
+
+@pytest.fixture
+def tensor() -> np.ndarray:
+    """A valid input tensor with distinct pixel values."""
+    return np.linspace(0.0, 1.0, 784, dtype=np.float32).reshape(config.INPUT_SHAPE)
+
+
+@pytest.fixture
+def request_msg(requester: Identity, tensor: np.ndarray) -> InferRequest:
+    """A signed request issued at NOW."""
+    return build_request(requester, swarm="lab", tensor=tensor, k=2, deadline_ms=2000, now_ms=NOW)
+
+
+@pytest.fixture
+def reply_msg(responder: Identity, request_msg: InferRequest) -> InferReply:
+    """A signed reply to ``request_msg`` issued 5 ms after it."""
+    probs = np.array([0.05, 0.6, 0.05, 0.25, 0.05, 0, 0, 0, 0, 0], dtype=np.float32)
+    return build_reply(
+        responder,
+        request_msg,
+        variant="mnv2-w035-r28",
+        model_sha256=MODEL_SHA,
+        probs=probs,
+        infer_us=1234,
+        now_ms=NOW + 5,
+    )
+
+
+def _body(msg: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(msg)
+    return out
+
+
+def _check_request(req: InferRequest, **overrides: Any) -> None:
+    kwargs: dict[str, Any] = {
+        "swarm": "lab",
+        "trust": TrustStore.open(),
+        "now_ms": NOW,
+        "freshness_s": FRESH_S,
+        "seen": ReplayCache(),
+    }
+    kwargs.update(overrides)
+    verify_request(req, **kwargs)
+
+
+def _check_reply(reply: InferReply, req: InferRequest, responder: Identity, **kw: Any) -> None:
+    kwargs: dict[str, Any] = {
+        "request": req,
+        "expected_peer_id": responder.peer_id,
+        "expected_key": responder.public_key,
+        "trust": TrustStore.open(),
+        "now_ms": NOW + 10,
+        "freshness_s": FRESH_S,
+        "expected_variant": "mnv2-w035-r28",
+        "expected_model_sha256": MODEL_SHA,
+    }
+    kwargs.update(kw)
+    verify_reply(reply, **kwargs)
+
+
+# --- canonical JSON -------------------------------------------------------------------
+
+
+def test_canonical_json_sorts_keys_without_whitespace() -> None:
+    """Keys are sorted, separators carry no spaces, nesting is preserved."""
+    assert canonical_json({"b": [1, True, None], "a": {"d": "x", "c": -5}}) == (
+        b'{"a":{"c":-5,"d":"x"},"b":[1,true,null]}'
+    )
+
+
+def test_canonical_json_writes_utf8_and_rfc8785_escapes() -> None:
+    """Non-ASCII is raw UTF-8; control characters use RFC 8785's escapes."""
+    assert canonical_json('é€\n\x01"\\/') == '"é€\\n\\u0001\\"\\\\/"'.encode()
+
+
+def test_canonical_json_orders_keys_by_utf16_code_units() -> None:
+    """RFC 8785 3.2.3: U+1F600 (UTF-16 D83D...) sorts before U+E000."""
+    assert canonical_json({"\ue000": 1, "\U0001f600": 2}) == '{"😀":2,"\ue000":1}'.encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.5, 1e6, float("nan"), {"p": 0.25}, [1.0], np.float32(0.5)],
+)
+def test_canonical_json_refuses_floats(value: object) -> None:
+    """Floats anywhere are refused with a message pointing at ppm integers."""
+    with pytest.raises(TypeError, match="floats are not allowed"):
+        canonical_json(value)
+
+
+@pytest.mark.parametrize("value", [(1, 2), b"raw", {1: "x"}, np.int64(3), {"a": {1, 2}}])
+def test_canonical_json_refuses_other_types(value: object) -> None:
+    """Only dict, list, str, int, bool and None are accepted."""
+    with pytest.raises(TypeError):
+        canonical_json(value)
+
+
+def test_canonical_json_refuses_unsafe_integers_and_lone_surrogates() -> None:
+    """Integers beyond 2**53 - 1 and invalid Unicode cannot be signed canonically."""
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        canonical_json(2**53)
+    with pytest.raises(ValueError, match="surrogate"):
+        canonical_json("\ud800")
+
+
+# --- top-k ----------------------------------------------------------------------------
+
+
+def test_topk_from_probs_orders_and_rounds_to_ppm() -> None:
+    """Top-k is most probable first, in rounded parts per million."""
+    probs = [0.1, 0.2000004, 0.0, 0.6999996]
+    assert topk_from_probs(probs, 2) == ((3, 700_000), (1, 200_000))
+    assert topk_from_probs(probs, 1) == ((3, 700_000),)
+
+
+def test_topk_from_probs_breaks_ties_by_lower_class() -> None:
+    """Equal probabilities keep the lower class index first."""
+    assert topk_from_probs([0.25, 0.25, 0.25, 0.25], 3) == (
+        (0, 250_000),
+        (1, 250_000),
+        (2, 250_000),
+    )
+
+
+def test_topk_from_probs_scales_down_float32_overshoot() -> None:
+    """A softmax summing to slightly above 1 never yields more than 1e6 ppm in total."""
+    probs = np.full(10, 0.1000001, dtype=np.float32)
+    assert sum(ppm for _, ppm in topk_from_probs(probs, 10)) <= 1_000_000 + 5
+
+
+@pytest.mark.parametrize(
+    ("probs", "k", "match"),
+    [
+        ([0.5, 0.5], 0, "k must be"),
+        ([0.5, 0.5], 3, "k must be"),
+        ([np.nan, 0.5], 1, "finite"),
+        ([-0.1, 0.5], 1, "non-negative"),
+        ([0.9, 0.9], 1, "sum to 1"),
+        ([[0.5, 0.5]], 1, "one vector"),
+    ],
+)
+def test_topk_from_probs_rejects_bad_input(probs: list[float], k: int, match: str) -> None:
+    """Out-of-range k, NaN, negative or non-softmax vectors are refused."""
+    with pytest.raises(ValueError, match=match):
+        topk_from_probs(probs, k)
+
+
+# --- building and round trips ---------------------------------------------------------
+
+
+def test_request_roundtrips_through_bytes(request_msg: InferRequest, tensor: np.ndarray) -> None:
+    """encode then decode gives back an equal request and the same tensor."""
+    decoded = decode_request(encode_request(request_msg))
+    assert decoded == request_msg
+    np.testing.assert_array_equal(decoded.tensor(), tensor)
+    assert decoded.tensor().dtype == np.float32
+
+
+def test_request_fields_are_set_and_signed(
+    request_msg: InferRequest, requester: Identity, tensor: np.ndarray
+) -> None:
+    """build_request fills ids, key, input hash and a signature over the tagged bytes."""
+    assert request_msg.version == PROTOCOL_VERSION
+    assert request_msg.requester_id == requester.peer_id
+    assert request_msg.input_sha256 == hashlib.sha256(tensor.astype("<f4").tobytes()).hexdigest()
+    assert len(request_msg.request_id) == 32
+    signed = request_msg.signed_bytes()
+    assert signed.startswith(REQUEST_TAG)
+    assert verify_signature(requester.public_key, request_msg.signature, signed)
+
+
+def test_request_ids_are_random(requester: Identity, tensor: np.ndarray) -> None:
+    """Two requests for the same input get different ids."""
+    a = build_request(requester, swarm="lab", tensor=tensor, deadline_ms=100)
+    b = build_request(requester, swarm="lab", tensor=tensor, deadline_ms=100)
+    assert a.request_id != b.request_id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"swarm": "has space"}, "swarm name"),
+        ({"swarm": "x" * 64}, "swarm name"),
+        ({"k": 0}, "k must be"),
+        ({"k": config.MAX_TOP_K + 1}, "k must be"),
+        ({"deadline_ms": 0}, "deadline_ms"),
+        ({"request_id": "ABC"}, "request_id"),
+        ({"tensor": np.zeros((28, 28), dtype=np.float32)}, "shape"),
+        ({"tensor": np.full(config.INPUT_SHAPE, 2.0, dtype=np.float32)}, r"\[0, 1\]"),
+        ({"tensor": np.zeros(config.INPUT_SHAPE, dtype=np.uint8)}, "dtype"),
+    ],
+)
+def test_build_request_rejects_bad_arguments(
+    requester: Identity, tensor: np.ndarray, kwargs: dict[str, Any], match: str
+) -> None:
+    """Bad names, k, deadlines, ids and tensors are refused before signing."""
+    args: dict[str, Any] = {"swarm": "lab", "tensor": tensor, "k": 2, "deadline_ms": 100}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        build_request(requester, **args)
+
+
+def test_reply_roundtrips_through_bytes(reply_msg: InferReply, responder: Identity) -> None:
+    """encode then decode gives back an equal reply, signed over the tagged bytes."""
+    assert decode_reply(encode_reply(reply_msg)) == reply_msg
+    assert reply_msg.topk == ((1, 600_000), (3, 250_000))
+    assert reply_msg.topk_probabilities() == ((1, 0.6), (3, 0.25))
+    assert reply_msg.signed_bytes().startswith(REPLY_TAG)
+    assert verify_signature(responder.public_key, reply_msg.signature, reply_msg.signed_bytes())
+
+
+def test_reply_refuses_k_above_request(responder: Identity, request_msg: InferRequest) -> None:
+    """A reply cannot carry more classes than the request asked for."""
+    with pytest.raises(ValueError, match="k must be"):
+        build_reply(
+            responder,
+            request_msg,
+            variant="v",
+            model_sha256=MODEL_SHA,
+            probs=np.full(10, 0.1),
+            k=3,
+            infer_us=1,
+        )
+
+
+def test_request_signature_does_not_verify_as_reply(
+    request_msg: InferRequest, requester: Identity
+) -> None:
+    """Domain separation: a request's signature is not valid over reply-tagged bytes."""
+    payload = request_msg.signed_bytes()[len(REQUEST_TAG) :]
+    assert not verify_signature(requester.public_key, request_msg.signature, REPLY_TAG + payload)
+
+
+def test_encoded_body_is_canonical(request_msg: InferRequest) -> None:
+    """The body on the wire is itself canonical JSON with base64 binary fields."""
+    body = encode_request(request_msg)
+    assert canonical_json(_body(body)) == body
+    assert base64.b64decode(_body(body)["signature"]) == request_msg.signature
+
+
+# --- decoding hostile bytes -----------------------------------------------------------
+
+
+def test_decode_rejects_oversized_bodies() -> None:
+    """Bodies over the configured limits raise MessageTooLargeError before parsing."""
+    with pytest.raises(MessageTooLargeError):
+        decode_request(b" " * (config.MAX_INFER_BODY + 1))
+    with pytest.raises(MessageTooLargeError):
+        decode_reply(b" " * (config.MAX_REPLY_BODY + 1))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda b: b.pop("k"), "lacks field"),
+        (lambda b: b.update(extra=1), "unexpected field"),
+        (lambda b: b.update(k=0), "'k'"),
+        (lambda b: b.update(k=True), "'k'"),
+        (lambda b: b.update(swarm=""), "'swarm'"),
+        (lambda b: b.update(request_id="A" * 32), "'request_id'"),
+        (lambda b: b.update(requester_id="xyz"), "'requester_id'"),
+        (lambda b: b.update(requester_key="AAAA"), "'requester_key'"),
+        (lambda b: b.update(input_shape=[1, 1, 28, 28]), "'input_shape'"),
+        (lambda b: b.update(input=base64.b64encode(b"\0" * 3132).decode()), "'input'"),
+        (lambda b: b.update(signature="!" * 88), "'signature'"),
+        (lambda b: b.update(deadline_ms=10**9), "'deadline_ms'"),
+        (lambda b: b.update(issued_at_ms=-1), "'issued_at_ms'"),
+        (lambda b: b.update(version=2), "protocol version 2"),
+    ],
+)
+def test_decode_request_names_the_wrong_field(
+    request_msg: InferRequest, mutate: Any, match: str
+) -> None:
+    """Each malformed field raises DecodeError saying which field and what is expected."""
+    body = _body(encode_request(request_msg))
+    mutate(body)
+    with pytest.raises(DecodeError, match=match):
+        decode_request(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    ("pixels", "match"),
+    [(np.float32(np.nan), "finite"), (np.float32(1.5), r"\[0, 1\]"), (np.float32(-1), r"\[0, 1\]")],
+)
+def test_decode_request_rejects_bad_pixels(
+    request_msg: InferRequest, pixels: np.float32, match: str
+) -> None:
+    """NaN, infinite or out-of-range pixels are refused at decode."""
+    raw = np.frombuffer(request_msg.input, dtype="<f4").copy()
+    raw[17] = pixels
+    body = _body(encode_request(request_msg))
+    body["input"] = base64.b64encode(raw.tobytes()).decode()
+    with pytest.raises(DecodeError, match=match):
+        decode_request(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    ("topk", "match"),
+    [
+        ([], "topk"),
+        ([[10, 5]], "topk"),
+        ([[1, 1_000_001]], "topk"),
+        ([[1, 5, 6]], "topk"),
+        ([[1, 0.5]], "floats"),
+        ([[1, 5]] * 11, "topk"),
+        ("1,5", "topk"),
+    ],
+)
+def test_decode_reply_rejects_bad_topk(reply_msg: InferReply, topk: object, match: str) -> None:
+    """Malformed top-k lists are refused with the field named."""
+    body = _body(encode_reply(reply_msg))
+    body["topk"] = topk
+    with pytest.raises(DecodeError, match=match):
+        decode_reply(json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"[]",
+        b"null",
+        b"\xff\xfe{}",
+        b'{"version": 1, "version": 1}',
+        b'{"version": NaN}',
+        b"[" * 50_000,
+        b'{"version": 1' + b"9" * 5000 + b"}",
+    ],
+)
+def test_decode_rejects_non_message_bytes(raw: bytes) -> None:
+    """Non-JSON, non-objects, duplicate keys, NaN, deep nesting: DecodeError only."""
+    with pytest.raises(DecodeError):
+        decode_request(raw)
+    with pytest.raises(DecodeError):
+        decode_reply(raw[: config.MAX_REPLY_BODY])
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_decode_random_bytes_raises_only_decode_error(raw: bytes) -> None:
+    """No byte string makes decode_* raise anything but DecodeError."""
+    for decode in (decode_request, decode_reply):
+        with contextlib.suppress(DecodeError):
+            decode(raw)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+@FUZZ
+@given(data=st.data())
+def test_decode_mutated_messages_raises_only_decode_error(data: st.DataObject) -> None:
+    """Valid messages with fields deleted or replaced by any JSON: DecodeError or a message."""
+    requester, responder = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
+    tensor = np.full(config.INPUT_SHAPE, 0.5, dtype=np.float32)
+    req = build_request(requester, swarm="lab", tensor=tensor, deadline_ms=50, now_ms=NOW)
+    reply = build_reply(
+        responder, req, variant="v", model_sha256=MODEL_SHA, probs=np.full(10, 0.1), infer_us=1
+    )
+    for body, decode in (
+        (encode_request(req), decode_request),
+        (encode_reply(reply), decode_reply),
+    ):
+        obj = _body(body)
+        for key in data.draw(st.lists(st.sampled_from(sorted(obj)), max_size=3)):
+            if data.draw(st.booleans()):
+                obj.pop(key, None)
+            else:
+                obj[key] = data.draw(_JSON)
+        with contextlib.suppress(DecodeError):
+            decode(json.dumps(obj).encode())
+
+
+# --- verifying requests ---------------------------------------------------------------
+
+
+def test_verify_request_accepts_a_valid_request(request_msg: InferRequest) -> None:
+    """A fresh, signed, trusted request for our swarm passes."""
+    _check_request(request_msg)
+
+
+def _replace_and_resign(req: InferRequest, signer: Identity, **changes: Any) -> InferRequest:
+    changed = dataclasses.replace(req, **changes)
+    return dataclasses.replace(changed, signature=signer.sign(changed.signed_bytes()))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"version": 2}, WRONG_VERSION),
+        ({"swarm": "other"}, WRONG_SWARM),
+        ({"requester_id": "0" * 20}, WRONG_KEY),
+        ({"issued_at_ms": NOW - 30_001}, STALE),
+        ({"issued_at_ms": NOW + 30_001}, STALE),
+        ({"input": b"\0" * 3136}, INPUT_MISMATCH),
+    ],
+)
+def test_verify_request_rejects_each_fault(
+    request_msg: InferRequest, requester: Identity, change: dict[str, Any], reason: str
+) -> None:
+    """Each fault of a (correctly signed) request is rejected with its own reason."""
+    bad = _replace_and_resign(request_msg, requester, **change)
+    with pytest.raises(VerificationError) as info:
+        _check_request(bad)
+    assert info.value.reason == reason
+
+
+def test_verify_request_rejects_tampered_fields(request_msg: InferRequest) -> None:
+    """Changing a signed field without re-signing breaks the signature."""
+    with pytest.raises(VerificationError) as info:
+        _check_request(dataclasses.replace(request_msg, k=1))
+    assert info.value.reason == BAD_SIGNATURE
+
+
+def test_verify_request_rejects_key_not_on_allow_list(request_msg: InferRequest) -> None:
+    """A closed trust store refuses requesters it does not list."""
+    trust = TrustStore.from_keys([Identity.generate().public_key])
+    with pytest.raises(VerificationError) as info:
+        _check_request(request_msg, trust=trust)
+    assert info.value.reason == UNTRUSTED_KEY
+    _check_request(request_msg, trust=TrustStore.from_keys([request_msg.requester_key]))
+
+
+def test_verify_request_rejects_replay_but_not_after_a_forgery(
+    request_msg: InferRequest,
+) -> None:
+    """A request is served once; a forged copy rejected first does not block the real one."""
+    seen = ReplayCache()
+    forged = dataclasses.replace(request_msg, signature=b"\0" * 64)
+    with pytest.raises(VerificationError):
+        _check_request(forged, seen=seen)
+    _check_request(request_msg, seen=seen)
+    with pytest.raises(VerificationError) as info:
+        _check_request(request_msg, seen=seen, now_ms=NOW + 1)
+    assert info.value.reason == REPLAYED
+
+
+def test_replay_cache_expires_entries_and_stays_bounded() -> None:
+    """Entries expire at their deadline, and the oldest goes first when the table is full."""
+    cache = ReplayCache(max_entries=3)
+    cache.add("p", "a", expires_at_ms=100, now_ms=0)
+    assert cache.seen("p", "a", now_ms=99)
+    assert not cache.seen("p", "a", now_ms=100)
+    assert not cache.seen("q", "a", now_ms=0)  # keyed by requester too
+    for rid in "bcde":
+        cache.add("p", rid, expires_at_ms=1000, now_ms=50)
+    assert len(cache) == 3
+    assert not cache.seen("p", "b", now_ms=60)
+    assert cache.seen("p", "e", now_ms=60)
+
+
+# --- verifying replies ----------------------------------------------------------------
+
+
+def test_verify_reply_accepts_a_valid_reply(
+    reply_msg: InferReply, request_msg: InferRequest, responder: Identity
+) -> None:
+    """A signed, bound, fresh reply from the peer we asked passes."""
+    _check_reply(reply_msg, request_msg, responder)
+
+
+def _resign_reply(reply: InferReply, signer: Identity, **changes: Any) -> InferReply:
+    changed = dataclasses.replace(reply, **changes)
+    return dataclasses.replace(changed, signature=signer.sign(changed.signed_bytes()))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"request_id": "f" * 32}, WRONG_BINDING),
+        ({"requester_id": "0" * 20}, WRONG_BINDING),
+        ({"input_sha256": "0" * 64}, WRONG_BINDING),
+        ({"swarm": "other"}, WRONG_BINDING),
+        ({"version": 2}, WRONG_BINDING),
+        ({"variant": "other"}, WRONG_VARIANT),
+        ({"model_sha256": "cd" * 32}, WRONG_VARIANT),
+        ({"issued_at_ms": NOW - 40_000}, STALE),
+        ({"topk": ((1, 500_000), (2, 300_000), (3, 100_000))}, BAD_TOPK),
+        ({"topk": ((1, 500_000), (1, 300_000))}, BAD_TOPK),
+        ({"topk": ((1, 300_000), (2, 500_000))}, BAD_TOPK),
+        ({"topk": ((1, 900_000), (2, 200_000))}, BAD_TOPK),
+        ({"topk": ()}, BAD_TOPK),
+    ],
+)
+def test_verify_reply_rejects_each_signed_fault(
+    reply_msg: InferReply,
+    request_msg: InferRequest,
+    responder: Identity,
+    change: dict[str, Any],
+    reason: str,
+) -> None:
+    """Each fault of a reply signed by its peer is rejected with its own, attributable reason."""
+    with pytest.raises(VerificationError) as info:
+        _check_reply(_resign_reply(reply_msg, responder, **change), request_msg, responder)
+    assert info.value.reason == reason
+    assert reason in ATTRIBUTABLE_REPLY_REASONS
+
+
+def test_verify_reply_rejects_bad_signature(
+    reply_msg: InferReply, request_msg: InferRequest, responder: Identity
+) -> None:
+    """A reply altered after signing, or signed by someone else, fails the signature."""
+    with pytest.raises(VerificationError) as info:
+        _check_reply(dataclasses.replace(reply_msg, topk=((9, 900_000),)), request_msg, responder)
+    assert info.value.reason == BAD_SIGNATURE
+    forged = _resign_reply(reply_msg, Identity.generate())
+    with pytest.raises(VerificationError) as info:
+        _check_reply(forged, request_msg, responder)
+    assert info.value.reason == BAD_SIGNATURE
+
+
+def test_verify_reply_rejects_wrong_peer_and_wrong_key(
+    reply_msg: InferReply, request_msg: InferRequest, responder: Identity
+) -> None:
+    """A reply from another peer, or a key that is not the peer's or not trusted, fails."""
+    other = Identity.generate()
+    with pytest.raises(VerificationError) as info:
+        _check_reply(
+            reply_msg,
+            request_msg,
+            responder,
+            expected_peer_id=other.peer_id,
+            expected_key=other.public_key,
+        )
+    assert info.value.reason == WRONG_PEER
+    with pytest.raises(VerificationError) as info:
+        _check_reply(reply_msg, request_msg, responder, expected_key=other.public_key)
+    assert info.value.reason == WRONG_KEY
+    closed = TrustStore.from_keys([other.public_key])
+    with pytest.raises(VerificationError) as info:
+        _check_reply(reply_msg, request_msg, responder, trust=closed)
+    assert info.value.reason == WRONG_KEY
+
+
+def test_verify_reply_skips_variant_check_when_not_announced(
+    reply_msg: InferReply, request_msg: InferRequest, responder: Identity
+) -> None:
+    """Without an announced variant or model hash, any is accepted."""
+    changed = _resign_reply(reply_msg, responder, variant="other", model_sha256="cd" * 32)
+    _check_reply(changed, request_msg, responder, expected_variant=None, expected_model_sha256=None)
+
+
+def test_reject_reasons_are_listed_once() -> None:
+    """REJECT_REASONS holds every reason exactly once, attributable ones included."""
+    assert len(set(REJECT_REASONS)) == len(REJECT_REASONS) == 12
+    assert set(ATTRIBUTABLE_REPLY_REASONS) <= set(REJECT_REASONS)
