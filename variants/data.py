@@ -96,18 +96,23 @@ def load_split(name: str, directory: Path | None = None) -> Split:
     return Split(images=images, labels=labels)
 
 
-def split_train_val(train: Split, val_size: int = VAL_SIZE, seed: int = SPLIT_SEED) -> tuple[Split, Split]:
-    """A fixed class-stratified split of the 60k training images into train and validation."""
+def split_indices(labels: np.ndarray, val_size: int = VAL_SIZE,
+                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a fixed, class-stratified (train, validation) split of the 60k images."""
     rng = np.random.default_rng(seed)
     per_class = val_size // 10
-    val_idx: list[np.ndarray] = []
-    for c in range(10):
-        idx = np.flatnonzero(train.labels == c)
-        val_idx.append(rng.choice(idx, size=per_class, replace=False))
+    val_idx = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False)
+               for c in range(10)]
     val = np.sort(np.concatenate(val_idx))
-    mask = np.ones(len(train), dtype=bool)
+    mask = np.ones(len(labels), dtype=bool)
     mask[val] = False
-    tr = np.flatnonzero(mask)
+    return np.flatnonzero(mask), val
+
+
+def split_train_val(train: Split, val_size: int = VAL_SIZE,
+                    seed: int = SPLIT_SEED) -> tuple[Split, Split]:
+    """Split the 60k training images into training and validation (``split_indices``)."""
+    tr, val = split_indices(train.labels, val_size, seed)
     return (
         Split(train.images[tr], train.labels[tr]),
         Split(train.images[val], train.labels[val]),

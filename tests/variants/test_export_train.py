@@ -1,0 +1,80 @@
+"""ONNX export parity and a short training run with checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.variants.conftest import needs_torch
+
+pytestmark = needs_torch
+
+
+def test_export_matches_pytorch_within_1e4(tmp_path: Path) -> None:
+    """A small member exported to ONNX gives PyTorch's probabilities within 1e-4."""
+    import torch
+
+    from variants.export import export_onnx, run_onnx
+    from variants.models import Arch, MobileNetV2, WithSoftmax
+
+    torch.manual_seed(0)
+    model = MobileNetV2(Arch(width=0.25, resolution=14)).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path)
+    x = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        want = WithSoftmax(model)(torch.from_numpy(x)).numpy()
+    assert np.abs(run_onnx(path, x) - want).max() <= 1e-4
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_training_checkpoints_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed after epoch 1 resumes from its checkpoint and trains only epoch 2."""
+    from variants import train
+
+    recipe = train.Recipe("w025-tiny", width=0.25, resolution=12, epochs=2, batch=32, lr=0.05,
+                          train_limit=96)
+    real_save = train._atomic_save
+
+    def save_then_die(obj: object, path: Path) -> None:
+        real_save(obj, path)
+        if path.name == "ckpt.pt":
+            raise _Interrupted
+
+    monkeypatch.setattr(train, "_atomic_save", save_then_die)
+    with pytest.raises(_Interrupted):
+        train.train_one(recipe, tmp_path, "cpu", progress=False)
+    assert not (tmp_path / recipe.name / "final.pt").exists()
+    monkeypatch.setattr(train, "_atomic_save", real_save)
+    capsys.readouterr()
+    final = train.train_one(recipe, tmp_path, "cpu", progress=False)
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+              if line.startswith("{")]
+    resumed = [e for e in events if e["event"] == "train.resume"]
+    assert len(resumed) == 1 and resumed[0]["epoch"] == 1
+    assert [e["epoch"] for e in events if e["event"] == "train.epoch"] == [2]
+    assert [h["epoch"] for h in final["history"]] == [1, 2]
+    assert (tmp_path / recipe.name / "final.pt").exists()
+    # A finished model is not trained again.
+    capsys.readouterr()
+    train.train_one(recipe, tmp_path, "cpu", progress=False)
+    assert "train.skip_finished" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path: Path) -> None:
+    """A checkpoint made with another recipe is not silently mixed into this one."""
+    from variants.train import Recipe, train_one
+
+    a = Recipe("m", width=0.25, resolution=12, epochs=1, batch=32, train_limit=64)
+    train_one(a, tmp_path, "cpu", progress=False)
+    (tmp_path / "m" / "final.pt").unlink()
+    b = Recipe("m", width=0.25, resolution=12, epochs=1, batch=32, train_limit=64, seed=5)
+    with pytest.raises(SystemExit, match="another recipe"):
+        train_one(b, tmp_path, "cpu", progress=False)
