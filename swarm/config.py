@@ -41,6 +41,16 @@ MAX_EVIDENCE = 1_000
 MAX_INFER_QUEUE = 1024
 # Resolutions of announced services in flight at once.
 MAX_PENDING_RESOLVES = 64
+# The requester's pool of keep-alive HTTP connections to peers, in total and per peer
+# (host and port); a call past these waits for a free one, within its deadline.
+REQUESTER_MAX_CONNECTIONS = 128
+REQUESTER_MAX_CONNECTIONS_PER_PEER = 16
+# HTTP requests one peer serves at once, per route; past this it answers 503 with
+# Retry-After instead of queueing without bound. /v1/infer is cheap and micro-batched
+# (its queue, MAX_INFER_QUEUE, is larger still); /v1/classify fans out to the swarm.
+MAX_INFER_IN_FLIGHT = 512
+MAX_CLASSIFY_IN_FLIGHT = 64
+RETRY_AFTER_S = 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,6 +87,10 @@ class Timings:
     mdns_resolve_timeout_s: float = 3.0
     mdns_register_timeout_s: float = 10.0
     mdns_start_stop_timeout_s: float = 3.0
+    # HTTP server: a client has this long to send a request body (bounds slow senders);
+    # at shutdown, requests in flight get this long to finish.
+    body_read_timeout_s: float = 5.0
+    http_shutdown_s: float = 3.0
 
 
 DEFAULT_TIMINGS = Timings()

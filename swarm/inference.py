@@ -1,9 +1,8 @@
-"""The local model: the manifest, an ONNX Runtime engine with micro-batching, input decoding.
+"""The local model: an ONNX Runtime engine with micro-batching.
 
-``load_manifest`` reads ``variants/manifest.json`` (see ``variants/MANIFEST.md``).
 ``Engine`` runs one variant off the event loop in one dedicated thread; concurrent
-``infer`` calls are gathered into one batch. ``decode_image`` turns untrusted bytes (PNG,
-JPEG, .npy) into the canonical 1x28x28 float32 tensor in [0, 1].
+``infer`` calls are gathered into one batch. The manifest (``swarm.manifest``) and
+input decoding (``swarm.imaging``) are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,38 +11,48 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hashlib
-import importlib.resources
-import io
-import json
-import math
-import struct
 import time
-import tokenize
-import warnings
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
 import numpy as np
-import numpy.typing as npt
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
-from PIL import Image, ImageOps
 
 from swarm import config
-from swarm.errors import ConfigError, DecodeError, InferenceError, MessageTooLargeError
+from swarm.errors import ConfigError, InferenceError
+from swarm.imaging import FloatArray, decode_image, load_image_file
 from swarm.log import get_logger
+from swarm.manifest import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA,
+    ROLES,
+    Manifest,
+    ModelSpec,
+    default_manifest_path,
+    load_manifest,
+)
 from swarm.metrics import Metrics
 
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_SCHEMA",
+    "ROLES",
+    "Engine",
+    "FloatArray",
+    "InferenceResult",
+    "Manifest",
+    "ModelSpec",
+    "decode_image",
+    "default_manifest_path",
+    "load_image_file",
+    "load_manifest",
+    "top_k",
+]
+
 log = get_logger(__name__)
-
-MANIFEST_NAME: Final = "manifest.json"
-MANIFEST_SCHEMA: Final = 1
-ROLES: Final = ("variant", "reference")
-
-FloatArray = npt.NDArray[np.float32]
 
 # Every exception class ONNX Runtime's binding raises (they derive from Exception
 # directly), plus the Python-side errors its wrapper raises on bad arguments.
@@ -57,184 +66,6 @@ _ORT_ERRORS: Final[tuple[type[Exception], ...]] = (
     ValueError,
     TypeError,
 )
-# What Pillow raises on hostile or broken images: SyntaxError for malformed PNG
-# chunks, struct.error / zlib.error deep in decoders, OSError for truncation.
-_IMAGE_ERRORS: Final = (
-    OSError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    SyntaxError,
-    EOFError,
-    struct.error,
-    zlib.error,
-    Image.DecompressionBombError,
-    Image.DecompressionBombWarning,
-)
-# numpy parses the header with ast and tokenize: broken headers raise their errors.
-_NPY_ERRORS: Final = (
-    ValueError,
-    TypeError,
-    OSError,
-    EOFError,
-    SyntaxError,
-    struct.error,
-    tokenize.TokenError,
-)
-
-_PNG_MAGIC: Final = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC: Final = b"\xff\xd8\xff"
-_NPY_MAGIC: Final = b"\x93NUMPY"
-_NPY_SHAPES: Final = ((28, 28), (1, 28, 28), (1, 1, 28, 28))
-
-
-# --- manifest ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ModelSpec:
-    """One shipped model as the manifest describes it; ``file`` is absolute."""
-
-    name: str
-    role: str
-    file: Path
-    sha256: str
-    params: int
-    macs: int
-    resolution: int
-    width: float
-    val_accuracy: float
-    test_accuracy: float
-    latency_ms: float
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Manifest:
-    """The models that exist and the class names they share."""
-
-    path: Path
-    class_names: tuple[str, ...]
-    models: tuple[ModelSpec, ...]
-
-    def get(self, name: str) -> ModelSpec:
-        """The model called ``name``; ConfigError listing the known names otherwise."""
-        for spec in self.models:
-            if spec.name == name:
-                return spec
-        known = ", ".join(m.name for m in self.models)
-        raise ConfigError(f"no model named {name!r} in {self.path}; known models: {known}")
-
-    @property
-    def variants(self) -> tuple[ModelSpec, ...]:
-        """The models a peer may serve (role ``variant``)."""
-        return tuple(m for m in self.models if m.role == "variant")
-
-
-def default_manifest_path() -> Path:
-    """``manifest.json`` inside the installed ``variants`` package (or the source tree)."""
-    try:
-        root = importlib.resources.files("variants")
-    except ModuleNotFoundError:
-        root = None
-    if isinstance(root, Path):
-        return root / MANIFEST_NAME
-    return Path(__file__).resolve().parent.parent / "variants" / MANIFEST_NAME
-
-
-def load_manifest(path: Path | None = None) -> Manifest:
-    """Read and check a manifest; ConfigError says what is wrong and what to do."""
-    path = (path if path is not None else default_manifest_path()).resolve()
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            f"model manifest not found at {path}: train and export the variants "
-            "(see variants/MANIFEST.md) or pass the path of a manifest.json"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read model manifest {path}: {exc}") from exc
-    try:
-        return _parse_manifest(path, raw)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(
-            f"malformed model manifest {path}: {exc}; see variants/MANIFEST.md for the format"
-        ) from exc
-
-
-def _parse_manifest(path: Path, raw: Any) -> Manifest:
-    if not isinstance(raw, dict):
-        raise TypeError("top level must be a JSON object")
-    if raw.get("schema") != MANIFEST_SCHEMA:
-        raise ValueError(f"schema is {raw.get('schema')!r}, this runtime reads {MANIFEST_SCHEMA}")
-    want_in = [None, *config.INPUT_SHAPE]
-    if raw["input"].get("name") != config.INPUT_NAME or raw["input"].get("shape") != want_in:
-        raise ValueError(f"input must be named {config.INPUT_NAME!r} with shape {want_in}")
-    if raw["output"].get("shape") != [None, config.NUM_CLASSES]:
-        raise ValueError(f"output shape must be [null, {config.NUM_CLASSES}]")
-    names = raw["class_names"]
-    if not (
-        isinstance(names, list)
-        and len(names) == config.NUM_CLASSES
-        and all(isinstance(n, str) for n in names)
-    ):
-        raise ValueError(f"class_names must be a list of {config.NUM_CLASSES} strings")
-    entries = raw["models"]
-    if not isinstance(entries, list) or not entries:
-        raise ValueError("models must be a non-empty list")
-    models = tuple(_parse_model(path.parent, entry) for entry in entries)
-    seen = [m.name for m in models]
-    if len(set(seen)) != len(seen):
-        raise ValueError(f"model names must be unique, got {seen}")
-    return Manifest(path=path, class_names=tuple(names), models=models)
-
-
-def _parse_model(folder: Path, entry: Any) -> ModelSpec:
-    if not isinstance(entry, dict):
-        raise TypeError(f"each model must be an object, got {entry!r}")
-    name = _str(entry, "name")
-    role = _str(entry, "role")
-    if role not in ROLES:
-        raise ValueError(f"model {name!r}: role must be one of {ROLES}, got {role!r}")
-    sha = _str(entry, "sha256").lower()
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise ValueError(f"model {name!r}: sha256 must be 64 hex digits")
-    return ModelSpec(
-        name=name,
-        role=role,
-        file=(folder / _str(entry, "file")).resolve(),
-        sha256=sha,
-        params=_int(entry, "params"),
-        macs=_int(entry, "macs"),
-        resolution=_int(entry, "resolution"),
-        width=_float(entry, "width"),
-        val_accuracy=_float(entry, "val_accuracy"),
-        test_accuracy=_float(entry, "test_accuracy"),
-        latency_ms=_float(entry, "latency_ms"),
-    )
-
-
-def _str(entry: dict[str, Any], key: str) -> str:
-    value = entry.get(key)
-    if not isinstance(value, str) or not value:
-        raise TypeError(f"model {entry.get('name')!r}: {key!r} must be a non-empty string")
-    return value
-
-
-def _int(entry: dict[str, Any], key: str) -> int:
-    value = entry.get(key)
-    # bool is an int in Python, but never a count here.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"model {entry.get('name')!r}: {key!r} must be an integer >= 0")
-    return value
-
-
-def _float(entry: dict[str, Any], key: str) -> float:
-    value = entry.get(key)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise TypeError(f"model {entry.get('name')!r}: {key!r} must be a finite number")
-    return float(value)
-
 
 # --- engine -----------------------------------------------------------------------------
 
@@ -553,111 +384,3 @@ def top_k(probs: FloatArray, k: int = config.DEFAULT_TOP_K) -> tuple[tuple[int, 
         raise ValueError(f"k must be in 1..{config.MAX_TOP_K}, got {k}")
     order = np.argsort(-probs, kind="stable")[:k]
     return tuple((int(i), float(probs[i])) for i in order)
-
-
-# --- input decoding ---------------------------------------------------------------------
-
-
-def decode_image(
-    body: bytes, *, filename: str | None = None, content_type: str | None = None
-) -> FloatArray:
-    """Untrusted bytes (PNG, JPEG or .npy) -> float32 (1, 28, 28) in [0, 1].
-
-    The format is told by magic bytes; ``filename`` and ``content_type`` only make
-    error messages clearer. Raises DecodeError or MessageTooLargeError, nothing else.
-    """
-    if len(body) > config.MAX_CLASSIFY_BODY:
-        raise MessageTooLargeError(
-            f"input is {len(body)} bytes; the limit is {config.MAX_CLASSIFY_BODY}"
-        )
-    if body.startswith(_NPY_MAGIC):
-        return _decode_npy(body)
-    if body.startswith(_PNG_MAGIC):
-        return _decode_picture(body, "PNG")
-    if body.startswith(_JPEG_MAGIC):
-        return _decode_picture(body, "JPEG")
-    named = ", ".join(
-        f"{k} {v!r}" for k, v in (("file", filename), ("type", content_type)) if v is not None
-    )
-    raise DecodeError(
-        f"unsupported input{f' ({named})' if named else ''}: expected a PNG, JPEG or .npy "
-        "file (recognised by its content, not its name)"
-    )
-
-
-def _decode_picture(body: bytes, fmt: str) -> FloatArray:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's advisories about odd files
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(body), formats=[fmt]) as img:
-                width, height = img.size
-                if width * height > config.MAX_IMAGE_PIXELS:
-                    raise MessageTooLargeError(
-                        f"image is {width}x{height} pixels; the limit is "
-                        f"{config.MAX_IMAGE_PIXELS} pixels"
-                    )
-                if fmt == "JPEG":
-                    img.draft("L", (28, 28))  # let the decoder downscale by 1/2..1/8 first
-                upright = ImageOps.exif_transpose(img)
-                if upright.mode == "P":  # palette transparency must go through RGBA
-                    upright = upright.convert("RGBA")
-                grey = upright.convert("L")
-                if grey.size != (28, 28):
-                    grey = grey.resize((28, 28), Image.Resampling.LANCZOS)  # antialiased
-                pixels = np.asarray(grey, dtype=np.float32)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise MessageTooLargeError(f"{fmt} image is too large to decode: {exc}") from exc
-    except _IMAGE_ERRORS as exc:
-        raise DecodeError(f"cannot decode the {fmt} image: {exc}") from exc
-    return (pixels / np.float32(255.0)).reshape(config.INPUT_SHAPE)
-
-
-def _decode_npy(body: bytes) -> FloatArray:
-    expected = (
-        f"expected shape {' or '.join(str(s) for s in _NPY_SHAPES)}, dtype uint8 (0..255) "
-        "or float (0..1)"
-    )
-    stream = io.BytesIO(body)
-    try:
-        # Read the header first: np.load would allocate whatever shape it declares.
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise DecodeError(f".npy format version {version} is not supported; use 1.0 or 2.0")
-        if tuple(shape) not in _NPY_SHAPES or not (dtype == np.uint8 or dtype.kind == "f"):
-            raise DecodeError(f".npy array is {dtype} {tuple(shape)}; {expected}")
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except _NPY_ERRORS as exc:
-        raise DecodeError(f"cannot read the .npy input: {exc}; {expected}") from exc
-    if array.dtype == np.uint8:
-        pixels = array.astype(np.float32) / np.float32(255.0)
-    else:
-        # Checked before the cast: a huge float64 would overflow float32.
-        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
-            raise DecodeError(
-                ".npy float values must be finite and in [0, 1]; send pixel/255 or uint8"
-            )
-        pixels = array.astype(np.float32)
-    return np.ascontiguousarray(pixels.reshape(config.INPUT_SHAPE))
-
-
-def load_image_file(path: Path) -> FloatArray:
-    """Read an input file for the CLI; ConfigError when it cannot be read."""
-    try:
-        size = path.stat().st_size
-        if not path.is_file():
-            raise ConfigError(f"input {path} is not a file: pass a PNG, JPEG or .npy file")
-        if size > config.MAX_CLASSIFY_BODY:
-            raise MessageTooLargeError(
-                f"input file {path} is {size} bytes; the limit is {config.MAX_CLASSIFY_BODY}"
-            )
-        body = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"input file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read input file {path}: {exc}") from exc
-    return decode_image(body, filename=path.name)

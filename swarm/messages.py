@@ -1,0 +1,302 @@
+"""Wire messages: an inference request, its reply, their canonical signed bytes.
+
+Messages are JSON objects over HTTP. Binary fields (keys, signatures, the input tensor)
+are standard base64. A signature covers a domain tag and the canonical JSON of every
+field but ``signature`` (and, for a request, the raw ``input``, which the signed
+``input_sha256`` binds instead)::
+
+    b"vswarm/request/v1\\n" + canonical_json(payload)
+    b"vswarm/reply/v1\\n" + canonical_json(payload)
+
+so a signature made for one kind of message never verifies as another. Canonical JSON
+follows RFC 8785 (JCS) for the values we allow: no floats at all (probabilities travel as
+integer parts per million), integers within the I-JSON safe range, object keys sorted by
+UTF-16 code units, no insignificant whitespace, UTF-8. Any implementation, in any
+language, then signs exactly the bytes we verify.
+
+``build_request`` and ``build_reply`` make signed messages; ``swarm.wire`` encodes and
+decodes them, and ``swarm.verify`` checks what decoding cannot.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import re
+import secrets
+import time
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from swarm import PROTOCOL_VERSION, config
+from swarm.identity import Identity
+
+REQUEST_TAG: Final = b"vswarm/request/v1\n"
+REPLY_TAG: Final = b"vswarm/reply/v1\n"
+
+PPM: Final = 1_000_000
+# RFC 7493 (I-JSON) section 2.2: integers beyond 2**53 - 1 do not survive every parser.
+MAX_SAFE_INT: Final = 2**53 - 1
+# A request's time budget; anything longer is a mistake or an attempt to pin a worker.
+MAX_DEADLINE_MS: Final = 60_000
+
+_HEX_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Swarm and variant names: the rule discovery announces them under (at most one DNS
+# label, RFC 1035 section 2.3.4), safe in TXT records, logs and file names.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# The raw input is bound through the signed input_sha256 instead of being signed twice.
+_REQUEST_UNSIGNED: Final = frozenset({"input", "signature"})
+_REPLY_UNSIGNED: Final = frozenset({"signature"})
+
+
+# --- canonical JSON -------------------------------------------------------------------
+
+
+def canonical_json(obj: object) -> bytes:
+    """RFC 8785 canonical JSON of dicts, lists, strings, integers, booleans and None.
+
+    Floats are refused: their canonical text differs between languages in practice, so
+    signed values are integers (probabilities in parts per million).
+    """
+    text = json.dumps(_jcs_ordered(obj, 0), ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("canonical_json: a string holds a lone surrogate") from exc
+
+
+def _jcs_ordered(obj: object, depth: int) -> object:
+    # json.dumps already writes strings and integers as RFC 8785 section 3.2.2 does; what
+    # is left is to refuse other types and to order keys by UTF-16 code units (3.2.3).
+    if depth > 32:
+        raise ValueError("canonical_json: nesting deeper than 32 levels")
+    if obj is None or type(obj) in (bool, str):
+        return obj
+    if type(obj) is int:
+        if not -MAX_SAFE_INT <= obj <= MAX_SAFE_INT:
+            raise ValueError(f"canonical_json: integer {obj} is outside +-(2**53 - 1)")
+        return obj
+    if type(obj) is list:
+        return [_jcs_ordered(item, depth + 1) for item in obj]
+    if type(obj) is dict:
+        if not all(type(key) is str for key in obj):
+            raise TypeError("canonical_json: object keys must be str")
+        keys = sorted(obj, key=lambda key: key.encode("utf-16-be"))
+        return {key: _jcs_ordered(obj[key], depth + 1) for key in keys}
+    if isinstance(obj, float | np.floating):
+        raise TypeError(
+            f"canonical_json: floats are not allowed ({obj!r}); send integers, "
+            "e.g. probabilities in parts per million"
+        )
+    raise TypeError(f"canonical_json: {type(obj).__name__} is not allowed")
+
+
+# --- messages -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A signed request to classify one input tensor."""
+
+    version: int
+    swarm: str
+    request_id: str  # 32 lowercase hex characters, random
+    requester_id: str
+    requester_key: bytes = dataclasses.field(repr=False)
+    input_sha256: str  # hex sha256 of ``input``
+    input_shape: tuple[int, ...]
+    input: bytes = dataclasses.field(repr=False)  # float32, little-endian, C order
+    k: int
+    issued_at_ms: int  # unix time of the requester's clock
+    deadline_ms: int  # the budget the requester gives this request, from issued_at_ms
+    signature: bytes = dataclasses.field(repr=False)
+
+    def tensor(self) -> npt.NDArray[np.float32]:
+        """The input as a native float32 array of shape ``input_shape`` (a copy)."""
+        flat = np.frombuffer(self.input, dtype="<f4")
+        return flat.reshape(self.input_shape).astype(np.float32)
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the requester's signature covers."""
+        return REQUEST_TAG + canonical_json(_payload(self, _REQUEST_UNSIGNED))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InferReply:
+    """A peer's signed top-k answer to one request."""
+
+    version: int
+    swarm: str
+    request_id: str
+    requester_id: str
+    input_sha256: str
+    responder_id: str
+    variant: str
+    model_sha256: str
+    topk: tuple[tuple[int, int], ...]  # (class, probability in ppm), most probable first
+    issued_at_ms: int
+    infer_us: int  # time the model took, for latency-aware peer selection
+    signature: bytes = dataclasses.field(repr=False)
+
+    def topk_probabilities(self) -> tuple[tuple[int, float], ...]:
+        """``topk`` with probabilities as floats in [0, 1], as voting takes them."""
+        return tuple((cls, ppm / PPM) for cls, ppm in self.topk)
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the responder's signature covers."""
+        return REPLY_TAG + canonical_json(_payload(self, _REPLY_UNSIGNED))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _payload(msg: InferRequest | InferReply, skip: frozenset[str]) -> dict[str, object]:
+    return {
+        f.name: _jsonable(getattr(msg, f.name))
+        for f in dataclasses.fields(msg)
+        if f.name not in skip
+    }
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, bytes):
+        return _b64(value)
+    if isinstance(value, tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def unix_ms() -> int:
+    """The wall clock in unix milliseconds, the time base of ``issued_at_ms``."""
+    return time.time_ns() // 1_000_000
+
+
+def is_valid_name(name: str) -> bool:
+    """True if ``name`` can be a swarm or variant name (1-63 of ``A-Za-z0-9._-``)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def input_sha256(raw: bytes) -> str:
+    """Hex sha256 of an input tensor's raw float32 little-endian bytes."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def tensor_bytes(tensor: npt.ArrayLike) -> bytes:
+    """The canonical raw bytes of an input tensor; ``ValueError`` if it is not one."""
+    arr = np.asarray(tensor)
+    if arr.shape != config.INPUT_SHAPE:
+        raise ValueError(f"an input tensor has shape {config.INPUT_SHAPE}, got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"an input tensor holds floats in [0, 1], got dtype {arr.dtype}")
+    le = np.ascontiguousarray(arr, dtype="<f4")
+    if not bool(np.all(np.isfinite(le))) or float(le.min()) < 0.0 or float(le.max()) > 1.0:
+        raise ValueError("an input tensor holds finite values in [0, 1] (pixel / 255)")
+    return le.tobytes()
+
+
+def topk_from_probs(probs: npt.ArrayLike, k: int) -> tuple[tuple[int, int], ...]:
+    """The ``k`` most probable classes as (class, ppm), most probable first.
+
+    Ties go to the lower class index. Probabilities summing to slightly more than 1
+    (float32 softmax) are scaled down first, so an honest top-k always passes the
+    requester's sum check.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"probs must be one vector of class probabilities, got shape {p.shape}")
+    if not 1 <= k <= p.size:
+        raise ValueError(f"k must be in [1, {p.size}], got {k}")
+    if not bool(np.all(np.isfinite(p))) or float(p.min()) < 0.0:
+        raise ValueError("probs must be finite and non-negative (a softmax output)")
+    total = float(p.sum())
+    if total > 1.0 + 1e-3:
+        raise ValueError(f"probs must sum to 1 (a softmax output), got {total:.6f}")
+    p = p / max(total, 1.0)
+    order = np.lexsort((np.arange(p.size), -p))[:k]
+    return tuple((int(c), round(float(p[c]) * PPM)) for c in order)
+
+
+# --- building -------------------------------------------------------------------------
+
+
+def build_request(
+    identity: Identity,
+    *,
+    swarm: str,
+    tensor: npt.ArrayLike,
+    k: int = config.DEFAULT_TOP_K,
+    deadline_ms: int,
+    now_ms: int | None = None,
+    request_id: str | None = None,
+) -> InferRequest:
+    """A request for ``tensor`` (shape ``config.INPUT_SHAPE``), signed by ``identity``."""
+    if not is_valid_name(swarm):
+        raise ValueError(f"invalid swarm name {swarm!r}: use 1-63 of A-Za-z0-9._-")
+    if not 1 <= k <= config.MAX_TOP_K:
+        raise ValueError(f"k must be in [1, {config.MAX_TOP_K}], got {k}")
+    if not 1 <= deadline_ms <= MAX_DEADLINE_MS:
+        raise ValueError(f"deadline_ms must be in [1, {MAX_DEADLINE_MS}], got {deadline_ms}")
+    rid = secrets.token_hex(16) if request_id is None else request_id
+    if _HEX_ID.fullmatch(rid) is None:
+        raise ValueError(f"request_id must be 32 lowercase hex characters, got {rid!r}")
+    raw = tensor_bytes(tensor)
+    unsigned = InferRequest(
+        version=PROTOCOL_VERSION,
+        swarm=swarm,
+        request_id=rid,
+        requester_id=identity.peer_id,
+        requester_key=identity.public_key,
+        input_sha256=input_sha256(raw),
+        input_shape=config.INPUT_SHAPE,
+        input=raw,
+        k=k,
+        issued_at_ms=unix_ms() if now_ms is None else now_ms,
+        deadline_ms=deadline_ms,
+        signature=b"",
+    )
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+
+
+def build_reply(
+    identity: Identity,
+    request: InferRequest,
+    *,
+    variant: str,
+    model_sha256: str,
+    probs: npt.ArrayLike,
+    k: int | None = None,
+    infer_us: int,
+    now_ms: int | None = None,
+) -> InferReply:
+    """The signed top-k answer of ``identity``'s model to ``request``."""
+    top = request.k if k is None else k
+    if not 1 <= top <= request.k:
+        raise ValueError(f"k must be in [1, {request.k}] (what the request asked), got {top}")
+    if not is_valid_name(variant):
+        raise ValueError(f"invalid variant name {variant!r}: use 1-63 of A-Za-z0-9._-")
+    if _SHA256.fullmatch(model_sha256) is None:
+        raise ValueError(f"model_sha256 must be 64 lowercase hex characters: {model_sha256!r}")
+    p = np.asarray(probs)
+    if p.shape != (config.NUM_CLASSES,):
+        raise ValueError(f"probs must have shape ({config.NUM_CLASSES},), got {p.shape}")
+    unsigned = InferReply(
+        version=PROTOCOL_VERSION,
+        swarm=request.swarm,
+        request_id=request.request_id,
+        requester_id=request.requester_id,
+        input_sha256=request.input_sha256,
+        responder_id=identity.peer_id,
+        variant=variant,
+        model_sha256=model_sha256,
+        topk=topk_from_probs(p, top),
+        issued_at_ms=unix_ms() if now_ms is None else now_ms,
+        infer_us=max(0, infer_us),
+        signature=b"",
+    )
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
