@@ -1,0 +1,344 @@
+"""The fan-out of one signed request: ask, hedge, verify, and stop as soon as it can.
+
+The requester (``swarm.requester``) plans which replicas of which variants to ask and
+decides from what this gathers. Here, for one call:
+
+- The request, signed and encoded once, goes to the best replica of every variant at
+  once, each ask bounded by the call's deadline.
+- A variant still unanswered after ``Timings.hedge_after_s`` is hedged with its next
+  replica (Dean & Barroso, "The Tail at Scale": hedge after about the p95 latency). A
+  variant whose asks all failed moves on to its next replica at once. The first valid
+  reply of a variant counts; its siblings still out are cancelled.
+- Every reply is verified against the key its peer announced (``wire.verify_reply``).
+- Early exit: once ``quorum`` ballots count and ``voting.can_change`` says the variants
+  still out cannot change the label, whatever they answer, the rest are cancelled. At
+  the deadline, what is still out is cancelled and the call decides with what is in.
+
+Every peer asked ends up in exactly one list:
+
+- ``replies``: its valid reply was counted;
+- ``rejected``: it answered and the reply was refused (a ``wire.REJECT_REASONS`` token,
+  or ``"malformed"`` when the body did not decode);
+- ``missing``: no answer: unreachable, an HTTP error, or still out at the deadline;
+- ``skipped``: cancelled because no longer needed: the decision could no longer change
+  (early exit), or another replica of its variant answered first (a hedge).
+
+What a peer's conduct costs it: a transport failure, a timeout or a reply that is not
+provably its own (unsigned, malformed, wrongly signed) backs it off in the peer table;
+a reply rejected for a reason it signed (``wire.ATTRIBUTABLE_REPLY_REASONS``) counts as
+a disagreement in its reputation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Final, Protocol
+
+from swarm import voting, wire
+from swarm.config import Timings
+from swarm.discovery import PeerRecord, PeerTable
+from swarm.errors import (
+    DecodeError,
+    InferenceError,
+    PeerTimeoutError,
+    SwarmError,
+    TransportError,
+    VerificationError,
+)
+from swarm.identity import TrustStore
+from swarm.inference import ModelSpec
+from swarm.log import get_logger
+from swarm.metrics import Metrics
+from swarm.reputation import ReputationBook
+from swarm.voting import Ballot
+
+log = get_logger(__name__)
+
+# Rejection reason of a reply body that does not decode (the server's token too).
+MALFORMED: Final = "malformed"
+_DETAIL_CHARS: Final = 200  # peer-supplied text quoted in a log line is cut to this
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplyInfo:
+    """A valid reply that was counted."""
+
+    peer: str
+    variant: str
+    topk: tuple[tuple[int, float], ...]  # (class, probability), most probable first
+    latency_ms: float  # round trip as this requester measured it
+    weight: float  # the ballot's weight in the vote
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rejection:
+    """A reply that arrived and was refused."""
+
+    peer: str
+    reason: str
+    detail: str = ""
+
+
+@dataclasses.dataclass(slots=True)
+class Replicas:
+    """One variant of a call: the replicas not asked yet, best first, and those out."""
+
+    spec: ModelSpec
+    queue: collections.deque[PeerRecord]
+    weight_bound: float  # the largest weight a ballot of this variant can carry
+    inflight: dict[str, asyncio.Task[None]] = dataclasses.field(default_factory=dict)
+    done: bool = False
+
+
+class Asker(Protocol):
+    """What a fan-out needs of its requester (``requester.Requester`` is one)."""
+
+    @property
+    def table(self) -> PeerTable: ...
+    @property
+    def trust(self) -> TrustStore: ...
+    @property
+    def reputation(self) -> ReputationBook: ...
+    @property
+    def timings(self) -> Timings: ...
+    @property
+    def metrics(self) -> Metrics | None: ...
+
+    async def ask_peer(
+        self, record: PeerRecord, request: wire.InferRequest, body: bytes
+    ) -> wire.InferReply: ...
+
+    def observe_latency(self, peer_id: str, ms: float, *, censored: bool = False) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Outcome:
+    record: PeerRecord
+    seconds: float
+    reply: wire.InferReply | None
+    error: SwarmError | None
+
+
+class FanOut:
+    """One request on its way to the swarm, and what came back."""
+
+    def __init__(
+        self,
+        owner: Asker,
+        request: wire.InferRequest,
+        *,
+        plan: dict[str, Replicas],
+        weights: Mapping[str, float],
+        rule: str,
+        quorum: int,
+        deadline_at: float,
+    ) -> None:
+        self.owner = owner
+        self.request = request
+        self.body = wire.encode_request(request)
+        self.variants = plan
+        self.weights = weights
+        self.rule = rule
+        self.quorum = quorum
+        self.deadline_at = deadline_at  # time.monotonic(), as the event loop's clock
+        self.queue: asyncio.Queue[_Outcome] = asyncio.Queue()
+        self.ballots: list[Ballot] = []
+        self.replies: list[ReplyInfo] = []
+        self.rejected: list[Rejection] = []
+        self.missing: list[str] = []
+        self.skipped: list[str] = []
+        self.asked = 0
+        self._asked_at: dict[str, float] = {}  # peer id -> time.monotonic() when asked
+        self._group: asyncio.TaskGroup | None = None
+        self._stopping = False
+
+    async def run(self) -> bool:
+        """Ask, hedge and gather until decided, exhausted or the deadline; True if early."""
+        loop = asyncio.get_running_loop()
+        # Both clocks are monotonic; the loop's is the one timeouts use.
+        offset = loop.time() - time.monotonic()
+        deadline = self.deadline_at + offset
+        hedge_at = loop.time() + self.owner.timings.hedge_after_s
+        hedged = early = False
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            try:
+                for variant in self.variants.values():
+                    self._ask_next(variant)
+                while any(v.inflight for v in self.variants.values()):
+                    if self._settled():
+                        early = True
+                        break
+                    if loop.time() >= deadline:
+                        break
+                    try:
+                        async with asyncio.timeout_at(
+                            deadline if hedged else min(hedge_at, deadline)
+                        ):
+                            outcome = await self.queue.get()
+                    except TimeoutError:
+                        if not hedged and loop.time() >= hedge_at:
+                            hedged = True
+                            self._hedge()
+                        continue
+                    self._absorb(outcome)
+                self._stopping = True
+                while not self.queue.empty():  # answers that are in count
+                    self._absorb(self.queue.get_nowait())
+                self._stop(early=early)
+            finally:
+                self._stopping = True
+                for variant in self.variants.values():
+                    for task in variant.inflight.values():
+                        task.cancel()
+        return early
+
+    def _ask_next(self, variant: Replicas) -> None:
+        if self._stopping or variant.done or not variant.queue or self._group is None:
+            return
+        record = variant.queue.popleft()
+        task = self._group.create_task(self._attempt(record), name="vswarm-ask")
+        variant.inflight[record.peer_id] = task
+        self._asked_at[record.peer_id] = time.monotonic()
+        self.asked += 1
+
+    def _hedge(self) -> None:
+        for name, variant in self.variants.items():
+            if not variant.done and variant.inflight and variant.queue:
+                log.info("hedge_sent", variant=name, peer=variant.queue[0].peer_id)
+                self._ask_next(variant)
+
+    async def _attempt(self, record: PeerRecord) -> None:
+        started = time.monotonic()
+        reply: wire.InferReply | None = None
+        error: SwarmError | None = None
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline_at - started)):
+                reply = await self.owner.ask_peer(record, self.request, self.body)
+        except TimeoutError:
+            error = PeerTimeoutError("no answer before the deadline")
+        except SwarmError as exc:
+            error = exc
+        self.queue.put_nowait(_Outcome(record, time.monotonic() - started, reply, error))
+
+    def _absorb(self, outcome: _Outcome) -> None:
+        record = outcome.record
+        variant = self.variants[record.variant]
+        if variant.inflight.pop(record.peer_id, None) is None:
+            return  # cancelled meanwhile, and already listed as skipped or missing
+        if isinstance(outcome.error, DecodeError):
+            self._reject(record, MALFORMED, str(outcome.error))
+        elif outcome.error is not None:
+            self._fail(record, outcome.error, outcome.seconds)
+        elif outcome.reply is not None:
+            self._check(variant, record, outcome.reply, outcome.seconds)
+        if not variant.done and not variant.inflight:
+            self._ask_next(variant)  # fail over at once rather than wait for the hedge
+
+    def _check(
+        self, variant: Replicas, record: PeerRecord, reply: wire.InferReply, seconds: float
+    ) -> None:
+        owner = self.owner
+        try:
+            wire.verify_reply(
+                reply,
+                request=self.request,
+                expected_peer_id=record.peer_id,
+                expected_key=record.public_key,
+                trust=owner.trust,
+                now_ms=wire.unix_ms(),
+                freshness_s=owner.timings.freshness_s,
+                expected_variant=record.variant,
+                expected_model_sha256=record.model_sha256,
+            )
+        except VerificationError as exc:
+            self._reject(record, exc.reason, exc.detail)
+            return
+        owner.table.report_success(record.peer_id)
+        owner.observe_latency(record.peer_id, seconds * 1000)
+        variant.done = True
+        weight = variant.spec.val_accuracy * self.weights.get(record.peer_id, 1.0)
+        topk = reply.topk_probabilities()
+        self.ballots.append(Ballot(record.peer_id, record.variant, topk, weight))
+        self.replies.append(ReplyInfo(record.peer_id, record.variant, topk, seconds * 1000, weight))
+        self._cancel(variant, skipped=True)
+
+    def _reject(self, record: PeerRecord, reason: str, detail: str) -> None:
+        owner = self.owner
+        self.rejected.append(Rejection(record.peer_id, reason, detail))
+        if owner.metrics is not None:
+            owner.metrics.observe_rejection(reason)
+        log.warning(
+            "reply_rejected", peer=record.peer_id, reason=reason, detail=detail[:_DETAIL_CHARS]
+        )
+        if reason in wire.ATTRIBUTABLE_REPLY_REASONS:
+            owner.reputation.record(record.peer_id, agreed=False)
+        else:
+            # Unsigned or not signed by the peer: that address does not give us its answers.
+            owner.table.report_failure(record.peer_id, now=time.monotonic())
+
+    def _fail(self, record: PeerRecord, error: SwarmError, seconds: float) -> None:
+        self.missing.append(record.peer_id)
+        log.info("peer_call_failed", peer=record.peer_id, error=str(error)[:_DETAIL_CHARS])
+        self.owner.observe_latency(record.peer_id, seconds * 1000, censored=True)
+        if isinstance(error, TransportError | InferenceError):
+            self.owner.table.report_failure(record.peer_id, now=time.monotonic())
+
+    def _settled(self) -> bool:
+        """Whether the replies still out can no longer change the decision."""
+        if sum(1 for b in self.ballots if b.weight > 0) < self.quorum:
+            return False
+        # Replies of excluded peers weigh 0 and are never counted: they cannot change it.
+        out = [
+            v
+            for v in self.variants.values()
+            if not v.done and (v.inflight or v.queue) and v.weight_bound > 0
+        ]
+        if not out:
+            return True
+        return not voting.can_change(
+            self.ballots,
+            missing=len(out),
+            rule=self.rule,
+            missing_weight=max(v.weight_bound for v in out),
+        )
+
+    def _stop(self, *, early: bool) -> None:
+        """Cancel what is still out: skipped after an early exit, missing at the deadline."""
+        for variant in self.variants.values():
+            self._cancel(variant, skipped=early)
+        if early:
+            log.debug("classify_early_exit", skipped=len(self.skipped))
+
+    def _cancel(self, variant: Replicas, *, skipped: bool) -> None:
+        now = time.monotonic()
+        for peer_id, task in variant.inflight.items():
+            task.cancel()
+            # Cut off, its round trip is at least this long: a slow replica loses rank.
+            self.owner.observe_latency(
+                peer_id, (now - self._asked_at[peer_id]) * 1000, censored=True
+            )
+            if skipped:
+                self.skipped.append(peer_id)
+            else:
+                self.missing.append(peer_id)
+                log.info("peer_call_timed_out", peer=peer_id)
+                self.owner.table.report_failure(peer_id, now=now)
+        variant.inflight.clear()
+
+    def summary(self) -> str:
+        """What became of the peers asked, for an error message."""
+        reasons = collections.Counter(r.reason for r in self.rejected)
+        parts = [f"{len(self.replies)} valid"]
+        if self.rejected:
+            detail = ", ".join(f"{reason} x{n}" for reason, n in sorted(reasons.items()))
+            parts.append(f"{len(self.rejected)} rejected ({detail})")
+        parts.append(f"{len(self.missing)} missing (unreachable or timed out)")
+        excluded = sum(1 for b in self.ballots if b.weight == 0)
+        if excluded:
+            parts.append(f"{excluded} from peers excluded by reputation")
+        return ", ".join(parts)

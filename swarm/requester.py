@@ -1,0 +1,483 @@
+"""The requester: one classify call, from an input tensor to a verified, voted decision.
+
+The path of a call (DESIGN.md, "The path of one classify call"):
+
+1. Plan. Of the peer table's candidates, only serving peers whose announced variant is in
+   the manifest (and the policy), with the manifest's model sha256 and a trusted key, are
+   eligible; others are ignored. Each variant's replicas are ranked by reputation weight
+   (excluded peers last: asked only when nothing else serves the variant), then this
+   requester's round-trip estimate (an EWMA per peer; a peer never asked is assumed as
+   fast as the manifest's model latency, so it gets tried and measured), then fewer
+   failures. The policy then drops replicas estimated over its latency budget and,
+   most accurate variant first, variants that would overrun its MACs budget.
+2. Ask, hedge, verify and exit early: ``swarm.fanout``. The request is signed and encoded
+   once for all peers. The peer's own variant is asked in-process (``LocalInfer``).
+3. Vote: a ballot weighs the variant's validation accuracy x the peer's reputation weight;
+   ``voting.decide`` under the caller's rule.
+4. Learn: reputation is recorded from a decision only if ``certified_f >= 1``. A decision
+   one reply could flip is a near tie, where honest variants legitimately disagree;
+   counting it would wear down the weights of honest peers on the losing side. Excluded
+   peers' ballots are recorded too, so they can earn their weight back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from types import TracebackType
+from typing import Any, Final, Protocol, Self
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+
+from swarm import PROTOCOL_VERSION, config, voting, wire
+from swarm.config import DEFAULT_TIMINGS, Timings
+from swarm.discovery import PeerRecord, PeerTable
+from swarm.errors import (
+    ConfigError,
+    InferenceError,
+    MessageTooLargeError,
+    NoDecisionError,
+    PeerUnreachableError,
+    SwarmError,
+)
+from swarm.fanout import MALFORMED, FanOut, Rejection, Replicas, ReplyInfo
+from swarm.identity import Identity, TrustStore
+from swarm.inference import InferenceResult, Manifest, ModelSpec
+from swarm.log import bound, get_logger
+from swarm.metrics import Metrics
+from swarm.reputation import ReputationBook
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "MALFORMED",
+    "ClassifyResult",
+    "LocalInfer",
+    "LocalModel",
+    "Policy",
+    "Rejection",
+    "ReplyInfo",
+    "Requester",
+]
+
+log = get_logger(__name__)
+
+INFER_PATH: Final = "/v1/infer"
+# Weight of the newest sample in a peer's round-trip estimate: the last few calls count.
+LATENCY_ALPHA: Final = 0.3
+_HEADERS: Final = {
+    "Content-Type": "application/json",
+    "Accept-Encoding": "identity",  # a reply is small; nothing to inflate from a peer
+    "User-Agent": f"vswarm/{PROTOCOL_VERSION}",
+}
+_CHUNK: Final = 8192
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Policy:
+    """Which variants a classify call asks."""
+
+    variants: tuple[str, ...] | None = None  # None: every variant of the manifest
+    max_macs: int | None = None  # total MACs (manifest values) of the variants asked
+    latency_budget_ms: float | None = None  # skip replicas estimated slower than this
+
+    def __post_init__(self) -> None:
+        if self.variants is not None and (
+            not isinstance(self.variants, tuple) or not self.variants
+        ):
+            raise ConfigError("Policy.variants must be a non-empty tuple of names, or None")
+        if self.max_macs is not None and self.max_macs < 0:
+            raise ConfigError(f"Policy.max_macs must be >= 0, got {self.max_macs}")
+        if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
+            raise ConfigError(f"Policy.latency_budget_ms must be > 0: {self.latency_budget_ms}")
+
+
+DEFAULT_POLICY: Final = Policy()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClassifyResult:
+    """A decision and the evidence behind it (``swarm.fanout`` defines the peer lists)."""
+
+    label: int
+    class_name: str
+    confidence: float
+    certified_f: int
+    rule: str
+    latency_ms: float
+    replies: tuple[ReplyInfo, ...]
+    rejected: tuple[Rejection, ...]
+    missing: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+    request_id: str = ""
+
+    def to_json(self, image: str | None = None) -> dict[str, Any]:
+        """The decision as the CLI prints it and ``POST /v1/classify`` returns it."""
+        return {
+            "image": image,
+            "class": self.label,
+            "label": self.class_name,
+            "confidence": round(self.confidence, 6),
+            "certified_f": self.certified_f,
+            "latency_ms": round(self.latency_ms, 3),
+            "rule": self.rule,
+            "replies": [
+                {
+                    "peer": r.peer,
+                    "variant": r.variant,
+                    "topk": [[cls, prob] for cls, prob in r.topk],
+                    "latency_ms": round(r.latency_ms, 3),
+                }
+                for r in self.replies
+            ],
+            "rejected": [{"peer": r.peer, "reason": r.reason} for r in self.rejected],
+            "missing": list(self.missing),
+            "skipped": list(self.skipped),
+        }
+
+
+class LocalModel(Protocol):
+    """The local model as ``LocalInfer`` needs it (``inference.Engine`` is one)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    async def infer(self, x: npt.NDArray[np.float32]) -> InferenceResult: ...
+
+
+class LocalInfer:
+    """This peer's own variant, asked in-process when it is the best replica.
+
+    The requester calls it with the request it signed and its own identity; the reply is
+    signed exactly as ``POST /v1/infer`` would sign it, and verified like any other.
+    """
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: LocalModel) -> None:
+        self._model = model
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._model.spec
+
+    async def __call__(self, request: wire.InferRequest, identity: Identity) -> wire.InferReply:
+        result = await self._model.infer(request.tensor())
+        spec = self._model.spec
+        return wire.build_reply(
+            identity,
+            request,
+            variant=spec.name,
+            model_sha256=spec.sha256,
+            probs=result.probs,
+            infer_us=round(result.seconds * 1_000_000),
+        )
+
+
+class Requester:
+    """Fans one signed request out to the swarm and votes on the verified replies."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        swarm: str,
+        table: PeerTable,
+        manifest: Manifest,
+        trust: TrustStore,
+        reputation: ReputationBook,
+        timings: Timings = DEFAULT_TIMINGS,
+        metrics: Metrics | None = None,
+        local: LocalInfer | None = None,
+    ) -> None:
+        self.identity = identity
+        self.swarm = swarm
+        self.table = table
+        self.manifest = manifest
+        self.trust = trust
+        self.reputation = reputation
+        self.timings = timings
+        self.metrics = metrics
+        self.local = local
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+        # peer id -> (round-trip estimate in ms, address that last worked); bounded LRU.
+        self._stats: collections.OrderedDict[str, tuple[float | None, str | None]] = (
+            collections.OrderedDict()
+        )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._session else "new"
+        return f"<Requester {state} swarm={self.swarm!r} peer={self.identity.peer_id}>"
+
+    async def __aenter__(self) -> Self:
+        self._open_session()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP session; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def latency_ms(self, peer_id: str) -> float | None:
+        """This requester's round-trip estimate for ``peer_id``, if it has asked it."""
+        return self._stats.get(peer_id, (None, None))[0]
+
+    def available_variants(self, policy: Policy = DEFAULT_POLICY) -> frozenset[str]:
+        """The variants a classify call under ``policy`` would ask right now."""
+        return frozenset(self._plan(policy)[0])
+
+    async def classify(
+        self,
+        tensor: npt.NDArray[np.float32],
+        *,
+        rule: str = voting.DEFAULT_RULE,
+        k: int = config.DEFAULT_TOP_K,
+        policy: Policy = DEFAULT_POLICY,
+        deadline_ms: int | None = None,
+        quorum: int = 1,
+    ) -> ClassifyResult:
+        """Classify one 1x28x28 input; NoDecisionError says why when nothing was decided."""
+        self._open_session()
+        if rule not in voting.RULES:
+            raise ConfigError(f"unknown voting rule {rule!r}: use one of {', '.join(voting.RULES)}")
+        if quorum < 1:
+            raise ConfigError(f"quorum must be >= 1, got {quorum}")
+        if not 1 <= k <= config.MAX_TOP_K:
+            raise ConfigError(f"k must be in [1, {config.MAX_TOP_K}], got {k}")
+        budget_ms = round(self.timings.deadline_s * 1000) if deadline_ms is None else deadline_ms
+        if not 1 <= budget_ms <= wire.MAX_DEADLINE_MS:
+            raise ConfigError(
+                f"deadline_ms must be in [1, {wire.MAX_DEADLINE_MS}], got {budget_ms}"
+            )
+        started = time.monotonic()
+        plan, weights = self._plan(policy)
+        if not plan:
+            raise NoDecisionError(
+                f"no peer serves a variant this call may ask ({self._wanted(policy)}); "
+                f"the peer table holds {len(self.table)} peers, "
+                f"{len(self.table.candidates())} usable"
+            )
+        if quorum > len(plan):
+            raise NoDecisionError(
+                f"quorum {quorum} cannot be met: peers serve only {len(plan)} eligible "
+                f"variant(s) ({', '.join(sorted(plan))})"
+            )
+        try:
+            request = wire.build_request(
+                self.identity, swarm=self.swarm, tensor=tensor, k=k, deadline_ms=budget_ms
+            )
+        except ValueError as exc:
+            raise ConfigError(f"cannot build the request: {exc}") from exc
+        with bound(request_id=request.request_id):
+            call = FanOut(
+                self,
+                request,
+                plan=plan,
+                weights=weights,
+                rule=rule,
+                quorum=quorum,
+                deadline_at=started + budget_ms / 1000,
+            )
+            log.debug("classify_started", variants=sorted(plan), rule=rule, deadline_ms=budget_ms)
+            early = await call.run()
+            return self._decide(call, early, budget_ms, started)
+
+    # --- planning ---
+
+    def _wanted(self, policy: Policy) -> str:
+        names = policy.variants or tuple(m.name for m in self.manifest.variants)
+        return "variants " + ", ".join(names)
+
+    def _plan(self, policy: Policy) -> tuple[dict[str, Replicas], dict[str, float]]:
+        if policy.variants is None:
+            allowed = {m.name: m for m in self.manifest.variants}
+        else:
+            allowed = {name: self.manifest.get(name) for name in policy.variants}
+        groups: dict[str, list[PeerRecord]] = {}
+        for record in self.table.candidates():
+            spec = allowed.get(record.variant)
+            if spec is None:
+                continue
+            if record.model_sha256 != spec.sha256 or not self.trust.allows(record.public_key):
+                log.debug("peer_not_eligible", peer=record.peer_id, variant=record.variant)
+                continue
+            groups.setdefault(record.variant, []).append(record)
+        weights = self.reputation.weights(r.peer_id for rs in groups.values() for r in rs)
+        plan: dict[str, Replicas] = {}
+        for name in sorted(groups):
+            spec = allowed[name]
+            records = groups[name]
+            if policy.latency_budget_ms is not None:
+                records = [
+                    r for r in records if self._estimate(r, spec) <= policy.latency_budget_ms
+                ]
+            if not records:
+                continue
+            records.sort(
+                key=lambda r: (
+                    weights[r.peer_id] == 0.0,
+                    -weights[r.peer_id],
+                    self._estimate(r, spec),
+                    r.failures,
+                    r.peer_id,
+                )
+            )
+            bound_w = spec.val_accuracy * max(weights[r.peer_id] for r in records)
+            plan[name] = Replicas(spec, collections.deque(records), bound_w)
+        if policy.max_macs is not None:
+            total = 0
+            for name, v in sorted(plan.items(), key=lambda i: (-i[1].spec.val_accuracy, i[0])):
+                if total + v.spec.macs > policy.max_macs:
+                    del plan[name]
+                else:
+                    total += v.spec.macs
+        return plan, weights
+
+    def _estimate(self, record: PeerRecord, spec: ModelSpec) -> float:
+        # A peer never asked is judged by the manifest's model latency: optimistic, so a
+        # new replica gets asked once and measured.
+        measured = self.latency_ms(record.peer_id)
+        return spec.latency_ms if measured is None else measured
+
+    def observe_latency(self, peer_id: str, ms: float, *, censored: bool = False) -> None:
+        """Feed a round trip into the estimate; a censored one (cut off) only raises it."""
+        old, address = self._stats.pop(peer_id, (None, None))
+        if censored and old is not None and ms <= old:
+            new: float | None = old
+        else:
+            new = ms if old is None else old + LATENCY_ALPHA * (ms - old)
+        self._stats[peer_id] = (new, address)
+        while len(self._stats) > config.MAX_PEERS:
+            self._stats.popitem(last=False)
+
+    # --- asking ---
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ConfigError("the requester is closed")
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=config.REQUESTER_MAX_CONNECTIONS,
+                limit_per_host=config.REQUESTER_MAX_CONNECTIONS_PER_PEER,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.timings.connect_timeout_s
+                ),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers=_HEADERS,
+            )
+        return self._session
+
+    async def ask_peer(
+        self, record: PeerRecord, request: wire.InferRequest, body: bytes
+    ) -> wire.InferReply:
+        """One peer's decoded reply, or a SwarmError; the caller bounds the time."""
+        local = self.local
+        if local is not None and self._is_local(record, local.spec):
+            try:
+                return await local(request, self.identity)
+            except SwarmError:
+                raise
+            except Exception as exc:  # a bug there must cost one reply, not the call
+                log.exception("local_infer_crashed")
+                raise InferenceError(f"the local model failed: {exc!r}") from exc
+        session = self._open_session()
+        preferred = self._stats.get(record.peer_id, (None, None))[1]
+        addresses = sorted(record.addresses, key=lambda a: a != preferred)
+        last: Exception | None = None
+        for address in addresses:
+            url = f"http://{address}:{record.port}{INFER_PATH}"
+            try:
+                async with session.post(url, data=body) as resp:
+                    if resp.status != 200:
+                        raise PeerUnreachableError(f"HTTP {resp.status} {resp.reason}")
+                    raw = await _read_bounded(resp, config.MAX_REPLY_BODY)
+            except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError) as exc:
+                last = exc  # this address does not reach the peer; try the next one
+                continue
+            except aiohttp.ClientError as exc:
+                raise PeerUnreachableError(f"{address}:{record.port}: {exc!r}") from exc
+            if address != preferred:
+                self._stats[record.peer_id] = (self.latency_ms(record.peer_id), address)
+            return wire.decode_reply(raw)
+        raise PeerUnreachableError(f"cannot connect to {addresses} port {record.port}: {last!r}")
+
+    def _is_local(self, record: PeerRecord, spec: ModelSpec) -> bool:
+        return record.peer_id == self.identity.peer_id and (
+            record.variant,
+            record.model_sha256,
+        ) == (spec.name, spec.sha256)
+
+    # --- deciding ---
+
+    def _decide(self, call: FanOut, early: bool, budget_ms: int, started: float) -> ClassifyResult:
+        counted = sum(1 for b in call.ballots if b.weight > 0)
+        if counted < call.quorum:
+            what = (
+                "no counted replies"
+                if counted == 0
+                else f"quorum not met ({counted} counted replies, {call.quorum} required)"
+            )
+            message = f"{what} from {call.asked} peers within {budget_ms} ms: {call.summary()}"
+            log.warning("classify_no_decision", reason=message)
+            raise NoDecisionError(message)
+        decision = voting.decide(call.ballots, call.rule)
+        if decision.certified_f >= 1:
+            for ballot in call.ballots:
+                top1 = min(ballot.topk, key=lambda e: (-e[1], e[0]))[0]
+                self.reputation.record(ballot.peer_id, top1 == decision.label)
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            self.metrics.observe_classify(seconds, call.rule)
+        log.info(
+            "classify_decided",
+            label=decision.label,
+            certified_f=decision.certified_f,
+            replies=len(call.replies),
+            rejected=len(call.rejected),
+            missing=len(call.missing),
+            skipped=len(call.skipped),
+            early_exit=early,
+            ms=round(seconds * 1000, 3),
+        )
+        return ClassifyResult(
+            label=decision.label,
+            class_name=self.manifest.class_names[decision.label],
+            confidence=decision.confidence,
+            certified_f=decision.certified_f,
+            rule=call.rule,
+            latency_ms=seconds * 1000,
+            replies=tuple(call.replies),
+            rejected=tuple(call.rejected),
+            missing=tuple(call.missing),
+            skipped=tuple(call.skipped),
+            request_id=call.request.request_id,
+        )
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise MessageTooLargeError(f"reply is {resp.content_length} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise MessageTooLargeError(f"reply exceeds the limit of {limit} bytes")
+    return bytes(body)

@@ -1,0 +1,682 @@
+"""Tests of swarm.requester and swarm.fanout against fake peers: real aiohttp servers.
+
+Each fake peer is an HTTP server on 127.0.0.1 (port 0) that answers POST /v1/infer with
+a reply signed by its own key, or misbehaves as told. Peers enter the requester's peer
+table through ``PeerTable.offer``, as the mDNS browser would put them there; no mDNS is
+needed here. Timings are shrunk rather than slept through; a peer that "hangs" waits on
+an event the test controls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from aiohttp import web
+from structlog.testing import capture_logs
+
+from swarm import config, wire
+from swarm.config import Timings
+from swarm.discovery import Announcement, PeerTable
+from swarm.errors import ConfigError, NoDecisionError
+from swarm.identity import Identity, TrustStore
+from swarm.inference import InferenceResult, Manifest, ModelSpec
+from swarm.metrics import Metrics
+from swarm.reputation import PRIOR_SCORE, ReputationBook
+from swarm.requester import ClassifyResult, LocalInfer, Policy, Requester
+from tests.swarm.conftest import CLASS_NAMES
+
+SWARM = "test-swarm"
+# No hedging unless a test asks for it; deadlines are passed per call.
+TIMINGS = Timings(hedge_after_s=30.0, deadline_s=2.0)
+TENSOR = np.full(config.INPUT_SHAPE, 0.5, dtype=np.float32)
+
+Behaviour = Callable[["FakePeer", wire.InferRequest], Awaitable[web.Response]]
+
+
+def spec(name: str, *, acc: float = 0.9, macs: int = 1000, latency_ms: float = 0.1) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        role="variant",
+        file=Path(f"/nonexistent/{name}.onnx"),
+        sha256=hashlib.sha256(name.encode()).hexdigest(),
+        params=100,
+        macs=macs,
+        resolution=28,
+        width=0.25,
+        val_accuracy=acc,
+        test_accuracy=acc,
+        latency_ms=latency_ms,
+    )
+
+
+def manifest_of(*specs: ModelSpec) -> Manifest:
+    return Manifest(
+        path=Path("/nonexistent/manifest.json"), class_names=tuple(CLASS_NAMES), models=specs
+    )
+
+
+def probs(top: dict[int, float]) -> npt.NDArray[np.float32]:
+    """A softmax-like vector with the given classes; the rest of the mass spread evenly."""
+    p = np.zeros(config.NUM_CLASSES)
+    rest = [c for c in range(config.NUM_CLASSES) if c not in top]
+    p[rest] = (1.0 - sum(top.values())) / len(rest)
+    for cls, value in top.items():
+        p[cls] = value
+    return p.astype(np.float32)
+
+
+def reply_for(
+    peer: FakePeer, req: wire.InferRequest, top: dict[int, float], **kw: object
+) -> wire.InferReply:
+    fields: dict[str, object] = {
+        "variant": peer.spec.name,
+        "model_sha256": peer.spec.sha256,
+        "probs": probs(top),
+        "infer_us": 50,
+    }
+    fields.update(kw)
+    return wire.build_reply(peer.identity, req, **fields)  # type: ignore[arg-type]
+
+
+def respond(reply: wire.InferReply) -> web.Response:
+    return web.Response(body=wire.encode_reply(reply), content_type="application/json")
+
+
+def says(top: dict[int, float]) -> Behaviour:
+    """An honest peer whose model outputs ``top``."""
+
+    async def behave(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+        return respond(reply_for(peer, req, top))
+
+    return behave
+
+
+def hangs(then: dict[int, float]) -> Behaviour:
+    """A peer that answers only once the test sets its ``release`` event."""
+
+    async def behave(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+        await peer.release.wait()
+        return respond(reply_for(peer, req, then))
+
+    return behave
+
+
+async def bad_signature(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    reply = reply_for(peer, req, {3: 0.9})
+    forged = bytes([reply.signature[0] ^ 1]) + reply.signature[1:]
+    return respond(dataclasses.replace(reply, signature=forged))
+
+
+async def other_key(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    # Claims to be the peer asked, but signed with a key it did not announce.
+    stranger = Identity.generate()
+    reply = dataclasses.replace(reply_for(peer, req, {3: 0.9}), responder_id=peer.identity.peer_id)
+    return respond(dataclasses.replace(reply, signature=stranger.sign(reply.signed_bytes())))
+
+
+async def impostor(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    # Someone else answers at the peer's address, under its own name and key.
+    stranger = Identity.generate()
+    reply = wire.build_reply(
+        stranger,
+        req,
+        variant=peer.spec.name,
+        model_sha256=peer.spec.sha256,
+        probs=probs({7: 1.0}),
+        infer_us=1,
+    )
+    return respond(reply)
+
+
+async def stale(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    return respond(reply_for(peer, req, {7: 1.0}, now_ms=wire.unix_ms() - 10 * 60_000))
+
+
+async def other_request(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    # A genuine reply of this peer, to a request it was never sent.
+    return respond(reply_for(peer, dataclasses.replace(req, request_id="f" * 32), {7: 1.0}))
+
+
+async def wrong_variant(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    return respond(reply_for(peer, req, {7: 1.0}, variant="Vx", model_sha256="0" * 64))
+
+
+async def malformed(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    return web.Response(body=b'{"version": 1', content_type="application/json")
+
+
+async def unavailable(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+    return web.json_response({"error": "overloaded"}, status=503)
+
+
+class FakePeer:
+    """A peer's HTTP side: POST /v1/infer answered by ``behaviour``."""
+
+    def __init__(self, spec: ModelSpec, behaviour: Behaviour, identity: Identity) -> None:
+        self.spec = spec
+        self.behaviour = behaviour
+        self.identity = identity
+        self.bodies: list[bytes] = []
+        self.received = asyncio.Event()  # set when the first request arrives
+        self.release = asyncio.Event()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/infer", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.bodies.append(body)
+        self.received.set()
+        return await self.behaviour(self, wire.decode_request(body))
+
+    async def aclose(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def announce(
+    table: PeerTable, identity: Identity, spec: ModelSpec, port: int, **kw: object
+) -> None:
+    """Put a serving peer in ``table`` as the mDNS browser would."""
+    fields: dict[str, object] = {
+        "swarm": SWARM,
+        "peer_id": identity.peer_id,
+        "public_key": identity.public_key,
+        "role": "peer",
+        "port": port,
+        "variant": spec.name,
+        "model_sha256": spec.sha256,
+        "macs": spec.macs,
+        "accuracy": spec.val_accuracy,
+    }
+    fields.update(kw)
+    ann = Announcement(**fields)  # type: ignore[arg-type]
+    txt = {k.encode(): v.encode() for k, v in ann.txt().items()}
+    assert table.offer(f"{identity.peer_id}.{config.SERVICE_TYPE}", txt, ["127.0.0.1"], port)
+
+
+class Rig:
+    """Fake peers, the requester's table and books, and requesters over them."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.table = PeerTable(SWARM, timings=TIMINGS)
+        self.identity = Identity.generate()
+        self.reputation = ReputationBook()
+        self.metrics = Metrics()
+        self.peers: list[FakePeer] = []
+        self.requesters: list[Requester] = []
+
+    async def peer(
+        self,
+        variant: str,
+        behaviour: Behaviour,
+        /,
+        *,
+        identity: Identity | None = None,
+        **announced: object,
+    ) -> FakePeer:
+        peer = FakePeer(self.manifest.get(variant), behaviour, identity or Identity.generate())
+        self.peers.append(peer)
+        await peer.start()
+        announce(self.table, peer.identity, peer.spec, peer.port, **announced)
+        return peer
+
+    def requester(self, *, timings: Timings = TIMINGS, **kw: object) -> Requester:
+        fields: dict[str, object] = {
+            "identity": self.identity,
+            "swarm": SWARM,
+            "table": self.table,
+            "manifest": self.manifest,
+            "trust": TrustStore.open(),
+            "reputation": self.reputation,
+            "timings": timings,
+            "metrics": self.metrics,
+        }
+        fields.update(kw)
+        requester = Requester(**fields)  # type: ignore[arg-type]
+        self.requesters.append(requester)
+        return requester
+
+    async def aclose(self) -> None:
+        for requester in self.requesters:
+            await requester.aclose()
+        for peer in self.peers:
+            await peer.aclose()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    """Three variants V1-V3 of equal accuracy; no peers yet."""
+    r = Rig(manifest_of(spec("V1"), spec("V2"), spec("V3")))
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+async def rig7() -> AsyncIterator[Rig]:
+    """Seven variants V1-V7 of equal accuracy; no peers yet."""
+    r = Rig(manifest_of(*(spec(f"V{i}") for i in range(1, 8))))
+    yield r
+    await r.aclose()
+
+
+def rejections(rig: Rig, reason: str) -> float | None:
+    return rig.metrics.registry.get_sample_value("vswarm_rejections_total", {"reason": reason})
+
+
+async def classify(requester: Requester, **kw: object) -> ClassifyResult:
+    # Every test is bounded: a call that overruns its deadline fails instead of hanging.
+    async with asyncio.timeout(10):
+        return await requester.classify(TENSOR, **kw)  # type: ignore[arg-type]
+
+
+# --- the happy path ----------------------------------------------------------------------
+
+
+async def test_happy_path_decides_with_every_variant(rig: Rig) -> None:
+    """Three honest peers: the label they share, every reply listed, a certificate."""
+    peers = [await rig.peer(v, says({3: 0.8, 1: 0.1})) for v in ("V1", "V2", "V3")]
+    result = await classify(rig.requester(), quorum=3)  # no early exit: all three count
+    assert (result.label, result.class_name, result.rule) == (3, "Dress", "robust")
+    assert {r.peer for r in result.replies} == {p.peer_id for p in peers}
+    assert {r.variant for r in result.replies} == {"V1", "V2", "V3"}
+    assert result.replies[0].topk == ((3, 0.8), (1, 0.1))
+    assert result.rejected == ()
+    assert result.missing == result.skipped == ()
+    assert result.certified_f >= 1
+    assert 0.0 < result.confidence <= 1.0
+    assert result.latency_ms > 0
+
+
+async def test_request_is_signed_and_encoded_once(rig: Rig) -> None:
+    """Every peer receives the same bytes: one signed request for the whole call."""
+    peers = [await rig.peer(v, says({3: 0.8})) for v in ("V1", "V2", "V3")]
+    await classify(rig.requester(), quorum=3)
+    bodies = {p.bodies[0] for p in peers}
+    assert len(bodies) == 1
+    request = wire.decode_request(bodies.pop())
+    assert request.requester_id == rig.identity.peer_id
+    assert request.k == config.DEFAULT_TOP_K
+
+
+async def test_to_json_has_the_documented_shape(rig: Rig) -> None:
+    """to_json carries exactly the documented keys and survives json.dumps."""
+    await rig.peer("V1", says({3: 0.8}))
+    await rig.peer("V2", unavailable)
+    result = await classify(rig.requester(), quorum=1)
+    doc = json.loads(json.dumps(result.to_json(image="a.png")))
+    assert set(doc) == {
+        "image", "class", "label", "confidence", "certified_f", "latency_ms", "rule",
+        "replies", "rejected", "missing", "skipped",
+    }  # fmt: skip
+    assert (doc["image"], doc["class"], doc["label"]) == ("a.png", 3, "Dress")
+    assert set(doc["replies"][0]) == {"peer", "variant", "topk", "latency_ms"}
+    assert doc["replies"][0]["topk"][0] == [3, 0.8]
+    assert doc["missing"] == [rig.peers[1].peer_id]
+
+
+# --- verification ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason", "attributable"),
+    [
+        (bad_signature, "bad_signature", False),
+        (other_key, "bad_signature", False),
+        (impostor, "wrong_peer", False),
+        (stale, "stale", True),
+        (other_request, "wrong_binding", True),
+        (wrong_variant, "wrong_variant", True),
+        (malformed, "malformed", False),
+    ],
+)
+async def test_bad_reply_is_rejected_and_not_counted(
+    rig: Rig, behaviour: Behaviour, reason: str, attributable: bool
+) -> None:
+    """A bad reply is kept with its reason, left out of the vote, and costs its peer."""
+    # Two honest replies this unsure cannot decide alone: the third is always awaited.
+    await rig.peer("V1", says({3: 0.5, 1: 0.3}))
+    await rig.peer("V2", says({3: 0.5, 1: 0.3}))
+    bad = await rig.peer("V3", behaviour)
+    result = await classify(rig.requester())
+    assert result.label == 3
+    assert [(r.peer, r.reason) for r in result.rejected] == [(bad.peer_id, reason)]
+    assert bad.peer_id not in {r.peer for r in result.replies}
+    assert len(result.replies) == 2
+    assert rejections(rig, reason) == 1
+    record = rig.table.get(bad.peer_id)
+    assert record is not None
+    if attributable:  # signed by the peer: evidence against it
+        assert rig.reputation.score(bad.peer_id) < PRIOR_SCORE
+        assert record.failures == 0
+    else:  # not provably its own: the address is backed off, the peer's name is not blamed
+        assert bad.peer_id not in rig.reputation
+        assert record.failures == 1
+
+
+async def test_replayed_reply_is_rejected(rig: Rig) -> None:
+    """A peer replaying the reply it signed for an earlier request is caught."""
+    cache: list[wire.InferReply] = []
+
+    async def replays(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+        if not cache:
+            cache.append(reply_for(peer, req, {3: 0.8}))
+        return respond(cache[0])
+
+    await rig.peer("V1", says({3: 0.8}))
+    liar = await rig.peer("V2", replays)
+    requester = rig.requester()
+    first = await classify(requester)
+    assert liar.peer_id in {r.peer for r in first.replies}
+    second = await classify(requester)
+    assert [(r.peer, r.reason) for r in second.rejected] == [(liar.peer_id, "wrong_binding")]
+
+
+async def test_all_rejected_raises_with_the_reasons(rig: Rig) -> None:
+    """Nothing valid: NoDecisionError names the peers asked and why each failed."""
+    await rig.peer("V1", bad_signature)
+    await rig.peer("V2", unavailable)
+    with pytest.raises(
+        NoDecisionError, match=r"no counted replies from 2 peers within 500 ms"
+    ) as e:
+        await classify(rig.requester(), deadline_ms=500)
+    assert "bad_signature x1" in str(e.value)
+    assert "1 missing" in str(e.value)
+
+
+# --- Byzantine peers ---------------------------------------------------------------------
+
+
+async def test_colluding_liars_do_not_flip_robust(rig7: Rig) -> None:
+    """Two of seven peers naming class 7 with 1.0 flip `sum` but not `robust`."""
+    for v in ("V1", "V2", "V3", "V4", "V5"):
+        await rig7.peer(v, says({3: 0.35, 1: 0.3}))
+    for v in ("V6", "V7"):
+        await rig7.peer(v, says({7: 1.0}))
+    requester = rig7.requester()
+    robust = await classify(requester, rule="robust", quorum=7)  # the liars' votes are in
+    assert robust.label == 3
+    assert len(robust.replies) == 7
+    summed = await classify(requester, rule="sum", quorum=7)
+    assert summed.label == 7  # the contrast: the paper's rule is flipped
+
+
+# --- deadlines, failures, hedging, early exit --------------------------------------------
+
+
+async def test_hung_peer_is_missing_at_the_deadline(rig: Rig) -> None:
+    """A peer that never answers: the call decides at its deadline and reports it missing."""
+    await rig.peer("V1", says({3: 0.6}))
+    await rig.peer("V2", says({5: 0.6}))  # a split vote: the hung peer's reply would matter
+    hung = await rig.peer("V3", hangs({3: 0.6}))
+    result = await classify(rig.requester(), deadline_ms=300)
+    assert result.missing == (hung.peer_id,)
+    assert result.skipped == ()
+    assert len(result.replies) == 2
+    assert 300 <= result.latency_ms < 2000
+    record = rig.table.get(hung.peer_id)
+    assert record is not None
+    assert record.failures == 1  # backed off for the next call
+
+
+async def test_unreachable_peer_is_missing_and_backed_off(rig: Rig) -> None:
+    """A peer whose port refuses connections is reported missing, not fatal."""
+    await rig.peer("V1", says({3: 0.8}))
+    ghost = Identity.generate()
+    dead = FakePeer(rig.manifest.get("V2"), says({3: 0.8}), ghost)
+    await dead.start()
+    port = dead.port
+    await dead.aclose()  # the port is now closed
+    announce(rig.table, ghost, rig.manifest.get("V2"), port)
+    result = await classify(rig.requester())
+    assert result.missing == (ghost.peer_id,)
+    record = rig.table.get(ghost.peer_id)
+    assert record is not None
+    assert record.failures == 1
+
+
+async def test_hedge_goes_to_a_second_replica(rig: Rig) -> None:
+    """A replica that does not answer within hedge_after_s is hedged with the next one."""
+    first, second = sorted((Identity.generate(), Identity.generate()), key=lambda i: i.peer_id)
+    slow = await rig.peer("V1", hangs({3: 0.8}), identity=first)  # ranked first: lower id
+    fast = await rig.peer("V1", says({3: 0.8}), identity=second)
+    requester = rig.requester(timings=dataclasses.replace(TIMINGS, hedge_after_s=0.05))
+    with capture_logs() as logs:
+        result = await classify(requester)
+    assert [r.peer for r in result.replies] == [fast.peer_id]
+    assert result.skipped == (slow.peer_id,)  # cancelled once its sibling answered
+    assert result.missing == ()
+    assert len(slow.bodies) == len(fast.bodies) == 1
+    assert slow.bodies == fast.bodies
+    assert any(e["event"] == "hedge_sent" and e["peer"] == fast.peer_id for e in logs)
+    # The cut-off replica now ranks behind the one that answered.
+    slow_ms, fast_ms = requester.latency_ms(slow.peer_id), requester.latency_ms(fast.peer_id)
+    assert slow_ms is not None
+    assert fast_ms is not None
+    assert slow_ms > fast_ms
+
+
+async def test_no_hedge_when_the_first_replica_answers(rig: Rig) -> None:
+    """A variant answered in time asks exactly one of its replicas."""
+    a = await rig.peer("V1", says({3: 0.8}))
+    b = await rig.peer("V1", says({3: 0.8}))
+    result = await classify(rig.requester())
+    assert len(result.replies) == 1
+    assert len(a.bodies) + len(b.bodies) == 1
+
+
+async def test_failed_replica_fails_over_at_once(rig: Rig) -> None:
+    """A replica answering an HTTP error is replaced by the next one without waiting."""
+    first, second = sorted((Identity.generate(), Identity.generate()), key=lambda i: i.peer_id)
+    broken = await rig.peer("V1", unavailable, identity=first)
+    good = await rig.peer("V1", says({3: 0.8}), identity=second)
+    result = await classify(rig.requester(), deadline_ms=5000)  # hedge_after_s is 30 s
+    assert [r.peer for r in result.replies] == [good.peer_id]
+    assert result.missing == (broken.peer_id,)
+    assert result.latency_ms < 5000
+
+
+async def test_early_exit_skips_a_peer_that_cannot_change_the_result(rig: Rig) -> None:
+    """Two confident agreeing replies decide; the slow third is cancelled, not awaited."""
+    await rig.peer("V1", says({3: 0.9}))
+    await rig.peer("V2", says({3: 0.9}))
+    slow = await rig.peer("V3", hangs({7: 1.0}))
+    async with asyncio.timeout(3):  # far below the 30 s deadline given to the call
+        result = await rig.requester().classify(TENSOR, deadline_ms=30_000)
+    assert result.label == 3
+    assert result.skipped == (slow.peer_id,)
+    assert result.missing == ()
+    record = rig.table.get(slow.peer_id)
+    assert record is not None
+    assert record.failures == 0  # not its fault: it was not needed
+
+
+async def test_no_early_exit_before_quorum(rig: Rig) -> None:
+    """With quorum 3, two agreeing replies are not enough: the call waits for the third."""
+    await rig.peer("V1", says({3: 0.9}))
+    await rig.peer("V2", says({3: 0.9}))
+    late = await rig.peer("V3", hangs({3: 0.9}))
+    requester = rig.requester()
+    task = asyncio.create_task(classify(requester, quorum=3, deadline_ms=5000))
+    await late.received.wait()
+    await asyncio.sleep(0.05)  # time enough for a wrong early exit on the other two
+    assert not task.done()
+    late.release.set()
+    result = await task
+    assert len(result.replies) == 3
+
+
+async def test_quorum_not_met_raises(rig: Rig) -> None:
+    """Fewer valid replies than the quorum by the deadline: NoDecisionError."""
+    await rig.peer("V1", says({3: 0.9}))
+    await rig.peer("V2", unavailable)
+    with pytest.raises(NoDecisionError, match=r"quorum not met \(1 counted replies, 2 required\)"):
+        await classify(rig.requester(), quorum=2, deadline_ms=500)
+
+
+async def test_quorum_above_the_variants_fails_fast(rig: Rig) -> None:
+    """A quorum no set of peers can meet is refused before anything is sent."""
+    peer = await rig.peer("V1", says({3: 0.9}))
+    with pytest.raises(NoDecisionError, match="quorum 2 cannot be met"):
+        await classify(rig.requester(), quorum=2)
+    assert peer.bodies == []
+
+
+async def test_no_peers_raises(rig: Rig) -> None:
+    """An empty peer table: NoDecisionError at once, saying nobody serves a variant."""
+    with pytest.raises(NoDecisionError, match="no peer serves a variant"):
+        await classify(rig.requester())
+
+
+# --- peer choice -------------------------------------------------------------------------
+
+
+async def test_peers_with_unknown_models_or_keys_are_not_asked(rig: Rig) -> None:
+    """Unknown model hash, unknown variant, or a key off the allow-list: never asked."""
+    good = await rig.peer("V1", says({3: 0.9}))
+    wrong_hash = await rig.peer("V2", says({7: 1.0}), model_sha256="ab" * 32)
+    unknown = await rig.peer("V3", says({7: 1.0}), variant="Vzz")
+    untrusted = await rig.peer("V3", says({7: 1.0}))
+    trust = TrustStore.from_keys([good.identity.public_key, unknown.identity.public_key])
+    requester = rig.requester(trust=trust)
+    assert requester.available_variants() == {"V1"}
+    result = await classify(requester)
+    assert [r.peer for r in result.replies] == [good.peer_id]
+    assert wrong_hash.bodies == unknown.bodies == untrusted.bodies == []
+
+
+async def test_policy_variants_and_budgets(rig: Rig) -> None:
+    """A policy narrows the variants: a named set, a MACs budget, a latency budget."""
+    cheap = Rig(
+        manifest_of(
+            spec("V1", acc=0.90, macs=500),
+            spec("V2", acc=0.92, macs=800),
+            spec("V3", acc=0.88, macs=400),
+        )
+    )
+    try:
+        peers = {v: await cheap.peer(v, says({3: 0.9})) for v in ("V1", "V2", "V3")}
+        requester = cheap.requester()
+        named = await classify(requester, policy=Policy(variants=("V1", "V3")))
+        assert {r.variant for r in named.replies} == {"V1", "V3"}
+        # Most accurate first: V2 (800) fits, V1 (500) would not, V3 (400) does.
+        budget = requester.available_variants(Policy(max_macs=1250))
+        assert budget == {"V2", "V3"}
+        # Never asked, V1 and V3 are judged by the manifest's 0.1 ms.
+        fresh = cheap.requester()
+        fresh.observe_latency(peers["V2"].peer_id, 80.0)
+        fast = fresh.available_variants(Policy(latency_budget_ms=50.0))
+        assert fast == {"V1", "V3"}
+        with pytest.raises(ConfigError, match="no model named 'V9'"):
+            requester.available_variants(Policy(variants=("V9",)))
+    finally:
+        await cheap.aclose()
+
+
+async def test_excluded_peer_is_asked_only_when_nothing_else_serves(rig: Rig) -> None:
+    """A replica excluded by reputation ranks behind any other replica of its variant."""
+    bad_id, good_id = sorted((Identity.generate(), Identity.generate()), key=lambda i: i.peer_id)
+    for _ in range(30):
+        rig.reputation.record(bad_id.peer_id, agreed=False)
+    assert rig.reputation.is_excluded(bad_id.peer_id)
+    excluded = await rig.peer("V1", says({3: 0.9}), identity=bad_id)
+    other = await rig.peer("V1", says({3: 0.9}), identity=good_id)
+    result = await classify(rig.requester())
+    assert [r.peer for r in result.replies] == [other.peer_id]
+    assert excluded.bodies == []
+
+
+async def test_local_replica_is_asked_in_process(rig: Rig) -> None:
+    """The requester's own variant is served by LocalInfer, never over HTTP."""
+
+    class Model:
+        def __init__(self, spec: ModelSpec) -> None:
+            self.spec = spec
+            self.calls = 0
+
+        async def infer(self, x: npt.NDArray[np.float32]) -> InferenceResult:
+            self.calls += 1
+            assert x.shape == config.INPUT_SHAPE
+            return InferenceResult(probs=probs({3: 0.9}), seconds=0.0001, batch_size=1)
+
+    model = Model(rig.manifest.get("V1"))
+    # Its announced port is closed: an HTTP ask would fail and show up as missing.
+    announce(rig.table, rig.identity, model.spec, 9)
+    await rig.peer("V2", says({3: 0.9}))
+    result = await classify(rig.requester(local=LocalInfer(model)))
+    assert model.calls == 1
+    assert rig.identity.peer_id in {r.peer for r in result.replies}
+    assert result.missing == ()
+
+
+# --- learning ----------------------------------------------------------------------------
+
+
+async def test_reputation_recorded_from_certified_decisions(rig7: Rig) -> None:
+    """A clear decision records agreement for every ballot; the dissenter scores lower."""
+    agreeing = [await rig7.peer(v, says({3: 0.9})) for v in ("V1", "V2", "V3", "V4")]
+    dissent = await rig7.peer("V5", says({5: 0.9}))
+    result = await classify(rig7.requester(), quorum=5)
+    assert result.certified_f >= 1
+    for peer in agreeing:
+        assert rig7.reputation.observations(peer.peer_id) == pytest.approx(1.0, rel=1e-3)
+        assert rig7.reputation.score(peer.peer_id) > PRIOR_SCORE
+    assert rig7.reputation.score(dissent.peer_id) < PRIOR_SCORE
+    votes = rig7.metrics.registry.get_sample_value("vswarm_votes_total", {"rule": "robust"})
+    assert votes == 1
+
+
+async def test_near_tie_records_no_reputation(rig: Rig) -> None:
+    """A decision one reply could flip (certified_f 0) punishes nobody."""
+    await rig.peer("V1", says({3: 0.6}))
+    await rig.peer("V2", says({5: 0.6}))
+    result = await classify(rig.requester())
+    assert result.certified_f == 0
+    assert len(rig.reputation) == 0
+
+
+# --- arguments and lifecycle -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"rule": "mean"}, {"k": 0}, {"k": 11}, {"quorum": 0}, {"deadline_ms": 0}],
+)
+async def test_bad_arguments_are_config_errors(rig: Rig, kw: dict[str, object]) -> None:
+    """Bad call arguments raise ConfigError before anything is sent."""
+    peer = await rig.peer("V1", says({3: 0.9}))
+    with pytest.raises(ConfigError):
+        await classify(rig.requester(), **kw)
+    assert peer.bodies == []
+
+
+async def test_aclose_is_idempotent_and_final(rig: Rig) -> None:
+    """aclose twice is fine; a closed requester refuses to classify."""
+    await rig.peer("V1", says({3: 0.9}))
+    async with rig.requester() as requester:
+        await classify(requester)
+    await requester.aclose()
+    with pytest.raises(ConfigError, match="closed"):
+        await classify(requester)
