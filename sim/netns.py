@@ -208,4 +208,16 @@ class Lab:
         self.hosts.clear()
 
 
-__all__ = ["SUBNET", "Host", "Lab", "NetnsError", "available", "cleanup_stale", "namespaces"]
+def attach(tag: str, hosts: dict[str, Host]) -> Lab:
+    """A handle on a running lab made by another process (for ``python -m sim.faults``).
+
+    Closing it would delete that lab: use it for ``partition`` and ``heal`` only.
+    """
+    lab = Lab(tag=tag, hosts=dict(hosts))
+    out = _ip("-n", lab.hub, "-o", "link", "show", "type", "bridge")
+    lab._bridges = [line.split(":")[1].strip() for line in out.splitlines() if ":" in line]
+    return lab
+
+
+__all__ = ["SUBNET", "Host", "Lab", "NetnsError", "attach", "available", "cleanup_stale",
+           "namespaces"]

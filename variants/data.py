@@ -60,8 +60,9 @@ def _read_idx(path: Path, want_dims: int) -> np.ndarray:
             f"{ENV_DIR} at a folder holding the four idx .gz files."
         ) from None
     except (OSError, EOFError) as exc:
-        raise DatasetError(f"{path} is not a readable gzip file ({exc}); reinstall "
-                           f"'{DEBIAN_PACKAGE}'.") from exc
+        raise DatasetError(
+            f"{path} is not a readable gzip file ({exc}); reinstall '{DEBIAN_PACKAGE}'."
+        ) from exc
     if len(raw) < 4:
         raise DatasetError(f"{path} is truncated: no idx header")
     zero, dtype, dims = struct.unpack(">HBB", raw[:4])
@@ -96,21 +97,24 @@ def load_split(name: str, directory: Path | None = None) -> Split:
     return Split(images=images, labels=labels)
 
 
-def split_indices(labels: np.ndarray, val_size: int = VAL_SIZE,
-                  seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, val_size: int = VAL_SIZE, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of a fixed, class-stratified (train, validation) split of the 60k images."""
     rng = np.random.default_rng(seed)
     per_class = val_size // 10
-    val_idx = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False)
-               for c in range(10)]
+    val_idx = [
+        rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(10)
+    ]
     val = np.sort(np.concatenate(val_idx))
     mask = np.ones(len(labels), dtype=bool)
     mask[val] = False
     return np.flatnonzero(mask), val
 
 
-def split_train_val(train: Split, val_size: int = VAL_SIZE,
-                    seed: int = SPLIT_SEED) -> tuple[Split, Split]:
+def split_train_val(
+    train: Split, val_size: int = VAL_SIZE, seed: int = SPLIT_SEED
+) -> tuple[Split, Split]:
     """Split the 60k training images into training and validation (``split_indices``)."""
     tr, val = split_indices(train.labels, val_size, seed)
     return (

@@ -42,16 +42,13 @@ def ensemble_accuracy(member_probs: Sequence[np.ndarray], labels: np.ndarray, k:
     return accuracy(ensemble_predict(member_probs, k), labels)
 
 
-def leave_one_out(
-    probs: dict[str, np.ndarray], labels: np.ndarray, k: int = 2
-) -> dict[str, float]:
+def leave_one_out(probs: dict[str, np.ndarray], labels: np.ndarray, k: int = 2) -> dict[str, float]:
     """Accuracy of the ensemble of all members but one, for each member left out."""
     names = list(probs)
     if len(names) < 2:
         raise ValueError("leave-one-out needs at least two members")
     return {
-        out: ensemble_accuracy([probs[n] for n in names if n != out], labels, k)
-        for out in names
+        out: ensemble_accuracy([probs[n] for n in names if n != out], labels, k) for out in names
     }
 
 
@@ -77,8 +74,10 @@ def greedy_forward(
     sequence of (member, ensemble accuracy after adding it).
     """
     chosen = list(start)
-    steps = [(n, ensemble_accuracy([probs[m] for m in chosen[: i + 1]], labels, k))
-             for i, n in enumerate(chosen)]
+    steps = [
+        (n, ensemble_accuracy([probs[m] for m in chosen[: i + 1]], labels, k))
+        for i, n in enumerate(chosen)
+    ]
     best = steps[-1][1] if steps else 0.0
     limit = max_members or len(probs)
     cost = cost or {}

@@ -41,12 +41,14 @@ def _session(path: Path, threads: int) -> Any:
 
 def predict(path: Path, x: np.ndarray, batch: int = 1000) -> np.ndarray:
     sess = _session(path, threads=0)
-    return np.concatenate([sess.run(None, {"input": x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
-def measure_latencies(paths: dict[str, Path], runs: int, block: int = 50,
-                      warmup: int = 50) -> dict[str, dict[str, float]]:
+def measure_latencies(
+    paths: dict[str, Path], runs: int, block: int = 50, warmup: int = 50
+) -> dict[str, dict[str, float]]:
     """Batch-1, one-thread latency of every model, in blocks rotated round-robin.
 
     A device runs one model back to back, so each model is timed in blocks of consecutive
@@ -69,8 +71,10 @@ def measure_latencies(paths: dict[str, Path], runs: int, block: int = 50,
     out = {}
     for n, ts in times.items():
         arr = np.array(ts) * 1e3
-        out[n] = {"median_ms": float(statistics.median(arr)),
-                  "p99_ms": float(np.percentile(arr, 99))}
+        out[n] = {
+            "median_ms": float(statistics.median(arr)),
+            "p99_ms": float(np.percentile(arr, 99)),
+        }
     return out
 
 
@@ -83,7 +87,9 @@ def evaluate(manifest_path: Path, runs: int) -> dict[str, Any]:
     paths = {n: folder / m["file"] for n, m in models.items()}
     for n, p in paths.items():
         if not p.exists():
-            raise SystemExit(f"error: model file {p} of {n} is missing; run python -m variants.train")
+            raise SystemExit(
+                f"error: model file {p} of {n} is missing; run python -m variants.train"
+            )
     test = data.load_split("test")
     x, y = test.as_float(), test.labels
     probs = {n: predict(p, x) for n, p in paths.items()}
@@ -92,19 +98,29 @@ def evaluate(manifest_path: Path, runs: int) -> dict[str, Any]:
     ref_lat = lat["reference"]["median_ms"]
     per_model = []
     for n, m in models.items():
-        per_model.append({
-            "name": n, "role": m["role"], "resolution": m["resolution"], "width": m["width"],
-            "test_accuracy": ensemble.accuracy(probs[n].argmax(1), y),
-            "params": m["params"], "macs": m["macs"],
-            "latency_ms": lat[n]["median_ms"], "latency_p99_ms": lat[n]["p99_ms"],
-            "speedup": ref_lat / lat[n]["median_ms"],
-            "macs_gain": ref["macs"] / m["macs"], "params_gain": ref["params"] / m["params"],
-        })
+        per_model.append(
+            {
+                "name": n,
+                "role": m["role"],
+                "resolution": m["resolution"],
+                "width": m["width"],
+                "test_accuracy": ensemble.accuracy(probs[n].argmax(1), y),
+                "params": m["params"],
+                "macs": m["macs"],
+                "latency_ms": lat[n]["median_ms"],
+                "latency_p99_ms": lat[n]["p99_ms"],
+                "speedup": ref_lat / lat[n]["median_ms"],
+                "macs_gain": ref["macs"] / m["macs"],
+                "params_gain": ref["params"] / m["params"],
+            }
+        )
     variants = [n for n in models if models[n]["role"] == "variant"]
     subsets = []
     for combo in ensemble.subsets(variants):
-        row: dict[str, Any] = {"members": list(combo),
-                               "total_macs": sum(models[n]["macs"] for n in combo)}
+        row: dict[str, Any] = {
+            "members": list(combo),
+            "total_macs": sum(models[n]["macs"] for n in combo),
+        }
         for k in KS:
             row[f"accuracy_k{k}"] = ensemble.ensemble_accuracy([probs[n] for n in combo], y, k)
         subsets.append(row)
@@ -112,9 +128,9 @@ def evaluate(manifest_path: Path, runs: int) -> dict[str, Any]:
     full = {f"k{k}": ensemble.ensemble_accuracy([probs[n] for n in variants], y, k) for k in KS}
     return {
         "manifest": str(manifest_path),
-        "test_images": int(len(y)),
+        "test_images": len(y),
         "latency_method": f"onnxruntime CPU, 1 thread, batch 1, median of {runs} runs per "
-                          "model, in blocks of 50 rotated round-robin across models",
+        "model, in blocks of 50 rotated round-robin across models",
         "models": per_model,
         "ensemble_all": full,
         "reference_accuracy": ensemble.accuracy(probs["reference"].argmax(1), y),
@@ -128,27 +144,48 @@ def _pct(v: float) -> str:
 
 
 def to_markdown(r: dict[str, Any]) -> str:
-    lines = ["# Evaluation of the shipped variant family", "",
-             f"Held-out Fashion-MNIST test set: {r['test_images']} images. Latency: "
-             f"{r['latency_method']}.", "",
-             "## 1. Each model against the reference (same run)", "",
-             "| model | res | width | test acc % | params | MACs | latency ms | speedup | MACs gain | params gain |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Evaluation of the shipped variant family",
+        "",
+        f"Held-out Fashion-MNIST test set: {r['test_images']} images. Latency: "
+        f"{r['latency_method']}.",
+        "",
+        "## 1. Each model against the reference (same run)",
+        "",
+        "| model | res | width | test acc % | params | MACs | latency ms | speedup "
+        "| MACs gain | params gain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m in r["models"]:
-        lines.append(f"| {m['name']} | {m['resolution']} | {m['width']} | {_pct(m['test_accuracy'])} "
-                     f"| {m['params']:,} | {m['macs']:,} | {m['latency_ms']:.3f} "
-                     f"| {m['speedup']:.1f}x | {m['macs_gain']:.1f}x | {m['params_gain']:.1f}x |")
+        lines.append(
+            f"| {m['name']} | {m['resolution']} | {m['width']} | {_pct(m['test_accuracy'])} "
+            f"| {m['params']:,} | {m['macs']:,} | {m['latency_ms']:.3f} "
+            f"| {m['speedup']:.1f}x | {m['macs_gain']:.1f}x | {m['params_gain']:.1f}x |"
+        )
     ea = r["ensemble_all"]
-    lines += ["", "## 2. Ensembles: accuracy against total MACs (sum of top-k probabilities)", "",
-              f"All variants: k=1 {_pct(ea['k1'])}%, **k=2 {_pct(ea['k2'])}%**, k=3 "
-              f"{_pct(ea['k3'])}%; reference {_pct(r['reference_accuracy'])}% "
-              f"(difference at k=2: {100 * (ea['k2'] - r['reference_accuracy']):+.2f} points).", "",
-              "| members | total MACs | acc k=1 % | acc k=2 % | acc k=3 % |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## 2. Ensembles: accuracy against total MACs (sum of top-k probabilities)",
+        "",
+        f"All variants: k=1 {_pct(ea['k1'])}%, **k=2 {_pct(ea['k2'])}%**, k=3 "
+        f"{_pct(ea['k3'])}%; reference {_pct(r['reference_accuracy'])}% "
+        f"(difference at k=2: {100 * (ea['k2'] - r['reference_accuracy']):+.2f} points).",
+        "",
+        "| members | total MACs | acc k=1 % | acc k=2 % | acc k=3 % |",
+        "|---|---|---|---|---|",
+    ]
     for s in sorted(r["subsets"], key=lambda s: s["total_macs"]):
-        lines.append(f"| {'+'.join(s['members'])} | {s['total_macs']:,} | {_pct(s['accuracy_k1'])} "
-                     f"| {_pct(s['accuracy_k2'])} | {_pct(s['accuracy_k3'])} |")
-    lines += ["", "## 3. The whole ensemble with one variant left out (k=2)", "",
-              "| left out | accuracy % | change (points) |", "|---|---|---|"]
+        lines.append(
+            f"| {'+'.join(s['members'])} | {s['total_macs']:,} | {_pct(s['accuracy_k1'])} "
+            f"| {_pct(s['accuracy_k2'])} | {_pct(s['accuracy_k3'])} |"
+        )
+    lines += [
+        "",
+        "## 3. The whole ensemble with one variant left out (k=2)",
+        "",
+        "| left out | accuracy % | change (points) |",
+        "|---|---|---|",
+    ]
     for n, acc in r["leave_one_out"]["k2"].items():
         lines.append(f"| {n} | {_pct(acc)} | {100 * (acc - ea['k2']):+.2f} |")
     return "\n".join(lines) + "\n"
@@ -164,11 +201,23 @@ def plot(r: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, marker in zip(KS, "o^s", strict=True):
         xs = [s["total_macs"] / 1e6 for s in r["subsets"]]
-        ax.scatter(xs, [100 * s[f"accuracy_k{k}"] for s in r["subsets"]], marker=marker,
-                   s=18, alpha=0.7, label=f"ensembles, top-{k} sum")
+        ax.scatter(
+            xs,
+            [100 * s[f"accuracy_k{k}"] for s in r["subsets"]],
+            marker=marker,
+            s=18,
+            alpha=0.7,
+            label=f"ensembles, top-{k} sum",
+        )
     ref = next(m for m in r["models"] if m["role"] == "reference")
-    ax.scatter([ref["macs"] / 1e6], [100 * ref["test_accuracy"]], marker="*", s=200,
-               color="black", label="reference (MobileNetV2 1.0)")
+    ax.scatter(
+        [ref["macs"] / 1e6],
+        [100 * ref["test_accuracy"]],
+        marker="*",
+        s=200,
+        color="black",
+        label="reference (MobileNetV2 1.0)",
+    )
     ax.set_xlabel("total MACs of the ensemble (millions, per image)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Ensemble accuracy against total MACs")
@@ -209,10 +258,17 @@ def plot(r: dict[str, Any], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m variants.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("out/evaluation"),
-                   help="folder for evaluation.md/.json and plots (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python -m variants.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/evaluation"),
+        help="folder for evaluation.md/.json and plots (default: %(default)s)",
+    )
     p.add_argument("--manifest", type=Path, default=MANIFEST_PATH)
     p.add_argument("--runs", type=int, default=500, help="latency runs per model")
     p.add_argument("--no-plots", action="store_true")
@@ -220,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 10:
         p.error("--runs must be at least 10")
     if not args.manifest.exists():
-        print(f"error: manifest {args.manifest} not found; train and export with "
-              "python -m variants.train", file=sys.stderr)
+        print(
+            f"error: manifest {args.manifest} not found; train and export with "
+            "python -m variants.train",
+            file=sys.stderr,
+        )
         return 2
     try:
         r = evaluate(args.manifest, args.runs)
@@ -237,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     head = md.split("## 2.")[0]
     print(head)
     print(md.split("\n\n")[5] if md.count("\n\n") > 5 else "")
-    print(f"written: {args.out}/evaluation.md, evaluation.json" +
-          ("" if args.no_plots else ", ensemble_vs_macs.png, latency.png, leave_one_out.png"))
+    print(
+        f"written: {args.out}/evaluation.md, evaluation.json"
+        + ("" if args.no_plots else ", ensemble_vs_macs.png, latency.png, leave_one_out.png")
+    )
     return 0
 
 

@@ -53,7 +53,7 @@ def _torch_probs(model: Any, x: np.ndarray, batch: int = 500) -> np.ndarray:
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            outs.append(model(torch.from_numpy(x[i:i + batch])).numpy())
+            outs.append(model(torch.from_numpy(x[i : i + batch])).numpy())
     return _softmax(np.concatenate(outs))
 
 
@@ -78,17 +78,24 @@ def export_onnx(model: Any, path: Path) -> None:
         # The TorchScript exporter is the one that writes a plain, dependency-free graph
         # at opset 17; torch warns that it is no longer the default.
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, (x,), str(path), input_names=["input"],
-                          output_names=["probs"], dynamic_axes={"input": {0: "N"},
-                                                                "probs": {0: "N"}},
-                          opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            wrapped,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["probs"],
+            dynamic_axes={"input": {0: "N"}, "probs": {0: "N"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
     got = run_onnx(path, x.numpy())
     with torch.no_grad():
         want = wrapped(x).numpy()
     diff = float(np.abs(got - want).max())
     if diff > PARITY_TOL:
-        raise ExportError(f"{path}: ONNX output differs from PyTorch by {diff:.2e} "
-                          f"(> {PARITY_TOL})")
+        raise ExportError(
+            f"{path}: ONNX output differs from PyTorch by {diff:.2e} (> {PARITY_TOL})"
+        )
 
 
 def _session(path: Path, threads: int = 1) -> Any:
@@ -103,8 +110,9 @@ def _session(path: Path, threads: int = 1) -> Any:
 
 def run_onnx(path: Path, x: np.ndarray, batch: int = 1000) -> np.ndarray:
     sess = _session(path, threads=0)
-    return np.concatenate([sess.run(None, {"input": x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    )
 
 
 def latency_ms(path: Path, runs: int = 300, warmup: int = 30) -> float:
@@ -121,9 +129,14 @@ def latency_ms(path: Path, runs: int = 300, warmup: int = 30) -> float:
     return statistics.median(times) * 1e3
 
 
-def select(finals: dict[str, dict[str, Any]], val_probs: dict[str, np.ndarray],
-           labels: np.ndarray, macs: dict[str, int], min_members: int,
-           max_members: int) -> dict[str, Any]:
+def select(
+    finals: dict[str, dict[str, Any]],
+    val_probs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    macs: dict[str, int],
+    min_members: int,
+    max_members: int,
+) -> dict[str, Any]:
     """Choose the family on validation data; returns the members and the reasoning."""
     ref_macs = macs["reference"]
     eligible = {n for n in finals if n != "reference" and ref_macs / macs[n] >= MIN_MACS_GAIN}
@@ -132,32 +145,46 @@ def select(finals: dict[str, dict[str, Any]], val_probs: dict[str, np.ndarray],
     pool = sorted(eligible)
     cheap = [n for n in pool if ref_macs / macs[n] >= MIN_CHEAPEST_GAIN]
     if len(pool) < min_members or not cheap:
-        raise ExportError(f"only {len(pool)} eligible candidates ({len(cheap)} at >= "
-                          f"{MIN_CHEAPEST_GAIN}x fewer MACs); need {min_members} and one cheap")
+        raise ExportError(
+            f"only {len(pool)} eligible candidates ({len(cheap)} at >= "
+            f"{MIN_CHEAPEST_GAIN}x fewer MACs); need {min_members} and one cheap"
+        )
     # The cheapest member is the most accurate of the >=20x candidates; the rest are added
     # greedily by validation ensemble accuracy, ties going to fewer MACs.
     anchor = max(cheap, key=lambda n: (finals[n]["val_accuracy"], -macs[n]))
     steps = ensemble.greedy_forward(
-        {n: val_probs[n] for n in pool}, labels, start=[anchor], min_members=min_members,
-        max_members=max_members, cost={n: float(macs[n]) for n in pool})
+        {n: val_probs[n] for n in pool},
+        labels,
+        start=[anchor],
+        min_members=min_members,
+        max_members=max_members,
+        cost={n: float(macs[n]) for n in pool},
+    )
     members = sorted((n for n, _ in steps), key=lambda n: macs[n])
     return {
         "members": members,
         "anchor": anchor,
         "greedy_steps": [{"added": n, "val_ensemble_accuracy": round(a, 5)} for n, a in steps],
-        "candidates": {n: {"val_accuracy": round(finals[n]["val_accuracy"], 5),
-                           "macs": macs[n], "eligible": n in eligible}
-                       for n in sorted(finals) if n != "reference"},
+        "candidates": {
+            n: {
+                "val_accuracy": round(finals[n]["val_accuracy"], 5),
+                "macs": macs[n],
+                "eligible": n in eligible,
+            }
+            for n in sorted(finals)
+            if n != "reference"
+        },
         "rule": f"candidates with >= {MIN_MACS_GAIN}x fewer MACs than the reference; the "
-                f"cheapest member (>= {MIN_CHEAPEST_GAIN}x) is the most accurate such candidate "
-                f"on validation; the rest by greedy forward "
-                f"selection on val ensemble accuracy (sum of top-2), {min_members}.."
-                f"{max_members} members",
+        f"cheapest member (>= {MIN_CHEAPEST_GAIN}x) is the most accurate such candidate "
+        f"on validation; the rest by greedy forward "
+        f"selection on val ensemble accuracy (sum of top-2), {min_members}.."
+        f"{max_members} members",
     }
 
 
-def select_and_export(run_dir: Path, plan: list[Any], args: argparse.Namespace,
-                      do_export: bool = True) -> dict[str, Any]:
+def select_and_export(
+    run_dir: Path, plan: list[Any], args: argparse.Namespace, do_export: bool = True
+) -> dict[str, Any]:
     import torch
 
     from variants.models import count_macs, count_params
@@ -174,8 +201,8 @@ def select_and_export(run_dir: Path, plan: list[Any], args: argparse.Namespace,
     models = {n: _load_model(f) for n, f in finals.items()}
     macs = {n: count_macs(m) for n, m in models.items()}
     val_probs = {n: _torch_probs(m, val_x) for n, m in models.items()}
-    for n in finals:  # val accuracy recomputed here, in eval mode on the CPU
-        finals[n]["val_accuracy"] = ensemble.accuracy(val_probs[n].argmax(1), val_y)
+    for n, final in finals.items():  # val accuracy recomputed here, in eval mode on the CPU
+        final["val_accuracy"] = ensemble.accuracy(val_probs[n].argmax(1), val_y)
     selection = select(finals, val_probs, val_y, macs, args.min_members, args.max_members)
     (run_dir / "selection.json").write_text(json.dumps(selection, indent=2))
     print(json.dumps({"event": "select.done", "members": selection["members"]}))
@@ -196,47 +223,89 @@ def select_and_export(run_dir: Path, plan: list[Any], args: argparse.Namespace,
         export_onnx(models[n], path)
         probs = run_onnx(path, test_x)
         recipe = finals[n]["recipe"]
-        entries.append({
-            "name": shipped,
-            "role": "reference" if n == "reference" else "variant",
-            "file": str(path.relative_to(out_dir)),
-            "sha256": sha256_file(path),
-            "params": count_params(models[n]),
-            "macs": macs[n],
-            "resolution": recipe["resolution"],
-            "width": recipe["width"],
-            "depth": recipe["depth"],
-            "val_accuracy": round(finals[n]["val_accuracy"], 5),
-            "test_accuracy": round(ensemble.accuracy(probs.argmax(1), test_y), 5),
-            "latency_ms": round(latency_ms(path), 4),
-            "recipe": {"command": f"python -m variants.train --plan {args.plan} --only {n}",
-                       "candidate": n, "seed": recipe["seed"], "epochs": recipe["epochs"],
-                       "distilled": recipe["distill"], "trained_on": finals[n].get("device"),
-                       **{k: recipe[k] for k in ("lr", "batch", "weight_decay",
-                                                 "label_smoothing", "erase_p")}},
-        })
-        print(json.dumps({"event": "export.model", "name": shipped, "candidate": n,
-                          "test_accuracy": entries[-1]["test_accuracy"],
-                          "macs": macs[n], "latency_ms": entries[-1]["latency_ms"]}))
+        entries.append(
+            {
+                "name": shipped,
+                "role": "reference" if n == "reference" else "variant",
+                "file": str(path.relative_to(out_dir)),
+                "sha256": sha256_file(path),
+                "params": count_params(models[n]),
+                "macs": macs[n],
+                "resolution": recipe["resolution"],
+                "width": recipe["width"],
+                "depth": recipe["depth"],
+                "val_accuracy": round(finals[n]["val_accuracy"], 5),
+                "test_accuracy": round(ensemble.accuracy(probs.argmax(1), test_y), 5),
+                "latency_ms": round(latency_ms(path), 4),
+                "recipe": {
+                    "command": f"python -m variants.train --plan {args.plan} --only {n}",
+                    "candidate": n,
+                    "seed": recipe["seed"],
+                    "epochs": recipe["epochs"],
+                    "distilled": recipe["distill"],
+                    "trained_on": finals[n].get("device"),
+                    **{
+                        k: recipe[k]
+                        for k in ("lr", "batch", "weight_decay", "label_smoothing", "erase_p")
+                    },
+                },
+            }
+        )
+        print(
+            json.dumps(
+                {
+                    "event": "export.model",
+                    "name": shipped,
+                    "candidate": n,
+                    "test_accuracy": entries[-1]["test_accuracy"],
+                    "macs": macs[n],
+                    "latency_ms": entries[-1]["latency_ms"],
+                }
+            )
+        )
     manifest = {
         "schema": 1,
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist); test = t10k, held out",
-        "input": {"name": "input", "shape": [None, 1, 28, 28], "dtype": "float32",
-                  "scale": "pixel/255"},
-        "output": {"name": "probs", "shape": [None, 10], "dtype": "float32",
-                   "meaning": "softmax probabilities"},
+        "input": {
+            "name": "input",
+            "shape": [None, 1, 28, 28],
+            "dtype": "float32",
+            "scale": "pixel/255",
+        },
+        "output": {
+            "name": "probs",
+            "shape": [None, 10],
+            "dtype": "float32",
+            "meaning": "softmax probabilities",
+        },
         "class_names": list(CLASS_NAMES),
         "models": entries,
         "selection": selection,
-        "latency": {"runtime": "onnxruntime CPU, 1 thread, batch 1, median of 300 runs",
-                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "latency": {
+            "runtime": "onnxruntime CPU, 1 thread, batch 1, median of 300 runs",
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    print(json.dumps({"event": "export.manifest", "path": str(out_dir / "manifest.json"),
-                      "models": len(entries)}))
+    print(
+        json.dumps(
+            {
+                "event": "export.manifest",
+                "path": str(out_dir / "manifest.json"),
+                "models": len(entries),
+            }
+        )
+    )
     return manifest
 
 
-__all__ = ["ExportError", "export_onnx", "latency_ms", "run_onnx", "select",
-           "select_and_export", "sha256_file"]
+__all__ = [
+    "ExportError",
+    "export_onnx",
+    "latency_ms",
+    "run_onnx",
+    "select",
+    "select_and_export",
+    "sha256_file",
+]

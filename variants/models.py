@@ -71,8 +71,9 @@ def resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     which export exactly. The matrix is read off torch's own kernel applied to a basis.
     """
     basis = torch.eye(size_in, dtype=torch.float64).reshape(size_in, 1, 1, size_in)
-    out = F.interpolate(basis, size=(1, size_out), mode="bilinear", antialias=True,
-                        align_corners=False)
+    out = F.interpolate(
+        basis, size=(1, size_out), mode="bilinear", antialias=True, align_corners=False
+    )
     return out.reshape(size_in, size_out).T.contiguous().float()
 
 
@@ -83,8 +84,9 @@ class Preprocess(nn.Module):
         super().__init__()
         self.resolution = resolution
         self.register_buffer("rows", resize_matrix(INPUT_SIZE, resolution), persistent=False)
-        self.register_buffer("cols", resize_matrix(INPUT_SIZE, resolution).T.contiguous(),
-                             persistent=False)
+        self.register_buffer(
+            "cols", resize_matrix(INPUT_SIZE, resolution).T.contiguous(), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resolution != INPUT_SIZE:
@@ -93,8 +95,15 @@ class Preprocess(nn.Module):
 
 
 class ConvBNAct(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
-                 act: bool = True) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        act: bool = True,
+    ) -> None:
         layers: list[nn.Module] = [
             nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(cout),

@@ -60,7 +60,7 @@ class Recipe:
 
 
 def _candidate(width: float, res: int, seed: int, distill: bool, **kw: Any) -> Recipe:
-    name = f"w{int(round(width * 100)):03d}-r{res}-s{seed}" + ("-kd" if distill else "")
+    name = f"w{round(width * 100):03d}-r{res}-s{seed}" + ("-kd" if distill else "")
     return Recipe(name=name, width=width, resolution=res, seed=seed, distill=distill, **kw)
 
 
@@ -71,13 +71,37 @@ def default_plan() -> list[Recipe]:
     lower-resolution candidates and plain (undistilled) twins let selection measure what
     distillation and width buy.
     """
-    plan = [Recipe("reference", width=1.0, resolution=28, epochs=40, lr=0.2,
-                   weight_decay=1e-4, label_smoothing=0.1, seed=0)]
-    plan += [_candidate(w, r, s, False) for w, r, s in
-             [(0.25, 28, 11), (0.25, 20, 12), (0.25, 14, 13), (0.5, 16, 14)]]
-    plan += [_candidate(w, r, s, True) for w, r, s in
-             [(0.25, 28, 1), (0.25, 24, 2), (0.25, 20, 3), (0.25, 16, 4), (0.25, 14, 5),
-              (0.25, 12, 6), (0.35, 24, 7), (0.35, 18, 8), (0.5, 16, 9), (0.5, 14, 10)]]
+    plan = [
+        Recipe(
+            "reference",
+            width=1.0,
+            resolution=28,
+            epochs=40,
+            lr=0.2,
+            weight_decay=1e-4,
+            label_smoothing=0.1,
+            seed=0,
+        )
+    ]
+    plan += [
+        _candidate(w, r, s, False)
+        for w, r, s in [(0.25, 28, 11), (0.25, 20, 12), (0.25, 14, 13), (0.5, 16, 14)]
+    ]
+    plan += [
+        _candidate(w, r, s, True)
+        for w, r, s in [
+            (0.25, 28, 1),
+            (0.25, 24, 2),
+            (0.25, 20, 3),
+            (0.25, 16, 4),
+            (0.25, 14, 5),
+            (0.25, 12, 6),
+            (0.35, 24, 7),
+            (0.35, 18, 8),
+            (0.5, 16, 9),
+            (0.5, 14, 10),
+        ]
+    ]
     return plan
 
 
@@ -116,8 +140,10 @@ def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but torch sees no CUDA device; "
-                         "use --device cpu or auto")
+        raise SystemExit(
+            "error: --device cuda asked for, but torch sees no CUDA device; "
+            "use --device cpu or auto"
+        )
     return name
 
 
@@ -145,16 +171,21 @@ def _augment(x: Any, gen: Any, erase_p: float) -> tuple[Any, Any]:
     if erase_p > 0:
         area = 28 * 28 * (0.02 + 0.23 * torch.rand(b, device=dev, generator=gen))
         log_ratio = math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * torch.rand(
-            b, device=dev, generator=gen)
+            b, device=dev, generator=gen
+        )
         ratio = torch.exp(log_ratio)
         h = torch.sqrt(area * ratio).clamp(1, 27)
         w = torch.sqrt(area / ratio).clamp(1, 27)
         y0 = torch.rand(b, device=dev, generator=gen) * (28 - h)
         x0 = torch.rand(b, device=dev, generator=gen) * (28 - w)
         on = torch.rand(b, device=dev, generator=gen) < erase_p
-        inside = ((ar[None, :, None] >= y0[:, None, None]) & (ar[None, :, None] < (y0 + h)[:, None, None])
-                  & (ar[None, None, :] >= x0[:, None, None]) & (ar[None, None, :] < (x0 + w)[:, None, None])
-                  & on[:, None, None])
+        inside = (
+            (ar[None, :, None] >= y0[:, None, None])
+            & (ar[None, :, None] < (y0 + h)[:, None, None])
+            & (ar[None, None, :] >= x0[:, None, None])
+            & (ar[None, None, :] < (x0 + w)[:, None, None])
+            & on[:, None, None]
+        )
         noise = torch.rand(x.shape, device=dev, generator=gen)
         x = torch.where(inside[:, None], noise, x)
     return x, flip
@@ -168,7 +199,7 @@ def evaluate_logits(model: Any, images: Any, device: str, batch: int = 1000) -> 
     outs = []
     with torch.no_grad(), _autocast(device):
         for i in range(0, images.shape[0], batch):
-            x = images[i:i + batch].float().div_(255).unsqueeze(1)
+            x = images[i : i + batch].float().div_(255).unsqueeze(1)
             x = x.contiguous(memory_format=torch.channels_last)
             outs.append(model(x).float())
     return torch.cat(outs)
@@ -215,16 +246,20 @@ def train_one(recipe: Recipe, run_dir: Path, device: str, progress: bool) -> dic
     if recipe.distill:
         tpath = run_dir / "teacher.pt"
         if not tpath.exists():
-            raise SystemExit(f"error: {recipe.name} distills from {tpath}, which is missing; "
-                             "train the reference first (python -m variants.train)")
+            raise SystemExit(
+                f"error: {recipe.name} distills from {tpath}, which is missing; "
+                "train the reference first (python -m variants.train)"
+            )
         t = torch.load(tpath, map_location="cpu", weights_only=False)
         teacher = (t["plain"].to(device), t["flipped"].to(device))
 
     model = build_model(recipe).to(device).to(memory_format=torch.channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     opt_kw: dict[str, Any] = {"lr": recipe.lr, "momentum": 0.9, "nesterov": True}
     if device == "cuda":
         opt_kw["fused"] = True
@@ -233,16 +268,23 @@ def train_one(recipe: Recipe, run_dir: Path, device: str, progress: bool) -> dic
     steps_per_epoch = max(1, n // recipe.batch)
     total = steps_per_epoch * recipe.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=recipe.lr, total_steps=total, pct_start=0.15, div_factor=20,
-        final_div_factor=200)
+        opt,
+        max_lr=recipe.lr,
+        total_steps=total,
+        pct_start=0.15,
+        div_factor=20,
+        final_div_factor=200,
+    )
     start_epoch = 0
     history: list[dict[str, Any]] = []
     ckpt_path = out_dir / "ckpt.pt"
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ck["recipe"] != dataclasses.asdict(recipe):
-            raise SystemExit(f"error: {ckpt_path} was made with another recipe; move it away "
-                             "or use another --run-dir")
+            raise SystemExit(
+                f"error: {ckpt_path} was made with another recipe; move it away "
+                "or use another --run-dir"
+            )
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -253,8 +295,13 @@ def train_one(recipe: Recipe, run_dir: Path, device: str, progress: bool) -> dic
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=recipe.name,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=start_epoch * steps_per_epoch,
+            desc=recipe.name,
+            unit="step",
+            dynamic_ncols=True,
+        )
     t_start = time.monotonic()
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
@@ -265,7 +312,7 @@ def train_one(recipe: Recipe, run_dir: Path, device: str, progress: bool) -> dic
         t0 = time.monotonic()
         loss_sum = torch.zeros((), device=device)
         for step in range(steps_per_epoch):
-            idx = perm[step * recipe.batch:(step + 1) * recipe.batch]
+            idx = perm[step * recipe.batch : (step + 1) * recipe.batch]
             x = images[idx].float().div_(255).unsqueeze(1)
             x, flip = _augment(x, gen, recipe.erase_p)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -276,8 +323,16 @@ def train_one(recipe: Recipe, run_dir: Path, device: str, progress: bool) -> dic
             if teacher is not None:
                 tl = torch.where(flip[:, None], teacher[1][idx], teacher[0][idx])
                 temp = recipe.kd_temperature
-                kd = F.kl_div(F.log_softmax(logits / temp, 1), F.log_softmax(tl / temp, 1),
-                              reduction="batchmean", log_target=True) * temp * temp
+                kd = (
+                    F.kl_div(
+                        F.log_softmax(logits / temp, 1),
+                        F.log_softmax(tl / temp, 1),
+                        reduction="batchmean",
+                        log_target=True,
+                    )
+                    * temp
+                    * temp
+                )
                 loss = recipe.kd_alpha * kd + (1 - recipe.kd_alpha) * loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -291,21 +346,37 @@ def train_one(recipe: Recipe, run_dir: Path, device: str, progress: bool) -> dic
         secs = time.monotonic() - t0
         done = epoch + 1 - start_epoch
         eta = (time.monotonic() - t_start) / done * (recipe.epochs - epoch - 1)
-        rec = {"epoch": epoch + 1, "loss": float(loss_sum) / steps_per_epoch,
-               "val_accuracy": round(val_acc, 5), "seconds": round(secs, 2)}
+        rec = {
+            "epoch": epoch + 1,
+            "loss": float(loss_sum) / steps_per_epoch,
+            "val_accuracy": round(val_acc, 5),
+            "seconds": round(secs, 2),
+        }
         history.append(rec)
         _log("train.epoch", model=recipe.name, epochs=recipe.epochs, eta_s=round(eta, 1), **rec)
-        _atomic_save({"recipe": dataclasses.asdict(recipe), "epoch": epoch + 1,
-                      "model": model.state_dict(), "opt": opt.state_dict(),
-                      "sched": sched.state_dict(), "history": history}, ckpt_path)
+        _atomic_save(
+            {
+                "recipe": dataclasses.asdict(recipe),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "history": history,
+            },
+            ckpt_path,
+        )
     if bar is not None:
         bar.close()
     model.eval()
     val_logits = evaluate_logits(model, val_images, device)
     val_acc = float((val_logits.argmax(1) == val_labels).float().mean())
-    final = {"recipe": dataclasses.asdict(recipe), "val_accuracy": val_acc, "history": history,
-             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-             "device": device}
+    final = {
+        "recipe": dataclasses.asdict(recipe),
+        "val_accuracy": val_acc,
+        "history": history,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "device": device,
+    }
     _atomic_save(final, final_path)
     _log("train.finished", model=recipe.name, val_accuracy=round(val_acc, 5))
     return final
@@ -369,9 +440,26 @@ def run_plan(plan: list[Recipe], args: argparse.Namespace, device: str) -> None:
         while ready and len(running) < args.jobs:
             r = ready.pop(0)
             pending.remove(r)
-            cmd = [sys.executable, "-m", "variants.train", "--run-dir", str(run_dir),
-                   "--plan", args.plan, "--device", device, "--only", r.name,
-                   "--phase", "train", "--jobs", "1", "--threads", "1", "--no-progress"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "variants.train",
+                "--run-dir",
+                str(run_dir),
+                "--plan",
+                args.plan,
+                "--device",
+                device,
+                "--only",
+                r.name,
+                "--phase",
+                "train",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--no-progress",
+            ]
             running[r.name] = subprocess.Popen(cmd)
             _log("train.worker_started", model=r.name)
         time.sleep(0.5)
@@ -380,23 +468,46 @@ def run_plan(plan: list[Recipe], args: argparse.Namespace, device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m variants.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR,
-                   help="where checkpoints live (default: %(default)s)")
-    p.add_argument("--plan", choices=sorted(PLANS), default="default",
-                   help="which recipes to train (smoke: a minutes-long end-to-end check)")
+    p = argparse.ArgumentParser(
+        prog="python -m variants.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help="where checkpoints live (default: %(default)s)",
+    )
+    p.add_argument(
+        "--plan",
+        choices=sorted(PLANS),
+        default="default",
+        help="which recipes to train (smoke: a minutes-long end-to-end check)",
+    )
     p.add_argument("--only", default="", help="comma-separated recipe names to train")
-    p.add_argument("--phase", choices=["all", "train", "select", "export"], default="all",
-                   help="train, select members on validation, export ONNX + manifest; "
-                        "all = the three in order")
+    p.add_argument(
+        "--phase",
+        choices=["all", "train", "select", "export"],
+        default="all",
+        help="train, select members on validation, export ONNX + manifest; "
+        "all = the three in order",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar (per-epoch log lines only)")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where ONNX files and manifest.json go (default: the variants package)")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (per-epoch log lines only)",
+    )
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where ONNX files and manifest.json go (default: the variants package)",
+    )
     p.add_argument("--min-members", type=int, default=5, help="smallest family to select")
     p.add_argument("--max-members", type=int, default=7, help="largest family to select")
     args = p.parse_args(argv)
@@ -424,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         from variants import export
 
         try:
-            export.select_and_export(args.run_dir, PLANS[args.plan](), args,
-                                     do_export=args.phase != "select")
+            export.select_and_export(
+                args.run_dir, PLANS[args.plan](), args, do_export=args.phase != "select"
+            )
         except (data.DatasetError, export.ExportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

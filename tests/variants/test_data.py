@@ -21,11 +21,12 @@ def test_test_split_is_the_10k_held_out_set() -> None:
     assert set(np.unique(test.labels)) == set(range(10))
     x = test.as_float()
     assert x.shape == (10_000, 1, 28, 28) and x.dtype == np.float32
-    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= 0.0 and x.max() <= 1.0
 
 
-def test_missing_dataset_names_the_debian_package(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_dataset_names_the_debian_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A missing dataset is a clear error that names the package to install."""
     monkeypatch.setenv(data.ENV_DIR, str(tmp_path))
     with pytest.raises(data.DatasetError, match="dataset-fashion-mnist"):
@@ -61,7 +62,7 @@ def test_validation_split_is_fixed_stratified_and_disjoint() -> None:
     tr, val = data.split_train_val(full)
     assert len(tr) + len(val) == 60_000 and len(val) == 5_000
     assert np.bincount(val.labels, minlength=10).tolist() == [500] * 10
-    tr2, val2 = data.split_train_val(full)
+    _tr2, val2 = data.split_train_val(full)
     assert np.array_equal(val.images, val2.images)
     tr_idx, val_idx = data.split_indices(full.labels)
     assert np.intersect1d(tr_idx, val_idx).size == 0

@@ -49,9 +49,17 @@ def test_greedy_forward_stops_when_accuracy_stops_rising() -> None:
     best = _probs([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.6, 0.4]])
     same = best.copy()
     worse = _probs([[0.05, 0.95], [0.05, 0.95], [0.95, 0.05], [0.95, 0.05]])
-    steps = ensemble.greedy_forward({"best": best, "same": same, "worse": worse}, labels,
-                                    min_members=1, cost={"best": 1.0, "same": 2.0})
+    steps = ensemble.greedy_forward(
+        {"best": best, "same": same, "worse": worse},
+        labels,
+        min_members=1,
+        cost={"best": 1.0, "same": 2.0},
+    )
     assert steps == [("best", 0.75)]
-    forced = ensemble.greedy_forward({"best": best, "same": same, "worse": worse}, labels,
-                                     min_members=2, cost={"best": 1.0, "same": 2.0})
+    forced = ensemble.greedy_forward(
+        {"best": best, "same": same, "worse": worse},
+        labels,
+        min_members=2,
+        cost={"best": 1.0, "same": 2.0},
+    )
     assert [n for n, _ in forced] == ["best", "same"]

@@ -34,13 +34,15 @@ class _Interrupted(Exception):
     pass
 
 
-def test_training_checkpoints_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_checkpoints_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A run killed after epoch 1 resumes from its checkpoint and trains only epoch 2."""
     from variants import train
 
-    recipe = train.Recipe("w025-tiny", width=0.25, resolution=12, epochs=2, batch=32, lr=0.05,
-                          train_limit=96)
+    recipe = train.Recipe(
+        "w025-tiny", width=0.25, resolution=12, epochs=2, batch=32, lr=0.05, train_limit=96
+    )
     real_save = train._atomic_save
 
     def save_then_die(obj: object, path: Path) -> None:
@@ -55,8 +57,9 @@ def test_training_checkpoints_and_resumes(tmp_path: Path, capsys: pytest.Capture
     monkeypatch.setattr(train, "_atomic_save", real_save)
     capsys.readouterr()
     final = train.train_one(recipe, tmp_path, "cpu", progress=False)
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()
-              if line.startswith("{")]
+    events = [
+        json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")
+    ]
     resumed = [e for e in events if e["event"] == "train.resume"]
     assert len(resumed) == 1 and resumed[0]["epoch"] == 1
     assert [e["epoch"] for e in events if e["event"] == "train.epoch"] == [2]

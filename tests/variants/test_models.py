@@ -37,7 +37,8 @@ def test_macs_fall_with_resolution_and_width() -> None:
     macs = [count_macs(MobileNetV2(Arch(width=0.25, resolution=r))) for r in (28, 20, 14)]
     assert macs == sorted(macs, reverse=True)
     assert count_macs(MobileNetV2(Arch(width=0.5, resolution=16))) > count_macs(
-        MobileNetV2(Arch(width=0.25, resolution=16)))
+        MobileNetV2(Arch(width=0.25, resolution=16))
+    )
 
 
 @pytest.mark.parametrize("res", [12, 14, 20, 24])
