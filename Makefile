@@ -6,18 +6,21 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
 DATA   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: demo test evaluate setup lint clean
+.PHONY: demo test evaluate setup debian-packages lint clean
 
-setup: $(STAMP) $(DATA)
+setup: $(STAMP) debian-packages
 
 # Debian packages: the dataset, iproute2 (network namespaces), dnsutils (dig, to check
-# that a standard DNS-SD client sees the peers). Installed only when missing.
-$(DATA):
-	@if [ "$$(id -u)" = 0 ]; then \
+# that a standard DNS-SD client sees the peers). Installed only when something is missing.
+debian-packages:
+	@if [ -f $(DATA) ] && command -v ip >/dev/null && command -v dig >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian packages: dataset-fashion-mnist iproute2 dnsutils"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    dataset-fashion-mnist iproute2 dnsutils >/dev/null; \
 	else \
-	  echo "error: Fashion-MNIST is missing; run: sudo apt-get install dataset-fashion-mnist iproute2 dnsutils" >&2; exit 1; \
+	  echo "error: missing Debian packages; run: sudo apt-get install dataset-fashion-mnist iproute2 dnsutils" >&2; \
+	  exit 1; \
 	fi
 
 $(STAMP): pyproject.toml
