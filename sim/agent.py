@@ -1,0 +1,275 @@
+"""``python -m sim.agent``: a peer with fault hooks, built from the swarm's own parts.
+
+An honest agent is indistinguishable from ``python -m swarm.peer``: the same identity
+file, engine, mDNS announcement and HTTP routes (``swarm.server.create_app``). The
+simulator uses it only for peers that need in-process faults:
+
+- a slowdown factor (a slower board: after each inference it sleeps ``factor - 1``
+  times the time the model took) and a fixed extra delay;
+- a Byzantine mode (``sim.byzantine``): a middleware rewrites the signed reply of
+  ``POST /v1/infer``; ``claim`` serves another variant's engine while announcing its own.
+
+The mode can change while it runs, through a control server on a Unix socket
+(``--control PATH``; ``GET /state``, ``POST /mode`` with JSON ``{"attack", "target",
+"slowdown", "delay_ms"}``). A Unix socket is reachable from the simulator in the
+machine's own namespace while the agent's network stays inside its namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from sim.byzantine import HONEST, MODES, Attacker
+from swarm import PROTOCOL_VERSION, config, wire
+from swarm.discovery import Announcement, Discovery, PeerTable
+from swarm.errors import DecodeError, SwarmError
+from swarm.identity import Identity, TrustStore
+from swarm.inference import Engine, InferenceResult, ModelSpec, load_manifest
+from swarm.listener import HttpServer
+from swarm.log import bind_peer, configure_logging, get_logger
+from swarm.metrics import Metrics
+from swarm.server import ServerContext, create_app
+
+log = get_logger("sim.agent")
+
+EXIT_STARTUP: Final = 2
+INFER_PATH: Final = "/v1/infer"
+# Bounds on injected slowness: a slower board, not a dead one (that is SIGSTOP).
+MAX_SLOWDOWN: Final = 1000.0
+MAX_DELAY_MS: Final = 60_000.0
+
+
+@dataclasses.dataclass(slots=True)
+class Faults:
+    """What the agent does wrong right now; the control server changes it."""
+
+    attacker: Attacker
+    slowdown: float = 1.0
+    delay_ms: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "attack": self.attacker.mode,
+            "target": self.attacker.target,
+            "slowdown": self.slowdown,
+            "delay_ms": self.delay_ms,
+            "lies": self.attacker.lies,
+        }
+
+
+class FaultyModel:
+    """The local model as the server sees it: slowed down, or another variant (claim)."""
+
+    def __init__(self, engine: Engine, faults: Faults, claim: Engine | None) -> None:
+        self._engine = engine
+        self._claim = claim
+        self._faults = faults
+
+    def _current(self) -> Engine:
+        if self._faults.attacker.mode == "claim" and self._claim is not None:
+            return self._claim
+        return self._engine
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._current().spec
+
+    async def infer(self, x: Any) -> InferenceResult:
+        result = await self._current().infer(x)
+        extra_s = (self._faults.slowdown - 1.0) * result.seconds + self._faults.delay_ms / 1000
+        if extra_s > 0:
+            await asyncio.sleep(extra_s)
+        return result
+
+
+def _tamper_middleware(faults: Faults) -> Any:
+    @web.middleware
+    async def tamper(request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if request.path != INFER_PATH or not isinstance(response, web.Response):
+            return response
+        if response.status != 200 or not isinstance(response.body, bytes):
+            return response
+        try:
+            honest = wire.decode_reply(response.body)
+        except DecodeError:  # pragma: no cover - our own server's reply always decodes
+            return response
+        lie = faults.attacker.tamper(honest)
+        if lie is honest:
+            return response
+        return web.Response(body=wire.encode_reply(lie), content_type="application/json")
+
+    return tamper
+
+
+def apply_mode(faults: Faults, body: object) -> None:
+    """Apply a control request's changes; ValueError or TypeError says what is wrong."""
+    if not isinstance(body, dict):
+        raise TypeError("the body must be a JSON object")
+    if "attack" in body or "target" in body:
+        faults.attacker.set_mode(str(body.get("attack", faults.attacker.mode)), body.get("target"))
+    slowdown = float(body.get("slowdown", faults.slowdown))
+    delay = float(body.get("delay_ms", faults.delay_ms))
+    if not 1.0 <= slowdown <= MAX_SLOWDOWN:
+        raise ValueError(f"slowdown must be in [1, {MAX_SLOWDOWN}]")
+    if not 0.0 <= delay <= MAX_DELAY_MS:
+        raise ValueError(f"delay_ms must be in [0, {MAX_DELAY_MS}]")
+    faults.slowdown, faults.delay_ms = slowdown, delay
+
+
+def _control_app(faults: Faults) -> web.Application:
+    async def state(_: web.Request) -> web.Response:
+        return web.json_response(faults.as_json())
+
+    async def mode(request: web.Request) -> web.Response:
+        try:
+            apply_mode(faults, await request.json())
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        log.info("agent_mode", **faults.as_json())
+        return web.json_response(faults.as_json())
+
+    app = web.Application()
+    app.router.add_get("/state", state)
+    app.router.add_post("/mode", mode)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sim.agent", description=__doc__.split("\n")[0])
+    p.add_argument("--variant", required=True, help="the variant announced (and served)")
+    p.add_argument(
+        "--claim-runs",
+        default=None,
+        metavar="NAME",
+        help="the variant actually served in mode 'claim'",
+    )
+    p.add_argument("--interface", required=True, help="IPv4 address to listen and announce on")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--swarm", default=config.DEFAULT_SWARM)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cpus", default=None, help="CPU affinity, e.g. 0,1 (a device profile)")
+    p.add_argument("--slowdown", type=float, default=1.0)
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--attack", choices=MODES, default=HONEST)
+    p.add_argument("--target", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--control", type=Path, default=None, help="Unix socket of the control API")
+    p.add_argument("--log-format", choices=("json", "console"), default="json")
+    return p
+
+
+async def run_agent(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    timings = config.DEFAULT_TIMINGS
+    identity = Identity.load_or_create(args.data_dir)
+    bind_peer(identity.peer_id)
+    manifest = load_manifest()
+    spec = manifest.get(args.variant)
+    faults = Faults(
+        Attacker(identity, mode=args.attack, target=args.target, seed=args.seed),
+        slowdown=args.slowdown,
+        delay_ms=args.delay_ms,
+    )
+    table = PeerTable(args.swarm, timings=timings)
+    async with contextlib.AsyncExitStack() as stack:
+        engine = await stack.enter_async_context(
+            Engine(spec, threads=args.threads, timings=timings)
+        )
+        claim = None
+        if args.claim_runs is not None:
+            claim = await stack.enter_async_context(
+                Engine(manifest.get(args.claim_runs), threads=args.threads, timings=timings)
+            )
+        discovery = await stack.enter_async_context(
+            Discovery(table, interfaces=[args.interface], timings=timings)
+        )
+        ctx = ServerContext(
+            identity=identity,
+            swarm=args.swarm,
+            trust=TrustStore.open(),
+            model=FaultyModel(engine, faults, claim),
+            manifest=manifest,
+            table=table,
+            metrics=Metrics(),
+            timings=timings,
+        )
+        app = create_app(ctx)
+        app.middlewares.append(_tamper_middleware(faults))
+        http = await stack.enter_async_context(
+            HttpServer(app, hosts=[args.interface], port=args.port, timings=timings)
+        )
+        control = None
+        if args.control is not None:
+            args.control.unlink(missing_ok=True)
+            control = web.AppRunner(_control_app(faults), access_log=None)
+            await control.setup()
+            stack.push_async_callback(control.cleanup)
+            await web.UnixSite(control, str(args.control)).start()
+        await discovery.register(
+            Announcement(
+                swarm=args.swarm,
+                peer_id=identity.peer_id,
+                public_key=identity.public_key,
+                role="peer",
+                port=http.port,
+                variant=spec.name,
+                model_sha256=spec.sha256,
+                macs=spec.macs,
+                accuracy=spec.val_accuracy,
+            )
+        )
+        ready = {
+            "event": "ready",
+            "peer_id": identity.peer_id,
+            "public_key": identity.public_key_b64,
+            "port": http.port,
+            "variant": spec.name,
+            "model_sha256": spec.sha256,
+            "swarm": args.swarm,
+            "interfaces": [args.interface],
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "control": str(args.control) if control else None,
+            "faults": faults.as_json(),
+        }
+        sys.stdout.write(json.dumps(ready, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+        log.info("agent_ready", variant=spec.name, port=http.port, **faults.as_json())
+        await stop.wait()
+        await http.aclose()
+        await discovery.unregister()
+    log.info("agent_stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, "info")
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+    try:
+        asyncio.run(run_agent(args))
+    except SwarmError as exc:
+        sys.stderr.write(f"python -m sim.agent: error: {exc}\n")
+        return EXIT_STARTUP
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
