@@ -52,6 +52,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # The raw input is bound through the signed input_sha256 instead of being signed twice.
 _REQUEST_UNSIGNED: Final = frozenset({"input", "signature"})
 _REPLY_UNSIGNED: Final = frozenset({"signature"})
+# json.dumps builds an encoder per call when given options; one is enough.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 # --- canonical JSON -------------------------------------------------------------------
@@ -63,7 +65,7 @@ def canonical_json(obj: object) -> bytes:
     Floats are refused: their canonical text differs between languages in practice, so
     signed values are integers (probabilities in parts per million).
     """
-    text = json.dumps(_jcs_ordered(obj, 0), ensure_ascii=False, separators=(",", ":"))
+    text = _ENCODER.encode(_jcs_ordered(obj, 0))
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -86,7 +88,12 @@ def _jcs_ordered(obj: object, depth: int) -> object:
     if type(obj) is dict:
         if not all(type(key) is str for key in obj):
             raise TypeError("canonical_json: object keys must be str")
-        keys = sorted(obj, key=lambda key: key.encode("utf-16-be"))
+        # ASCII keys (every field name) sort the same by code point as by UTF-16 unit.
+        keys = (
+            sorted(obj)
+            if all(key.isascii() for key in obj)
+            else sorted(obj, key=lambda key: key.encode("utf-16-be"))
+        )
         return {key: _jcs_ordered(obj[key], depth + 1) for key in keys}
     if isinstance(obj, float | np.floating):
         raise TypeError(

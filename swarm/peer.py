@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -87,6 +88,16 @@ def _positive_float(text: str) -> float:
         value = -1.0
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
     return value
 
 
@@ -166,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=autoselect.DEFAULT_BROWSE_S,
         help="with --variant auto: how long to look at the swarm before choosing "
         "(default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=_nonnegative_float,
+        default=None,
+        help="micro-batching: how long a lone input waits for others to join its batch "
+        f"(default {config.DEFAULT_TIMINGS.batch_wait_s * 1000:g}: inputs that queue up "
+        "while a batch runs form the next one)",
+    )
+    p.add_argument(
+        "--no-batching",
+        dest="batching",
+        action="store_false",
+        help="run every input alone (for comparison; batching is on by default)",
     )
     p.add_argument("--log-format", choices=("json", "console"), default="console")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -248,6 +273,8 @@ async def _serve(
     args: argparse.Namespace, life: _Lifecycle, on_ready: Callable[[dict[str, Any]], None]
 ) -> None:
     timings = config.DEFAULT_TIMINGS
+    if args.batch_wait_ms is not None:
+        timings = dataclasses.replace(timings, batch_wait_s=args.batch_wait_ms / 1000)
     data_dir: Path = args.data_dir if args.data_dir is not None else default_data_dir()
     identity = Identity.load_or_create(data_dir)
     bind_peer(identity.peer_id)
@@ -278,7 +305,13 @@ async def _serve(
             )
             spec = manifest.get(choice.name)
         engine = await stack.enter_async_context(
-            Engine(spec, threads=args.threads, timings=timings, metrics=metrics)
+            Engine(
+                spec,
+                threads=args.threads,
+                timings=timings,
+                batching=args.batching,
+                metrics=metrics,
+            )
         )
         reputation_path = data_dir / REPUTATION_FILE
         reputation = ReputationBook.load(

@@ -22,9 +22,11 @@ The path of a call (DESIGN.md, "The path of one classify call"):
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
@@ -203,6 +205,9 @@ class Requester:
         self.local = local
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # HTTP exchanges whose caller gave up (early exit, hedge won), left to finish so
+        # their keep-alive connection returns to the pool instead of being torn down.
+        self._exchanges: set[asyncio.Task[bytes]] = set()
         # peer id -> (round-trip estimate in ms, address that last worked); bounded LRU.
         self._stats: collections.OrderedDict[str, tuple[float | None, str | None]] = (
             collections.OrderedDict()
@@ -229,6 +234,11 @@ class Requester:
         if self._closed:
             return
         self._closed = True
+        exchanges = set(self._exchanges)
+        for task in exchanges:
+            task.cancel()
+        if exchanges:
+            await asyncio.wait(exchanges)
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -405,10 +415,7 @@ class Requester:
         for address in addresses:
             url = f"http://{address}:{record.port}{INFER_PATH}"
             try:
-                async with session.post(url, data=body) as resp:
-                    if resp.status != 200:
-                        raise PeerUnreachableError(f"HTTP {resp.status} {resp.reason}")
-                    raw = await _read_bounded(resp, config.MAX_REPLY_BODY)
+                raw = await self._exchange(session, url, body, request.deadline_ms / 1000)
             except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError) as exc:
                 last = exc  # this address does not reach the peer; try the next one
                 continue
@@ -418,6 +425,18 @@ class Requester:
                 self._stats[record.peer_id] = (self.latency_ms(record.peer_id), address)
             return wire.decode_reply(raw)
         raise PeerUnreachableError(f"cannot connect to {addresses} port {record.port}: {last!r}")
+
+    async def _exchange(
+        self, session: aiohttp.ClientSession, url: str, body: bytes, limit_s: float
+    ) -> bytes:
+        # Cancelling an aiohttp request mid-response closes its connection, and the next
+        # call to that peer pays a new TCP handshake; early exit and hedging cancel the
+        # slowest ask of most calls. So the exchange runs in its own task, bounded by the
+        # request's budget, and a cancelled caller leaves it to finish in the background.
+        task = asyncio.create_task(_post(session, url, body, limit_s), name="vswarm-post")
+        self._exchanges.add(task)
+        task.add_done_callback(_exchange_done(self._exchanges))
+        return await asyncio.shield(task)
 
     def _is_local(self, record: PeerRecord, spec: ModelSpec) -> bool:
         return record.peer_id == self.identity.peer_id and (
@@ -470,6 +489,22 @@ class Requester:
             skipped=tuple(call.skipped),
             request_id=call.request.request_id,
         )
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes, limit_s: float) -> bytes:
+    async with asyncio.timeout(limit_s), session.post(url, data=body) as resp:
+        if resp.status != 200:
+            raise PeerUnreachableError(f"HTTP {resp.status} {resp.reason}")
+        return await _read_bounded(resp, config.MAX_REPLY_BODY)
+
+
+def _exchange_done(pending: set[asyncio.Task[bytes]]) -> Callable[[asyncio.Task[bytes]], None]:
+    def done(task: asyncio.Task[bytes]) -> None:
+        pending.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that gave up does not want it logged
+
+    return done
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:

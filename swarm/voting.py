@@ -55,13 +55,13 @@ for every number of them that may arrive, at the largest weight they may carry.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 
 from swarm import config
 from swarm.errors import ConfigError, NoDecisionError
@@ -71,8 +71,6 @@ DEFAULT_RULE: Final = "robust"
 # Scores this close are a tie. Scores are sums of at most MAX_PEERS probabilities, so
 # float error stays below 1e-12; the certificate keeps half this margin on each side.
 TIE_EPS: Final = 1e-9
-
-_Array = npt.NDArray[np.float64]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,9 +105,10 @@ class Decision:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Tally:
-    values: _Array  # (n, num_classes), absent classes 0
-    weights: _Array  # (n,), all > 0
-    top1: npt.NDArray[np.int64]  # (n,), -1 for an empty top-k
+    columns: tuple[list[float], ...]  # per class, each used ballot's value (absent: 0)
+    keys: tuple[bytes, ...]  # per class, its column's exact bits: equal keys, equal scores
+    weights: list[float]  # per used ballot, all > 0
+    top1: list[int]  # per used ballot, -1 for an empty top-k
     used: tuple[str, ...]
     excluded: tuple[str, ...]
 
@@ -138,15 +137,15 @@ def decide(
         raise NoDecisionError("no ballot to count: every ballot has weight 0 or none arrived")
     scores = _scores(tally, rule, trim)
     label = _winner(scores)
-    others = np.delete(scores, label)
-    total = float(scores.sum())
+    others = scores[:label] + scores[label + 1 :]
+    total = _sum(scores)
     return Decision(
         label=label,
-        confidence=float(scores[label]) / total if total > 0 else 0.0,
-        scores=tuple(float(s) for s in scores),
+        confidence=scores[label] / total if total > 0 else 0.0,
+        scores=tuple(scores),
         rule=rule,
         certified_f=_certified_f(tally, rule, trim, label),
-        margin=float(scores[label] - others.max()) if others.size else 0.0,
+        margin=scores[label] - max(others) if others else 0.0,
         used=tally.used,
         excluded=tally.excluded,
     )
@@ -174,11 +173,12 @@ def can_change(
     if not tally.used:
         return missing > 0
     label = _winner(_scores(tally, rule, trim))
-    heaviest = max(1.0, float(tally.weights.max()))
+    heaviest = max(1.0, *tally.weights)
     weight = heaviest if missing_weight is None else missing_weight
+    shifts = None if rule == "vote" else _Shifts(tally, _rule_weights(tally, rule), label, 0)
     # Any number of the missing ballots may arrive: the trim depends on how many did.
     return any(
-        not _holds(tally, rule, trim, label, added=j, added_weight=weight)
+        not _holds(tally, rule, trim, label, added=j, added_weight=weight, shifts=shifts)
         for j in range(1, missing + 1)
     )
 
@@ -196,7 +196,7 @@ def _check_rule(rule: str, trim: int | None) -> None:
 def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    rows: list[_Array] = []
+    columns: tuple[list[float], ...] = tuple([] for _ in range(num_classes))
     weights: list[float] = []
     top1: list[int] = []
     used: list[str] = []
@@ -220,27 +220,73 @@ def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
         if ballot.weight == 0:
             excluded.append(ballot.peer_id)
             continue
-        row = np.zeros(num_classes)
+        row = [0.0] * num_classes
         for cls, prob in ballot.topk:
-            row[cls] = prob
-        rows.append(row)
-        weights.append(ballot.weight)
+            row[cls] = float(prob)
+        for column, value in zip(columns, row, strict=True):
+            column.append(value)
+        weights.append(float(ballot.weight))
         # Top-1: the most probable listed class, ties to the lower index.
         ranked = sorted(ballot.topk, key=lambda entry: (-entry[1], entry[0]))
-        top1.append(ranked[0][0] if ranked else -1)
+        top1.append(int(ranked[0][0]) if ranked else -1)
         used.append(ballot.peer_id)
-    return _Tally(
-        values=np.array(rows) if rows else np.zeros((0, num_classes)),
-        weights=np.array(weights, dtype=np.float64),
-        top1=np.array(top1, dtype=np.int64),
-        used=tuple(used),
-        excluded=tuple(excluded),
-    )
+    keys = tuple(array.array("d", column).tobytes() for column in columns)
+    return _Tally(columns, keys, weights, top1, tuple(used), tuple(excluded))
 
 
-def _winner(scores: _Array) -> int:
-    best = float(scores.max())
-    return int(np.flatnonzero(scores >= best - TIE_EPS)[0])
+# The rules run on a handful of ballots and classes, where numpy's per-call overhead
+# dwarfs the arithmetic: plain floats, summed in numpy's pairwise order so every score
+# is bit-for-bit what ``numpy.sum`` would give.
+
+
+def _sum(xs: Sequence[float]) -> float:
+    """``float(numpy.sum(xs))`` of float64 values, in the same order of additions."""
+    return _pairwise(xs, 0, len(xs))
+
+
+def _pairwise(xs: Sequence[float], start: int, n: int) -> float:
+    # numpy's pairwise_sum (loops_utils.h): sequential below 8, 8 accumulators up to 128.
+    if n < 8:
+        res = 0.0
+        for i in range(start, start + n):
+            res += xs[i]
+        return res
+    if n <= 128:
+        r = list(xs[start : start + 8])
+        i = 8
+        while i < n - n % 8:
+            for j in range(8):
+                r[j] += xs[start + i + j]
+            i += 8
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        for k in range(i, n):
+            res += xs[start + k]
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise(xs, start, half) + _pairwise(xs, start + half, n - half)
+
+
+def _cumsum(xs: Sequence[float]) -> list[float]:
+    out: list[float] = []
+    acc = 0.0
+    for i, x in enumerate(xs):
+        acc = x if i == 0 else acc + x
+        out.append(acc)
+    return out
+
+
+def _counts(top1: Sequence[int], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for cls in top1:
+        if cls >= 0:
+            counts[cls] += 1
+    return counts
+
+
+def _winner(scores: Sequence[float]) -> int:
+    best = max(scores)
+    return next(i for i, s in enumerate(scores) if s >= best - TIE_EPS)
 
 
 def _cut(rule: str, trim: int | None, n: int, total: float) -> float:
@@ -255,42 +301,78 @@ def _cut(rule: str, trim: int | None, n: int, total: float) -> float:
     return 0.0
 
 
-def _aggregate(values: _Array, weights: _Array, cut: float, rule: str) -> float:
+def _aggregate(values: Sequence[float], weights: Sequence[float], cut: float, rule: str) -> float:
     """A class's score: the sum, or the weighted mean left after cutting ``cut`` per tail."""
     if rule == "sum":
         # Sorted first so the float result does not depend on the order replies arrived.
-        return float(np.sort(values * weights).sum())
-    order = np.argsort(values, kind="stable")
-    v, w = values[order], weights[order]
-    upper = np.cumsum(w)
-    lower = upper - w
-    kept = np.clip(np.minimum(upper, upper[-1] - cut) - np.maximum(lower, cut), 0.0, None)
-    return float((kept * v).sum() / kept.sum())
+        return _sum(sorted(v * w for v, w in zip(values, weights, strict=True)))
+    order = sorted(range(len(values)), key=values.__getitem__)  # stable, as argsort's
+    v = [values[i] for i in order]
+    w = [weights[i] for i in order]
+    upper = _cumsum(w)
+    top = upper[-1] - cut
+    kept = [max(min(u, top) - max(u - wi, cut), 0.0) for u, wi in zip(upper, w, strict=True)]
+    den = _sum(kept)
+    num = _sum([k * x for k, x in zip(kept, v, strict=True)])
+    return num / den if den else math.nan
 
 
-def _rule_weights(tally: _Tally, rule: str) -> _Array:
-    return tally.weights if rule == "robust" else np.ones_like(tally.weights)
+def _rule_weights(tally: _Tally, rule: str) -> list[float]:
+    return tally.weights if rule == "robust" else [1.0] * len(tally.weights)
 
 
-def _scores(tally: _Tally, rule: str, trim: int | None) -> _Array:
-    num_classes = tally.values.shape[1]
+def _scores(tally: _Tally, rule: str, trim: int | None) -> list[float]:
     if rule == "vote":
-        return np.bincount(tally.top1[tally.top1 >= 0], minlength=num_classes).astype(float)
+        return [float(c) for c in _counts(tally.top1, len(tally.columns))]
     weights = _rule_weights(tally, rule)
-    cut = _cut(rule, trim, len(weights), float(weights.sum()))
-    return np.array(
-        [_aggregate(tally.values[:, c], weights, cut, rule) for c in range(num_classes)]
-    )
+    cut = _cut(rule, trim, len(weights), _sum(weights))
+    # Classes no ballot names (most of them, with top-k ballots) share one column.
+    memo: dict[bytes, float] = {}
+    for key, column in zip(tally.keys, tally.columns, strict=True):
+        if key not in memo:
+            memo[key] = _aggregate(column, weights, cut, rule)
+    return [memo[key] for key in tally.keys]
 
 
-def _shift(values: _Array, weights: _Array, mass: float, to: float) -> tuple[_Array, _Array]:
+def _shift(
+    values: Sequence[float], weights: Sequence[float], mass: float, to: float
+) -> tuple[list[float], list[float]]:
     """Move ``mass`` of weight onto the value ``to`` from the values furthest from it."""
-    order = np.argsort(values, kind="stable")
+    order = sorted(range(len(values)), key=values.__getitem__)
     if to == 0.0:
-        order = order[::-1]
-    v, w = values[order], weights[order]
-    taken = np.clip(mass - (np.cumsum(w) - w), 0.0, w)
-    return np.append(v, to), np.append(w - taken, taken.sum())
+        order.reverse()
+    v = [values[i] for i in order]
+    w = [weights[i] for i in order]
+    taken = [min(max(mass - (c - wi), 0.0), wi) for c, wi in zip(_cumsum(w), w, strict=True)]
+    v.append(to)
+    rest = [wi - t for wi, t in zip(w, taken, strict=True)]
+    rest.append(_sum(taken))
+    return v, rest
+
+
+class _Shifts:
+    """Per class, its values after the worst case of ``replaced`` ballots, on demand.
+
+    The winner's worst case pushes it to 0, a contender's to 1. Computed once per
+    distinct column, and only for the classes a check gets to.
+    """
+
+    __slots__ = ("_cache", "label", "moved", "tally", "weights")
+
+    def __init__(self, tally: _Tally, weights: list[float], label: int, replaced: int) -> None:
+        self.tally = tally
+        self.weights = weights
+        self.label = label
+        # Replaced ballots keep their weight: at most the r largest weights are moved.
+        self.moved = _sum(sorted(weights, reverse=True)[:replaced])
+        self._cache: dict[bytes, tuple[list[float], list[float]]] = {}
+
+    def get(self, c: int) -> tuple[bytes, list[float], list[float]]:
+        key = self.tally.keys[c] + (b"w" if c == self.label else b"c")
+        if key not in self._cache:
+            to = 0.0 if c == self.label else 1.0
+            self._cache[key] = _shift(self.tally.columns[c], self.weights, self.moved, to)
+        return key, *self._cache[key]
 
 
 def _holds(
@@ -302,36 +384,43 @@ def _holds(
     replaced: int = 0,
     added: int = 0,
     added_weight: float = 1.0,
+    shifts: _Shifts | None = None,
 ) -> bool:
-    """Whether ``label`` surely survives ``replaced`` ballots replaced and ``added`` more."""
-    num_classes = tally.values.shape[1]
-    lower = np.empty(num_classes)
-    upper = np.empty(num_classes)
+    """Whether ``label`` surely survives ``replaced`` ballots replaced and ``added`` more.
+
+    ``shifts`` is a ``_Shifts`` for the same ``label`` and ``replaced``, when the caller
+    has one to share between checks.
+    """
+    num_classes = len(tally.columns)
     if rule == "vote":
-        counts = np.bincount(tally.top1[tally.top1 >= 0], minlength=num_classes)
-        lower[:] = max(0, int(counts[label]) - replaced)
-        upper[:] = counts + replaced + added
-    else:
-        weights = _rule_weights(tally, rule)
-        # Replaced ballots keep their weight: at most the r largest weights are moved.
-        moved = float(np.sort(weights)[::-1][:replaced].sum())
-        extra = added * (added_weight if rule == "robust" else 1.0)
-        cut = _cut(rule, trim, len(weights) + added, float(weights.sum()) + extra)
-        for c in range(num_classes):
-            # The winner's worst case pushes it to 0, a contender's to 1; added ballots
-            # sit at the same extreme as the moved mass.
-            to = 0.0 if c == label else 1.0
-            v, w = _shift(tally.values[:, c], weights, moved, to)
-            w[-1] += extra
-            (lower if c == label else upper)[c] = _aggregate(v, w, cut, rule)
-    for c in range(num_classes):
-        if c == label:
-            continue
-        diff = float(lower[label] - upper[c])
-        # A lower index wins ties: against one the winner needs a clear lead.
-        if (c < label and diff <= 1.5 * TIE_EPS) or (c > label and diff < -0.5 * TIE_EPS):
-            return False
-    return True
+        counts = _counts(tally.top1, num_classes)
+        low = float(max(0, counts[label] - replaced))
+        return all(
+            _leads(label, c, low - float(counts[c] + replaced + added))
+            for c in range(num_classes)
+            if c != label
+        )
+    weights = _rule_weights(tally, rule)
+    if shifts is None:
+        shifts = _Shifts(tally, weights, label, replaced)
+    extra = added * (added_weight if rule == "robust" else 1.0)
+    cut = _cut(rule, trim, len(weights) + added, _sum(weights) + extra)
+    memo: dict[bytes, float] = {}
+
+    def bound(c: int) -> float:
+        # Added ballots sit at the same extreme as the moved mass.
+        key, v, w = shifts.get(c)
+        if key not in memo:
+            memo[key] = _aggregate(v, [*w[:-1], w[-1] + extra], cut, rule)
+        return memo[key]
+
+    low = bound(label)
+    return all(_leads(label, c, low - bound(c)) for c in range(num_classes) if c != label)
+
+
+def _leads(label: int, c: int, diff: float) -> bool:
+    # A lower index wins ties: against one the winner needs a clear lead.
+    return not ((c < label and diff <= 1.5 * TIE_EPS) or (c > label and diff < -0.5 * TIE_EPS))
 
 
 def _certified_f(tally: _Tally, rule: str, trim: int | None, label: int) -> int:

@@ -1,0 +1,254 @@
+"""``python -m sim.bench [--out DIR] [--quick]``: the swarm against its physical floor.
+
+Writes ``DIR/bench.json`` and ``DIR/bench.md`` (also printed): the variants against the
+reference model; classify's overhead over the floor with where its time goes; the fast
+path, each change against its old behaviour put back in the same run; throughput under
+concurrency against one batched process; scaling with peers; tails with stragglers.
+Every figure is a median (p50) over many runs, with its p99; every ratio compares two
+things measured in this run. ``--quick`` is the CI smoke run: the same JSON keys, a few
+runs each, and the sections that need extra fleets of peers left ``null``.
+
+Everything runs on 127.0.0.1: peers are ``python -m swarm.peer --interface 127.0.0.1``,
+the requester browses mDNS on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from sim.benchmarks import load, sections
+from sim.benchmarks.fleet import Fleet, requester
+from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_rtt
+from sim.benchmarks.sections import Plan
+from swarm import wire
+from swarm.identity import Identity
+from swarm.inference import default_manifest_path, load_manifest
+from swarm.log import configure_logging
+
+DEFAULT_OUT: Final = Path("runs/bench")
+VARIANTS: Final = ("V1", "V2", "V3", "V4", "V5")
+BATCH_WAIT_OLD_MS: Final = "2"  # the micro-batch wait every lone input paid before
+SECTIONS: Final = ("variants", "overhead", "fast_path", "throughput", "scaling", "tails")
+
+
+async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Every section, in one run; the peers are stopped whatever happens."""
+    started = time.monotonic()
+    manifest = load_manifest(default_manifest_path())
+    tensors = inputs(256)
+    out: dict[str, Any] = {"meta": _meta(plan)}
+    out["variants"] = sections.variants(manifest, plan)
+    latencies = {n: m["latency_ms"]["p50"] for n, m in out["variants"]["models"].items()}
+    rtt = await loopback_rtt(plan.rtt_runs)
+    fanout = await loopback_rtt(
+        plan.rtt_runs // 2, servers=len(VARIANTS), body_bytes=_request_bytes(tensors[0])
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        main = await stack.enter_async_context(Fleet(workdir / "main"))
+        extra = [] if plan.quick else [["--batch-wait-ms", BATCH_WAIT_OLD_MS], ["--no-batching"]]
+        others = [await stack.enter_async_context(Fleet(workdir / "x", extra=e)) for e in extra]
+        await asyncio.gather(*(f.start(VARIANTS) for f in [main, *others]))
+        req = await stack.enter_async_context(requester(main, manifest, peers=len(VARIANTS)))
+        side = [
+            await stack.enter_async_context(requester(f, manifest, peers=len(VARIANTS)))
+            for f in others
+        ]
+        for r in (req, *side):
+            await classify_loop(r, tensors, count=20)  # connections open, caches warm
+        out["overhead"] = await sections.overhead(
+            req, tensors, latencies, rtt, fanout, plan, main.peers
+        )
+        out["fast_path"] = await sections.fast_path(
+            req, tensors, plan, batch_wait_req=side[0] if side else None
+        )
+        chosen = out["overhead"]["variants"]
+        floor = load.batched_floor(manifest, chosen, plan.batch_runs)
+        out["throughput"] = await load.throughput(
+            tensors,
+            plan,
+            floor,
+            (req, main.peers),
+            (side[1], others[1].peers) if len(side) > 1 else None,
+        )
+        for fleet in others:  # their CPU is not part of what follows
+            await fleet.aclose()
+        levels = [await load.scaling_level(main, req, tensors, plan.scale[0], plan)]
+        stragglers = [p for p in main.peers if p.ready["variant"] == "V3"]
+        await req.table.wait_for(len(main.peers), load.SEE_TIMEOUT_S)
+        hedge_after = max(0.005, 2 * out["overhead"]["classify_ms"]["p50"] / 1000)
+        out["tails"] = await load.tails(req, tensors, stragglers, plan, hedge_after)
+        for n in plan.scale[1:]:
+            levels.append(await load.scaling_level(main, req, tensors, n, plan))
+        out["scaling"] = load.scaling_summary(levels)
+    out["targets"] = targets(out)
+    out["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    out["meta"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+async def _until_signal(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Run ``work``; SIGINT or SIGTERM cancel it, so its peers are still stopped."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await task
+
+
+def _request_bytes(tensor: FloatArray) -> int:
+    request = wire.build_request(Identity.generate(), swarm="bench", tensor=tensor, deadline_ms=1)
+    return len(wire.encode_request(request))
+
+
+def _meta(plan: Plan) -> dict[str, Any]:
+    return {
+        "quick": plan.quick,
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cores": sections.CORES,
+        "python": platform.python_version(),
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "units": "ms unless named otherwise; p50 = median, p99 = 99th percentile",
+    }
+
+
+def targets(out: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets: each with its measured value and whether it is met."""
+    ov = out["overhead"]
+    c32 = out["throughput"]["levels"]["batching_on"].get("32")
+    scale = out["scaling"]
+    by_n = {lv["peers"]: lv for lv in scale["levels"]}
+    p50_40 = by_n[40]["classify_ms"]["p50"] / by_n[5]["classify_ms"]["p50"] if 40 in by_n else None
+
+    def item(value: float | None, limit: float, *, below: bool = True) -> dict[str, Any]:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return {"value": None, "limit": limit, "met": None}
+        met = value <= limit if below else value >= limit
+        return {"value": round(value, 4), "limit": limit, "met": met}
+
+    see20 = by_n[20]["all_see_all_s"] if 20 in by_n else None
+    return {
+        "overhead_ratio_p50": item(ov["overhead_ratio"], 1.5),
+        "overhead_ratio_p50_no_early_exit": item(ov["overhead_ratio_no_early_exit"], 1.5),
+        "throughput_c32_vs_floor": item(c32["vs_floor"] if c32 else None, 0.5, below=False),
+        "crypto_share": item(ov["crypto_share"], 0.05),
+        "all_see_all_at_20_s": item(see20, 3.0),
+        "p50_40_vs_5_peers": item(p50_40, 2.0),
+    }
+
+
+# --- the report ----------------------------------------------------------------------
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """The human table of a run."""
+    lines = [f"# sim.bench ({'quick' if out['meta']['quick'] else 'full'})", ""]
+    lines += [f"{out['meta']['cores']} cores, load {out['meta']['loadavg_before']}", ""]
+    lines += [
+        "## Variants (1 thread)",
+        "",
+        "| model | p50 ms | p99 ms | x ref | batch32/s | x ref |",
+    ]
+    lines += ["|---|---|---|---|---|---|"]
+    for name, m in out["variants"]["models"].items():
+        lat = m["latency_ms"]
+        lines.append(
+            f"| {name} | {lat['p50']} | {lat['p99']} | {m.get('latency_vs_reference')} "
+            f"| {m['throughput_per_s']} | {m.get('throughput_vs_reference')} |"
+        )
+    ov = out["overhead"]
+    lines += ["", "## Overhead: classify with 5 peers vs the floor", ""]
+    lines += ["| | p50 ms | p99 ms | / floor |", "|---|---|---|---|"]
+    lines.append(f"| floor | {ov['floor_ms']} | | 1 |")
+    lines.append(f"| loopback RTT | {ov['rtt_ms']['p50']} | {ov['rtt_ms']['p99']} | |")
+    fan = ov["unsigned_fanout_ms"]
+    lines.append(
+        f"| unsigned fan-out x5, no model | {fan['p50']} | {fan['p99']} "
+        f"| {ov['unsigned_fanout_vs_floor']} |"
+    )
+    for key, label in (("classify_ms", "classify"), ("classify_no_early_exit_ms", "no early exit")):
+        s = ov[key]
+        r = ov["overhead_ratio" if key == "classify_ms" else "overhead_ratio_no_early_exit"]
+        lines.append(f"| {label} | {s['p50']} | {s['p99']} | {r} |")
+    cpu = ov["cpu_ms_per_call"]
+    lines.append(f"\nCPU per call: requester {cpu['requester']} ms, peers {cpu['peers_total']} ms")
+    lines += ["", "| stage | p50 ms | share |", "|---|---|---|"]
+    for stage, ms in ov["breakdown_p50_ms"].items():
+        lines.append(f"| {stage} | {ms} | {ov['breakdown_share_of_p50'][stage]} |")
+    lines += ["", "## Fast path (old behaviour put back, same run)", ""]
+    lines += ["| config | p50 ms | p99 ms | p50 / current |", "|---|---|---|---|"]
+    for name, row in out["fast_path"].items():
+        if name == "vote_cost_ms":
+            continue
+        if row is None:
+            lines.append(f"| {name} | - | - | - |")
+        else:
+            s = row["classify_ms"]
+            lines.append(f"| {name} | {s['p50']} | {s['p99']} | {row['p50_vs_current']} |")
+    vc = out["fast_path"]["vote_cost_ms"]
+    lines.append(f"\nvoting per call: old {vc['old_p50']} ms, new {vc['new_p50']} ms")
+    tp = out["throughput"]
+    lines += ["", f"## Throughput (floor {tp['floor']['per_s']}/s)", ""]
+    lines += ["| batching | concurrency | /s | / floor | p50 ms | p99 ms | batch |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for mode, rows in tp["levels"].items():
+        for level, row in rows.items():
+            if row is None:
+                lines.append(f"| {mode} | {level} | - | - | - | - | - |")
+                continue
+            lat = row["latency_ms"]
+            lines.append(
+                f"| {mode} | {level} | {row['per_s']} | {row['vs_floor']} | {lat['p50']} "
+                f"| {lat['p99']} | {row['mean_batch']} |"
+            )
+    lines += ["", "## Scaling", "", "| peers | all see all s | join s | p50 ms | p99 ms | cpu ms |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for lv in out["scaling"]["levels"]:
+        s = lv["classify_ms"]
+        lines.append(
+            f"| {lv['peers']} | {lv['all_see_all_s']} | {lv['join_seen_by_all_s']} | {s['p50']} "
+            f"| {s['p99']} | {lv['requester_cpu_ms_per_call']} |"
+        )
+    tl = out["tails"]
+    lines += ["", f"## Tails (hedge after {tl['hedge_after_ms']} ms)", ""]
+    lines += ["| config | p50 ms | p99 ms |", "|---|---|---|"]
+    for name in ("no_straggler_ms", "plain", "hedging", "early_exit", "hedging_and_early_exit"):
+        lines.append(f"| {name} | {tl[name]['p50']} | {tl[name]['p99']} |")
+    lines += ["", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
+    for name, t in out["targets"].items():
+        lines.append(f"| {name} | {t['value']} | {t['limit']} | {t['met']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: seconds, not minutes")
+    args = parser.parse_args(argv)
+    plan = Plan.ci() if args.quick else Plan(quick=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # As the classify CLI: warnings only, so the requester here logs what a user's would.
+    configure_logging("json", "warning")
+    with tempfile.TemporaryDirectory(prefix="vswarm-bench-") as tmp:
+        out = asyncio.run(_until_signal(run(plan, Path(tmp))))
+    (args.out / "bench.json").write_text(json.dumps(out, indent=2) + "\n")
+    text = markdown(out)
+    (args.out / "bench.md").write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The pieces of ``python -m sim.bench``: processes, measurements, and legacy paths."""

@@ -1,0 +1,213 @@
+"""The load sections: throughput under concurrency, scaling with peers, tails.
+
+Every load loop is bounded by a count of calls; every wait for processes by a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
+
+import aiohttp
+import numpy as np
+
+from sim.benchmarks.fleet import HTTP_TIMEOUT_S, Fleet, Peer, batch_sizes, seen_by, wait_all_see
+from sim.benchmarks.measure import (
+    THROUGHPUT_BATCH,
+    FloatArray,
+    classify_loop,
+    patched,
+    quantile,
+    ratio,
+    session,
+    summary,
+)
+from sim.benchmarks.sections import CORES, STRAGGLE_PERIODS_S, STRAGGLE_S, Plan, _no_early_exit
+from swarm import voting
+from swarm.inference import Manifest
+from swarm.requester import Requester
+
+VARIANT_CYCLE: Final = ("V1", "V2", "V3", "V4", "V5")
+SEE_TIMEOUT_S: Final = 60.0
+TARGET_SEE_S: Final = 3.0
+
+
+# --- 3. throughput -------------------------------------------------------------------
+
+
+def batched_floor(manifest: Manifest, chosen: Sequence[str], runs: int) -> dict[str, Any]:
+    """Classifications/s of every chosen variant in one process, batch 32, all cores."""
+    x = np.zeros((THROUGHPUT_BATCH, 1, 28, 28), np.float32)
+    total = 0.0
+    for name in chosen:
+        times = []
+        sess = session(manifest.get(name), threads=CORES)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sess.run(None, {"input": x})
+            times.append((time.perf_counter() - t0) * 1000)
+        total += quantile(times, 0.5)
+    return {
+        "threads": CORES,
+        "batch": THROUGHPUT_BATCH,
+        "per_s": round(THROUGHPUT_BATCH / total * 1000, 1),
+    }
+
+
+async def throughput(
+    tensors: Sequence[FloatArray],
+    plan: Plan,
+    floor: dict[str, Any],
+    batching: tuple[Requester, Sequence[Peer]],
+    unbatched: tuple[Requester, Sequence[Peer]] | None,
+) -> dict[str, Any]:
+    """classify/s at each concurrency, micro-batching on and off, against the floor."""
+    out: dict[str, Any] = {"floor": floor, "levels": {}}
+    for mode, target in (("batching_on", batching), ("batching_off", unbatched)):
+        rows: dict[str, Any] = {}
+        for level in plan.concurrency:
+            if target is None:
+                rows[str(level)] = None
+                continue
+            req, peers = target
+            count = max(plan.per_level, 4 * level)
+            sum0, n0 = await batch_sizes(peers)
+            loop = await classify_loop(req, tensors, count=count, concurrency=level)
+            sum1, n1 = await batch_sizes(peers)
+            rate = len(loop.latencies_ms) / loop.wall_s
+            rows[str(level)] = {
+                "per_s": round(rate, 1),
+                "vs_floor": ratio(rate, floor["per_s"]),
+                "latency_ms": summary(loop.latencies_ms),
+                "failures": loop.failures,
+                "mean_batch": round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None,
+                "requester_cpu_ms_per_call": round(loop.cpu_s * 1000 / max(1, count), 4),
+            }
+        out["levels"][mode] = rows
+    return out
+
+
+# --- 4. scaling ----------------------------------------------------------------------
+
+
+async def scale_to(fleet: Fleet, n: int) -> float:
+    """Grow ``fleet`` to ``n`` peers; seconds from the last one ready until all see all."""
+    missing = n - len(fleet.peers)
+    if missing > 0:
+        start = len(fleet.peers)
+        await fleet.start([VARIANT_CYCLE[(start + i) % 5] for i in range(missing)])
+    return await wait_all_see(fleet.peers, SEE_TIMEOUT_S)
+
+
+async def join_time(fleet: Fleet, variant: str) -> float:
+    """Seconds from a new peer's ready line until every other peer lists it."""
+    (peer,) = await fleet.start([variant])
+    others = [p for p in fleet.peers if p is not peer]
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        while time.monotonic() - peer.ready_at < SEE_TIMEOUT_S:
+            views = await asyncio.gather(*(seen_by(http, p) for p in others))
+            if all(peer.peer_id in v for v in views):
+                return time.monotonic() - peer.ready_at
+            await asyncio.sleep(0.05)
+    return float("inf")
+
+
+async def scaling_level(
+    fleet: Fleet, req: Requester, tensors: Sequence[FloatArray], n: int, plan: Plan
+) -> dict[str, Any]:
+    """At ``n`` peers: mutual visibility, requester latency and CPU, a join's time."""
+    see_s = await scale_to(fleet, n)
+    await req.table.wait_for(n, SEE_TIMEOUT_S)
+    loop = await classify_loop(req, tensors, count=plan.scale_runs)
+    join_s = await join_time(fleet, VARIANT_CYCLE[n % 5])
+    return {
+        "peers": n,
+        "all_see_all_s": round(see_s, 3),
+        "classify_ms": summary(loop.latencies_ms),
+        "requester_cpu_ms_per_call": round(loop.cpu_s * 1000 / max(1, plan.scale_runs), 4),
+        "join_seen_by_all_s": round(join_s, 3),
+    }
+
+
+def scaling_summary(levels: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    by_n = {lv["peers"]: lv for lv in levels}
+    first, last = levels[0], levels[-1]
+    return {
+        "levels": list(levels),
+        "p50_last_vs_first": ratio(last["classify_ms"]["p50"], first["classify_ms"]["p50"]),
+        "see_within_3s_at_20": (by_n[20]["all_see_all_s"] <= TARGET_SEE_S) if 20 in by_n else None,
+    }
+
+
+# --- 5. tails ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def straggling(peers: Sequence[Peer]) -> AsyncIterator[None]:
+    """Pause each of ``peers`` for STRAGGLE_S in every period of its own (bounded)."""
+
+    async def cycle(peer: Peer, period: float) -> None:
+        try:
+            while True:
+                peer.pause()
+                await asyncio.sleep(STRAGGLE_S)
+                peer.resume()
+                await asyncio.sleep(period - STRAGGLE_S)
+        finally:
+            peer.resume()
+
+    tasks = [
+        asyncio.create_task(cycle(p, STRAGGLE_PERIODS_S[i % len(STRAGGLE_PERIODS_S)]))
+        for i, p in enumerate(peers)
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+
+
+async def tails(
+    req: Requester,
+    tensors: Sequence[FloatArray],
+    stragglers: Sequence[Peer],
+    plan: Plan,
+    hedge_after_s: float,
+) -> dict[str, Any]:
+    """p99 with straggling replicas, with and without hedging and early exit."""
+    no_hedge = dataclasses.replace(req.timings, hedge_after_s=req.timings.deadline_s)
+    hedge = dataclasses.replace(req.timings, hedge_after_s=hedge_after_s)
+    configs = {
+        "plain": (no_hedge, False),
+        "hedging": (hedge, False),
+        "early_exit": (no_hedge, True),
+        "hedging_and_early_exit": (hedge, True),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    baseline: list[float] = []
+    for _ in range(plan.rounds):
+        with patched(req, "timings", hedge):
+            baseline += (await classify_loop(req, tensors, count=plan.tail_runs)).latencies_ms
+        async with straggling(stragglers):
+            for name, (timings, early) in configs.items():
+                with patched(req, "timings", timings), contextlib.ExitStack() as stack:
+                    if not early:
+                        stack.enter_context(patched(voting, "can_change", _no_early_exit))
+                    loop = await classify_loop(req, tensors, count=plan.tail_runs)
+                samples[name] += loop.latencies_ms
+    return {
+        "straggler": {
+            "replicas": [p.ready["variant"] for p in stragglers],
+            "paused_s": STRAGGLE_S,
+            "periods_s": list(STRAGGLE_PERIODS_S),
+        },
+        "hedge_after_ms": round(hedge_after_s * 1000, 3),
+        "no_straggler_ms": summary(baseline),
+        **{name: summary(values) for name, values in samples.items()},
+    }

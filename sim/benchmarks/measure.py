@@ -1,0 +1,297 @@
+"""Measurements the benchmark sections share: raw model runs, the loopback round trip,
+classify loops, and a probe that splits a classify call into its stages.
+
+The requester runs in this process, so its stages are timed by wrapping the functions
+it calls (``swarm.wire``, ``swarm.voting``) for the duration of a ``Probe``; the wrapped
+functions are put back on exit. Peers run in processes of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from swarm import voting, wire
+from swarm.errors import SwarmError
+from swarm.identity import Identity
+from swarm.inference import ModelSpec
+from swarm.requester import Requester
+
+FloatArray = npt.NDArray[np.float32]
+THROUGHPUT_BATCH: Final = 32
+
+
+def session(spec: ModelSpec, threads: int) -> ort.InferenceSession:
+    """A plain ONNX Runtime session of ``spec``, as a peer's engine configures it."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        str(spec.file), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+
+
+def run_ms(sess: ort.InferenceSession, x: FloatArray, runs: int) -> list[float]:
+    """Milliseconds of each of ``runs`` runs of ``sess`` on ``x`` (after a warm-up)."""
+    name = sess.get_inputs()[0].name
+    for _ in range(max(3, runs // 10)):
+        sess.run(None, {name: x})
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(None, {name: x})
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def inputs(count: int) -> list[FloatArray]:
+    """Held-out Fashion-MNIST test images as canonical tensors (random if unavailable)."""
+    try:
+        from variants.data import load_split  # noqa: PLC0415  # optional dataset
+
+        images = load_split("test").images[:count]
+    except (ImportError, OSError, ValueError):
+        images = np.random.default_rng(0).integers(0, 256, (count, 28, 28))
+    return [(img.astype(np.float32) / 255.0)[np.newaxis] for img in images]
+
+
+async def loopback_rtt(runs: int, *, servers: int = 1, body_bytes: int = 64) -> list[float]:
+    """Round trips (ms) to trivial aiohttp handlers in processes of their own, keep-alive.
+
+    With ``servers`` > 1 each sample is one POST to every server at once: a fan-out with
+    no model, no signature and no vote, the transport's share of a classify call.
+    """
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sim.benchmarks.echo",
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for _ in range(servers)
+    ]
+    try:
+        urls = []
+        async with asyncio.timeout(30):
+            for proc in procs:
+                assert proc.stdout is not None
+                urls.append(f"http://127.0.0.1:{int(await proc.stdout.readline())}/")
+        body = b"x" * body_bytes
+        out = []
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+
+            async def post(url: str) -> None:
+                async with http.post(url, data=body) as resp:
+                    await resp.read()
+
+            for i in range(runs + 20):
+                start = time.perf_counter()
+                await asyncio.gather(*(post(url) for url in urls))
+                if i >= 20:  # the first ones open the connections and warm up
+                    out.append((time.perf_counter() - start) * 1000)
+        return out
+    finally:
+        for proc in procs:
+            proc.terminate()
+            await proc.wait()
+
+
+@dataclasses.dataclass
+class Loop:
+    """What a classify loop measured."""
+
+    latencies_ms: list[float]
+    wall_s: float
+    cpu_s: float  # this process's CPU time: the requester's
+    early: int  # calls that skipped a peer (early exit or a hedge)
+    failures: int
+
+
+async def classify_loop(
+    req: Requester,
+    tensors: Sequence[FloatArray],
+    *,
+    count: int,
+    concurrency: int = 1,
+    deadline_ms: int | None = None,
+) -> Loop:
+    """``count`` classify calls, ``concurrency`` at a time; latencies of those decided."""
+    latencies: list[float] = []
+    early = failures = 0
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index, early, failures
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            start = time.perf_counter()
+            try:
+                result = await req.classify(tensors[i % len(tensors)], deadline_ms=deadline_ms)
+            except SwarmError:  # a failed call counts, it does not stop the run
+                failures += 1
+                continue
+            latencies.append((time.perf_counter() - start) * 1000)
+            early += bool(result.skipped)
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for _ in range(concurrency):
+            group.create_task(worker())
+    return Loop(latencies, time.perf_counter() - wall0, time.process_time() - cpu0, early, failures)
+
+
+# --- summaries ------------------------------------------------------------------------
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``samples``; NaN when there are none."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[rank]
+
+
+def summary(samples: Sequence[float]) -> dict[str, Any]:
+    """p50, p99, mean and count of ``samples`` (rounded for the report)."""
+    return {
+        "p50": _round(quantile(samples, 0.5)),
+        "p99": _round(quantile(samples, 0.99)),
+        "mean": _round(statistics.fmean(samples)) if samples else math.nan,
+        "n": len(samples),
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    """``a / b`` rounded, NaN when ``b`` is not positive."""
+    return round(a / b, 3) if b > 0 and math.isfinite(a) else math.nan
+
+
+def _round(value: float) -> float:
+    return round(value, 4) if math.isfinite(value) else value
+
+
+@contextlib.contextmanager
+def patched(owner: object, name: str, value: object) -> Iterator[None]:
+    """Set ``owner.name`` to ``value`` for the block, then put the old one back."""
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+class _TimedIdentity:
+    """The requester's identity, timing every signature it makes."""
+
+    def __init__(self, inner: Identity, probe: Probe) -> None:
+        self._inner = inner
+        self._probe = probe
+        self.peer_id = inner.peer_id
+        self.public_key = inner.public_key
+
+    def sign(self, data: bytes) -> bytes:
+        start = time.perf_counter()
+        try:
+            return self._inner.sign(data)
+        finally:
+            self._probe.add("sign", time.perf_counter() - start)
+
+
+class Probe:
+    """Time spent per stage (ms, summed per classify call) while it is active."""
+
+    STAGES: Final = ("encode", "sign", "verify", "vote", "infer")
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = {}
+        self.calls: list[dict[str, float]] = []
+        self._stack = contextlib.ExitStack()
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.current[stage] = self.current.get(stage, 0.0) + seconds * 1000
+
+    def _timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(stage, time.perf_counter() - start)
+
+        return timed
+
+    def __enter__(self) -> Probe:
+        build, encode = wire.build_request, wire.encode_request
+        decode = wire.decode_reply
+        stack = self._stack
+        stack.enter_context(patched(wire, "build_request", self._timed("encode", build)))
+        stack.enter_context(patched(wire, "encode_request", self._timed("encode", encode)))
+        stack.enter_context(patched(wire, "verify_reply", self._timed("verify", wire.verify_reply)))
+        stack.enter_context(patched(wire, "decode_reply", self._decode_with(decode)))
+        stack.enter_context(patched(voting, "can_change", self._timed("vote", voting.can_change)))
+        stack.enter_context(patched(voting, "decide", self._timed("vote", voting.decide)))
+        return self
+
+    def _decode_with(self, decode: Callable[[bytes], wire.InferReply]) -> Callable[..., Any]:
+        def decode_reply(body: bytes) -> wire.InferReply:
+            reply = decode(body)
+            self.current["infer"] = max(self.current.get("infer", 0.0), reply.infer_us / 1000)
+            return reply
+
+        return decode_reply
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def watch(self, req: Requester) -> contextlib.AbstractContextManager[None]:
+        """Time the signatures ``req`` makes."""
+        return patched(req, "identity", _TimedIdentity(req.identity, self))
+
+    def commit(self, total_ms: float) -> None:
+        """Close one call: encode excludes the signature it contains."""
+        stages = dict(self.current)
+        stages["encode"] = stages.get("encode", 0.0) - stages.get("sign", 0.0)
+        known = sum(stages.get(s, 0.0) for s in self.STAGES)
+        stages["send"] = max(0.0, total_ms - known)
+        stages["total"] = total_ms
+        self.calls.append(stages)
+        self.current = {}
+
+
+async def probed_loop(
+    req: Requester, tensors: Sequence[FloatArray], count: int
+) -> tuple[list[float], list[dict[str, float]]]:
+    """Sequential classify calls with each one's stage times."""
+    latencies = []
+    with Probe() as probe, probe.watch(req):
+        for i in range(count):
+            probe.current = {}
+            start = time.perf_counter()
+            result = await req.classify(tensors[i % len(tensors)])
+            ms = (time.perf_counter() - start) * 1000
+            latencies.append(ms)
+            probe.current["early"] = float(bool(result.skipped))
+            probe.commit(ms)
+    return latencies, probe.calls

@@ -1,0 +1,308 @@
+"""The benchmark's sections (issue 5): each returns a JSON-ready dict.
+
+Every comparison is measured in the same run as what it is compared with; where two
+configurations are compared, their calls are interleaved in rounds so that the drift of
+a noisy machine falls on both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from sim.benchmarks import legacy_voting
+from sim.benchmarks.fleet import Peer, cpu_seconds
+from sim.benchmarks.measure import (
+    THROUGHPUT_BATCH,
+    FloatArray,
+    classify_loop,
+    patched,
+    probed_loop,
+    quantile,
+    ratio,
+    run_ms,
+    session,
+    summary,
+)
+from swarm import requester as requester_module
+from swarm import voting, wire
+from swarm.identity import Identity, verify_signature
+from swarm.inference import Manifest
+from swarm.requester import Requester
+
+CORES: Final = os.cpu_count() or 1
+# A straggler is paused (SIGSTOP) this long in every period; two replicas drift apart.
+STRAGGLE_S: Final = 0.1
+STRAGGLE_PERIODS_S: Final = (0.2, 0.27)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How many runs each section makes: the full benchmark, or the CI smoke run."""
+
+    quick: bool
+    model_runs: int = 300
+    batch_runs: int = 40
+    rtt_runs: int = 500
+    classify_runs: int = 300
+    rounds: int = 5
+    per_round: int = 40
+    concurrency: tuple[int, ...] = (1, 8, 32, 64)
+    per_level: int = 400
+    scale: tuple[int, ...] = (5, 10, 20, 40)
+    scale_runs: int = 150
+    tail_runs: int = 60  # per configuration and round
+
+    @classmethod
+    def ci(cls) -> Plan:
+        return cls(
+            quick=True,
+            model_runs=30,
+            batch_runs=5,
+            rtt_runs=50,
+            classify_runs=30,
+            rounds=2,
+            per_round=8,
+            concurrency=(1, 8),
+            per_level=24,
+            scale=(5,),
+            scale_runs=10,
+            tail_runs=6,
+        )
+
+
+# --- 1. variants ---------------------------------------------------------------------
+
+
+def variants(manifest: Manifest, plan: Plan) -> dict[str, Any]:
+    """Each model's latency (1 thread, batch 1) and throughput (batch 32) vs the reference."""
+    x1 = np.zeros((1, 1, 28, 28), np.float32)
+    x32 = np.zeros((THROUGHPUT_BATCH, 1, 28, 28), np.float32)
+    models: dict[str, Any] = {}
+    for spec in manifest.models:
+        sess = session(spec, threads=1)
+        lat = summary(run_ms(sess, x1, plan.model_runs))
+        batch = summary(run_ms(sess, x32, plan.batch_runs))
+        models[spec.name] = {
+            "role": spec.role,
+            "latency_ms": lat,
+            "batch32_ms": batch,
+            "throughput_per_s": round(THROUGHPUT_BATCH / batch["p50"] * 1000, 1),
+        }
+    ref = next((m for m in models.values() if m["role"] == "reference"), None)
+    for entry in models.values():
+        if ref is not None:
+            entry["latency_vs_reference"] = ratio(
+                entry["latency_ms"]["p50"], ref["latency_ms"]["p50"]
+            )
+            entry["throughput_vs_reference"] = ratio(
+                entry["throughput_per_s"], ref["throughput_per_s"]
+            )
+    return {"threads": 1, "batch": THROUGHPUT_BATCH, "models": models}
+
+
+def floor_ms(latencies: dict[str, float], chosen: Sequence[str], rtt_ms: float) -> float:
+    """The issue's floor: the models' time on the shared cores, plus one round trip."""
+    lat = [latencies[name] for name in chosen]
+    return max(*lat, sum(lat) / CORES) + rtt_ms
+
+
+# --- 2. overhead ---------------------------------------------------------------------
+
+
+def _no_early_exit(*_: Any, **__: Any) -> bool:
+    return True  # "the missing replies could still change it": wait for every reply
+
+
+async def overhead(
+    req: Requester,
+    tensors: Sequence[FloatArray],
+    latencies: dict[str, float],
+    rtt: list[float],
+    fanout: list[float],
+    plan: Plan,
+    peers: Sequence[Peer],
+) -> dict[str, Any]:
+    """classify p50 against the floor, with and without early exit, and its stages.
+
+    ``fanout`` is a reference: one POST of a request-sized body to each of five trivial
+    aiohttp handlers at once, what the transport alone costs on these cores.
+    """
+    chosen = sorted(req.available_variants())
+    floor = floor_ms(latencies, chosen, quantile(rtt, 0.5))
+    with_exit: list[float] = []
+    without: list[float] = []
+    stages: list[dict[str, float]] = []
+    per_round = max(1, plan.classify_runs // plan.rounds)
+    cpu_req = cpu_peers = 0.0
+    for _ in range(plan.rounds):
+        req0, peers0 = time.process_time(), sum(cpu_seconds(p) for p in peers)
+        lat, calls = await probed_loop(req, tensors, per_round)
+        cpu_req += time.process_time() - req0
+        cpu_peers += sum(cpu_seconds(p) for p in peers) - peers0
+        with_exit += lat
+        stages += calls
+        with patched(voting, "can_change", _no_early_exit):
+            loop = await classify_loop(req, tensors, count=per_round)
+        without += loop.latencies_ms
+    p50 = quantile(with_exit, 0.5)
+    p50_all = quantile(without, 0.5)
+    breakdown = {
+        stage: round(quantile([c.get(stage, 0.0) for c in stages], 0.5), 4)
+        for stage in ("encode", "sign", "send", "infer", "verify", "vote")
+    }
+    peer_crypto = _peer_crypto_ms(req)
+    requester_crypto = breakdown["sign"] + breakdown["verify"]
+    return {
+        "peers": len(chosen),
+        "variants": chosen,
+        "cores": CORES,
+        "rtt_ms": summary(rtt),
+        "floor_ms": round(floor, 4),
+        "unsigned_fanout_ms": summary(fanout),
+        "unsigned_fanout_vs_floor": ratio(quantile(fanout, 0.5), floor),
+        "classify_ms": summary(with_exit),
+        "classify_no_early_exit_ms": summary(without),
+        "overhead_ratio": ratio(p50, floor),
+        "overhead_ratio_no_early_exit": ratio(p50_all, floor),
+        "early_exit_share": round(
+            sum(c.get("early", 0.0) for c in stages) / max(1, len(stages)), 3
+        ),
+        "breakdown_p50_ms": breakdown,
+        "breakdown_share_of_p50": {k: ratio(v, p50) for k, v in breakdown.items()},
+        "peer_crypto_ms": peer_crypto,
+        # CPU per call (early exit on): the floor counts the models' share of the cores,
+        # and none of the HTTP, JSON and signatures of five servers and one client.
+        "cpu_ms_per_call": {
+            "requester": round(cpu_req * 1000 / len(with_exit), 4),
+            "peers_total": round(cpu_peers * 1000 / len(with_exit), 4),
+        },
+        # The requester signs once and verifies every reply; on the critical path each
+        # peer verifies the request and signs its reply once more.
+        "crypto_share": ratio(requester_crypto + peer_crypto["verify"] + peer_crypto["sign"], p50),
+    }
+
+
+def _peer_crypto_ms(req: Requester, runs: int = 200) -> dict[str, float]:
+    """A peer's share of the signatures: verify one request, sign one reply (ms, p50)."""
+    tensor = np.zeros((1, 28, 28), np.float32)
+    peer = Identity.generate()
+    request = wire.build_request(req.identity, swarm=req.swarm, tensor=tensor, deadline_ms=1000)
+    signed = request.signed_bytes()
+    reply = wire.build_reply(
+        peer, request, variant="V1", model_sha256="0" * 64, probs=np.full(10, 0.1), infer_us=1
+    )
+    reply_bytes = reply.signed_bytes()
+    verify, sign = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        verify_signature(request.requester_key, request.signature, signed)
+        mid = time.perf_counter()
+        peer.sign(reply_bytes)
+        verify.append((mid - start) * 1000)
+        sign.append((time.perf_counter() - mid) * 1000)
+    return {"verify": round(quantile(verify, 0.5), 4), "sign": round(quantile(sign, 0.5), 4)}
+
+
+# --- the fast path: each change against its old behaviour, same run -------------------
+
+
+async def _old_exchange(
+    self: Requester, session: Any, url: str, body: bytes, limit_s: float
+) -> bytes:
+    # Before: the caller's cancellation (early exit, hedge) tore the connection down.
+    return await requester_module._post(session, url, body, limit_s)
+
+
+@contextlib.contextmanager
+def _old_vote() -> Any:
+    with (
+        patched(voting, "can_change", legacy_voting.can_change),
+        patched(voting, "decide", legacy_voting.decide),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _old_connection() -> Any:
+    with patched(Requester, "_exchange", _old_exchange):
+        yield
+
+
+@contextlib.contextmanager
+def _nothing() -> Any:
+    yield
+
+
+async def fast_path(
+    req: Requester,
+    tensors: Sequence[FloatArray],
+    plan: Plan,
+    *,
+    batch_wait_req: Requester | None,
+) -> dict[str, Any]:
+    """classify p50/p99 now and with each old behaviour put back, interleaved."""
+    configs: dict[str, tuple[Requester | None, Callable[[], Any]]] = {
+        "current": (req, _nothing),
+        "old_vote_numpy": (req, _old_vote),
+        "old_connection_closed_on_cancel": (req, _old_connection),
+        "old_batch_wait_2ms": (batch_wait_req, _nothing),
+        "old_all": (batch_wait_req, _old_all),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(plan.rounds):
+        for name, (target, context) in configs.items():
+            if target is None:
+                continue
+            with context():
+                loop = await classify_loop(target, tensors, count=plan.per_round)
+            samples[name] += loop.latencies_ms
+    base = quantile(samples["current"], 0.5)
+    out: dict[str, Any] = {}
+    for name, values in samples.items():
+        if not values:
+            out[name] = None  # its peers are not started in the CI mode
+            continue
+        p50 = quantile(values, 0.5)
+        out[name] = {"classify_ms": summary(values), "p50_vs_current": ratio(p50, base)}
+    out["vote_cost_ms"] = _vote_cost(tensors)
+    return out
+
+
+@contextlib.contextmanager
+def _old_all() -> Any:
+    with _old_vote(), _old_connection():
+        yield
+
+
+def _vote_cost(tensors: Sequence[FloatArray], runs: int = 100) -> dict[str, float]:
+    """One call's voting work (4 early-exit checks and the decision), old vs new (ms)."""
+    rng = np.random.default_rng(1)
+    ballots = []
+    for i in range(5):
+        p = rng.dirichlet(np.ones(10))
+        top = np.argsort(-p)[:2]
+        ballots.append(
+            voting.Ballot(f"p{i}", f"V{i}", tuple((int(c), float(p[c])) for c in top), 0.94)
+        )
+
+    def one(mod: Any) -> float:
+        start = time.perf_counter()
+        for k in range(1, 5):
+            mod.can_change(ballots[:k], missing=5 - k, missing_weight=0.95)
+        mod.decide(ballots)
+        return (time.perf_counter() - start) * 1000
+
+    old = [one(legacy_voting) for _ in range(runs)]
+    new = [one(voting) for _ in range(runs)]
+    return {
+        "old_p50": round(quantile(old, 0.5), 4),
+        "new_p50": round(quantile(new, 0.5), 4),
+        "speedup": ratio(quantile(old, 0.5), quantile(new, 0.5)),
+    }
