@@ -74,14 +74,22 @@ def _sample(n: int, seed: int) -> list[tuple[int, np.ndarray, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m sim.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", type=int, default=20, help="held-out test images (default 20)")
-    p.add_argument("--rule", default="robust",
-                   choices=["robust", "sum", "vote", "trimmed", "median"])
+    p.add_argument(
+        "--rule", default="robust", choices=["robust", "sum", "vote", "trimmed", "median"]
+    )
     p.add_argument("--seed", type=int, default=7, help="which test images (default 7)")
-    p.add_argument("--keep-dir", type=Path, default=None,
-                   help="keep the images, peer keys and logs here instead of a temp folder")
+    p.add_argument(
+        "--keep-dir",
+        type=Path,
+        default=None,
+        help="keep the images, peer keys and logs here instead of a temp folder",
+    )
     args = p.parse_args(argv)
     if not 1 <= args.images <= 1000:
         p.error("--images must be between 1 and 1000")
@@ -103,36 +111,79 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(path)
         procs: list[subprocess.Popen[str]] = []
         stack.callback(_stop, procs)
-        print(f"starting {len(variants)} peers on {INTERFACE} (swarm {swarm}): "
-              f"{', '.join(variants)}", flush=True)
+        print(
+            f"starting {len(variants)} peers on {INTERFACE} (swarm {swarm}): {', '.join(variants)}",
+            flush=True,
+        )
         for v in variants:
             log = (work / f"peer-{v}.log").open("w")
             stack.callback(log.close)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "swarm.peer", "--variant", v, "--interface", INTERFACE,
-                 "--port", "0", "--swarm", swarm, "--data-dir", str(work / f"peer-{v}"),
-                 "--log-format", "json"],
-                stdout=subprocess.PIPE, stderr=log, text=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "swarm.peer",
+                        "--variant",
+                        v,
+                        "--interface",
+                        INTERFACE,
+                        "--port",
+                        "0",
+                        "--swarm",
+                        swarm,
+                        "--data-dir",
+                        str(work / f"peer-{v}"),
+                        "--log-format",
+                        "json",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
+                )
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
             for v, proc in zip(variants, procs, strict=True):
                 event = _wait_ready(proc, deadline)
-                print(f"  {v}: peer {event.get('peer_id', '?')} on port {event.get('port')}",
-                      flush=True)
+                print(
+                    f"  {v}: peer {event.get('peer_id', '?')} on port {event.get('port')}",
+                    flush=True,
+                )
         except RuntimeError as exc:
             print(f"error: {exc}; see the logs in {work}", file=sys.stderr)
             return 1
         t0 = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "swarm.classify", "--interface", INTERFACE, "--swarm", swarm,
-             "--json", "--rule", args.rule, "--wait", "20", "--wait-peers", str(len(variants)),
-             *map(str, paths)],
-            capture_output=True, text=True, timeout=120, check=False)
+            [
+                sys.executable,
+                "-m",
+                "swarm.classify",
+                "--interface",
+                INTERFACE,
+                "--swarm",
+                swarm,
+                "--json",
+                "--rule",
+                args.rule,
+                "--wait",
+                "20",
+                "--wait-peers",
+                str(len(variants)),
+                *map(str, paths),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         wall = time.monotonic() - t0
         results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or len(results) != len(paths):
-            print(f"error: classify exited {done.returncode}: {done.stderr.strip()[-800:]}",
-                  file=sys.stderr)
+            print(
+                f"error: classify exited {done.returncode}: {done.stderr.strip()[-800:]}",
+                file=sys.stderr,
+            )
             return 1
     truth = {f"test{i:05d}.png": label for i, _, label in samples}
     rows = []
@@ -141,10 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         name = Path(r["image"]).name
         ok = r["class"] == truth[name]
         correct += ok
-        rows.append((name, CLASS_NAMES[truth[name]], r["label"], f"{r['confidence']:.2f}",
-                     str(r["certified_f"]), f"{r['latency_ms']:.1f}",
-                     f"{len(r['replies'])}/{len(r['rejected'])}/{len(r['missing'])}",
-                     "yes" if ok else "NO"))
+        rows.append(
+            (
+                name,
+                CLASS_NAMES[truth[name]],
+                r["label"],
+                f"{r['confidence']:.2f}",
+                str(r["certified_f"]),
+                f"{r['latency_ms']:.1f}",
+                f"{len(r['replies'])}/{len(r['rejected'])}/{len(r['missing'])}",
+                "yes" if ok else "NO",
+            )
+        )
     head = ("image", "true class", "swarm says", "conf", "cert f", "ms", "ok/rej/miss", "right")
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print()
@@ -153,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
     lat = sorted(r["latency_ms"] for r in results)
-    print(f"\n{correct}/{len(results)} right ({100 * correct / len(results):.0f}%) with rule "
-          f"{args.rule}; median latency {lat[len(lat) // 2]:.1f} ms; "
-          f"{len(results)} images in {wall:.1f} s including discovery. Peers stopped.")
+    print(
+        f"\n{correct}/{len(results)} right ({100 * correct / len(results):.0f}%) with rule "
+        f"{args.rule}; median latency {lat[len(lat) // 2]:.1f} ms; "
+        f"{len(results)} images in {wall:.1f} s including discovery. Peers stopped."
+    )
     return 0
 
 

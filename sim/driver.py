@@ -114,7 +114,11 @@ class Driver:
         rule = str(cmd.get("rule", voting.DEFAULT_RULE))
         deadline_ms = int(cmd.get("deadline_ms", 2000))
         variants = cmd.get("variants")
-        policy = Policy(variants=tuple(variants)) if variants else Policy()
+        replicas = cmd.get("replicas", 1)
+        policy = Policy(
+            variants=tuple(variants) if variants else None,
+            replicas=None if replicas == "all" else int(replicas),
+        )
         interval_s = float(cmd.get("interval_ms", 0)) / 1000
         if cmd.get("fresh_reputation"):
             self.requester.reputation = ReputationBook()

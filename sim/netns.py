@@ -55,8 +55,9 @@ def available() -> tuple[bool, str]:
 def _ip(*args: str) -> str:
     cmd = ["ip", *args]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S,
-                              check=False)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NetnsError(f"{' '.join(cmd)}: {exc}") from exc
     if done.returncode != 0:
@@ -121,8 +122,9 @@ class Lab:
         self.start()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def start(self) -> None:
@@ -152,8 +154,20 @@ class Lab:
         try:
             # Both ends are created inside the lab's namespaces: nothing touches the
             # machine's own network namespace, not even for a moment.
-            _ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port,
-                "netns", self.hub)
+            _ip(
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                self.hub,
+            )
             _ip("-n", self.hub, "link", "set", port, "master", "br0")
             _ip("-n", self.hub, "link", "set", port, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
@@ -182,8 +196,7 @@ class Lab:
         for i, group in enumerate(groups):
             bridge = f"br{i}"
             if bridge not in self._bridges:
-                _ip("-n", self.hub, "link", "add", bridge, "type", "bridge", "mcast_snooping",
-                    "0")
+                _ip("-n", self.hub, "link", "add", bridge, "type", "bridge", "mcast_snooping", "0")
                 _ip("-n", self.hub, "link", "set", bridge, "up")
                 self._bridges.append(bridge)
             for name in group:
@@ -219,5 +232,13 @@ def attach(tag: str, hosts: dict[str, Host]) -> Lab:
     return lab
 
 
-__all__ = ["SUBNET", "Host", "Lab", "NetnsError", "attach", "available", "cleanup_stale",
-           "namespaces"]
+__all__ = [
+    "SUBNET",
+    "Host",
+    "Lab",
+    "NetnsError",
+    "attach",
+    "available",
+    "cleanup_stale",
+    "namespaces",
+]

@@ -105,6 +105,18 @@ def _swarm_name(text: str) -> str:
     return text
 
 
+def _replicas(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor an integer >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the requester."""
     p = _Parser(prog=PROG, description="Classify images with a vswarm inference swarm.")
@@ -155,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-macs", type=_int_in(0, None), default=None, help="total MACs budget of the peers"
+    )
+    p.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        metavar="N|all",
+        help="ballots per variant: 1 (default) asks the best replica of each variant; "
+        "'all' asks every peer, so the vote tolerates up to half of the peers lying",
     )
     p.add_argument(
         "--latency-budget-ms",
@@ -230,7 +250,10 @@ def _prepare(args: argparse.Namespace) -> _Setup:
             manifest.get(name)  # ConfigError naming the known models
         chosen = names
     policy = Policy(
-        variants=chosen, max_macs=args.max_macs, latency_budget_ms=args.latency_budget_ms
+        variants=chosen,
+        max_macs=args.max_macs,
+        latency_budget_ms=args.latency_budget_ms,
+        replicas=args.replicas,
     )
     wait_peers = len(names) if args.wait_peers is None else args.wait_peers
     if wait_peers > len(names):

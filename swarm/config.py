@@ -75,6 +75,9 @@ class Timings:
     # Consecutive failures after which a peer is suspected and dropped from the table
     # without waiting for its mDNS TTL to expire.
     suspect_after_failures: int = 3
+    # A requester asks each suspected peer's /healthz this often, to take it back once it
+    # answers (a peer cut off by a partition does not re-announce when it heals).
+    probe_interval_s: float = 2.0
     # Micro-batching: wait at most this long to fill a batch of at most max_batch. 0 adds
     # no latency to a lone input: inputs that arrive while a batch runs form the next
     # batch anyway, which is where batching pays (sim.bench measures both).

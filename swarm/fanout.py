@@ -140,7 +140,9 @@ class FanOut:
         self.owner = owner
         self.request = request
         self.body = wire.encode_request(request)
-        self.variants = plan
+        self.variants = plan  # slot key -> Replicas (one ballot each; see Policy.replicas)
+        # Which slot asked each peer: a variant's replicas may be split across slots.
+        self._slot_of = {r.peer_id: v for v in plan.values() for r in v.queue}
         self.weights = weights
         self.rule = rule
         self.quorum = quorum
@@ -227,7 +229,7 @@ class FanOut:
 
     def _absorb(self, outcome: _Outcome) -> None:
         record = outcome.record
-        variant = self.variants[record.variant]
+        variant = self._slot_of[record.peer_id]
         if variant.inflight.pop(record.peer_id, None) is None:
             return  # cancelled meanwhile, and already listed as skipped or missing
         if isinstance(outcome.error, DecodeError):
@@ -324,6 +326,10 @@ class FanOut:
             )
             if skipped:
                 self.skipped.append(peer_id)
+                # Still silent after the hedge delay while the call was decided without
+                # it: a straggler. Backing it off keeps it from holding later calls.
+                if now - self._asked_at[peer_id] >= self.owner.timings.hedge_after_s:
+                    self.owner.table.report_failure(peer_id, now=now)
             else:
                 self.missing.append(peer_id)
                 log.info("peer_call_timed_out", peer=peer_id)

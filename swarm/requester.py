@@ -75,6 +75,7 @@ _HEADERS: Final = {
     "User-Agent": f"vswarm/{PROTOCOL_VERSION}",
 }
 _CHUNK: Final = 8192
+_MAX_PROBES: Final = 16  # suspected peers probed per round, a bound on the work
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,6 +85,10 @@ class Policy:
     variants: tuple[str, ...] | None = None  # None: every variant of the manifest
     max_macs: int | None = None  # total MACs (manifest values) of the variants asked
     latency_budget_ms: float | None = None  # skip replicas estimated slower than this
+    # Ballots per variant: 1 asks the best replica of each variant (the paper's set-up);
+    # None asks every eligible replica, so each peer votes and the vote tolerates up to
+    # half of the *peers* lying rather than half of the variants.
+    replicas: int | None = 1
 
     def __post_init__(self) -> None:
         if self.variants is not None and (
@@ -94,6 +99,8 @@ class Policy:
             raise ConfigError(f"Policy.max_macs must be >= 0, got {self.max_macs}")
         if self.latency_budget_ms is not None and not self.latency_budget_ms > 0:
             raise ConfigError(f"Policy.latency_budget_ms must be > 0: {self.latency_budget_ms}")
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(f"Policy.replicas must be >= 1 or None (all), got {self.replicas}")
 
 
 DEFAULT_POLICY: Final = Policy()
@@ -205,6 +212,7 @@ class Requester:
         self.local = local
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._probe: asyncio.Task[None] | None = None
         # HTTP exchanges whose caller gave up (early exit, hedge won), left to finish so
         # their keep-alive connection returns to the pool instead of being torn down.
         self._exchanges: set[asyncio.Task[bytes]] = set()
@@ -234,6 +242,10 @@ class Requester:
         if self._closed:
             return
         self._closed = True
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            await asyncio.wait([probe])
         exchanges = set(self._exchanges)
         for task in exchanges:
             task.cancel()
@@ -284,8 +296,8 @@ class Requester:
             )
         if quorum > len(plan):
             raise NoDecisionError(
-                f"quorum {quorum} cannot be met: peers serve only {len(plan)} eligible "
-                f"variant(s) ({', '.join(sorted(plan))})"
+                f"quorum {quorum} cannot be met: only {len(plan)} ballot(s) can be asked "
+                f"({', '.join(sorted(plan))})"
             )
         try:
             request = wire.build_request(
@@ -347,13 +359,19 @@ class Requester:
                     r.peer_id,
                 )
             )
-            bound_w = spec.val_accuracy * max(weights[r.peer_id] for r in records)
-            plan[name] = Replicas(spec, collections.deque(records), bound_w)
+            # Each slot yields one ballot; its queue holds the replicas it may fail over
+            # or hedge to. With r slots, replica i (best first) goes to slot i mod r.
+            slots = len(records) if policy.replicas is None else min(policy.replicas, len(records))
+            for i in range(slots):
+                queue = records[i::slots]
+                bound_w = spec.val_accuracy * max(weights[r.peer_id] for r in queue)
+                key = name if i == 0 else f"{name}#{i}"
+                plan[key] = Replicas(spec, collections.deque(queue), bound_w)
         if policy.max_macs is not None:
             total = 0
-            for name, v in sorted(plan.items(), key=lambda i: (-i[1].spec.val_accuracy, i[0])):
+            for key, v in sorted(plan.items(), key=lambda i: (-i[1].spec.val_accuracy, i[0])):
                 if total + v.spec.macs > policy.max_macs:
-                    del plan[name]
+                    del plan[key]
                 else:
                     total += v.spec.macs
         return plan, weights
@@ -393,7 +411,41 @@ class Requester:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 headers=_HEADERS,
             )
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_task(
+                self._probe_suspected(), name="vswarm-probe"
+            )
         return self._session
+
+    async def _probe_suspected(self) -> None:
+        """Bring suspected peers back once they answer again.
+
+        A suspected peer is never chosen, so no call would ever learn that it recovered
+        (after a partition heals, say, a peer does not re-announce). Every
+        ``probe_interval_s`` its health endpoint is asked, with a short timeout.
+        """
+        interval = self.timings.probe_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            session = self._session
+            if session is None:
+                return
+            for record in self.table.suspected()[:_MAX_PROBES]:
+                if await self._healthy(session, record):
+                    self.table.report_success(record.peer_id)
+
+    async def _healthy(self, session: aiohttp.ClientSession, record: PeerRecord) -> bool:
+        for address in record.addresses:
+            try:
+                async with (
+                    asyncio.timeout(self.timings.connect_timeout_s),
+                    session.get(f"http://{address}:{record.port}/healthz") as resp,
+                ):
+                    if resp.status == 200:
+                        return True
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                continue
+        return False
 
     async def ask_peer(
         self, record: PeerRecord, request: wire.InferRequest, body: bytes

@@ -54,7 +54,7 @@ VERIFY_STATUS: Final[Mapping[str, int]] = {
     wire.UNTRUSTED_KEY: 403,
     wire.REPLAYED: 409,
 }
-CLASSIFY_PARAMS: Final = ("rule", "k", "variants", "deadline_ms", "quorum")
+CLASSIFY_PARAMS: Final = ("rule", "k", "variants", "replicas", "deadline_ms", "quorum")
 _HTTP_CODES: Final[Mapping[int, str]] = {
     400: "bad_request",
     404: "not_found",
@@ -265,8 +265,20 @@ class _Routes:
             "k": _int_param(query, "k", config.DEFAULT_TOP_K, 1, config.MAX_TOP_K),
             "quorum": _int_param(query, "quorum", 1, 1, config.MAX_PEERS),
             "deadline_ms": _int_param(query, "deadline_ms", None, 1, wire.MAX_DEADLINE_MS),
-            "policy": Policy(variants=self._variants_param(query.get("variants"))),
+            "policy": Policy(
+                variants=self._variants_param(query.get("variants")),
+                replicas=self._replicas_param(query.get("replicas")),
+            ),
         }
+
+    def _replicas_param(self, text: str | None) -> int | None:
+        if text is None:
+            return 1
+        if text == "all":
+            return None
+        if not text.isdigit() or not 1 <= int(text) <= config.MAX_PEERS:
+            _bad_param(f"replicas must be 'all' or an integer in [1, {config.MAX_PEERS}]")
+        return int(text)
 
     def _variants_param(self, text: str | None) -> tuple[str, ...] | None:
         if text is None or text == "all":

@@ -6,8 +6,9 @@ sends one signed request to every peer, verifies each reply with ``wire.verify_r
 exactly as the requester does, and applies all five rules to that same set of verified
 ballots (weights: the variant's validation accuracy; no reputation). The rules are thus
 compared on identical replies. Separately, ``robust`` runs *live*: ``Requester.classify``
-with its own peer choice (one replica per variant), hedging, early exit and reputation
-(fresh for every pass), on the first ``live_images`` images.
+asking every peer (``Policy(replicas=None)``: with one replica per variant, 7 peers give
+only 5 ballots and 3 liars could hold a majority of them), with hedging, early exit and
+reputation (fresh for every pass), on the first ``live_images`` images.
 
 Params: ``f`` (list of liar counts), ``attacks`` (default all of ``sim.byzantine.ATTACKS``),
 ``live_images``, ``target`` (the targeted flip's class).
@@ -119,6 +120,7 @@ async def run(cluster: Cluster, scenario: Scenario, progress: Any = None) -> Rep
                 "cmd": "classify",
                 "indices": indices[:live_images],
                 "rule": "robust",
+                "replicas": "all",
                 "deadline_ms": deadline,
                 "fresh_reputation": True,
             },

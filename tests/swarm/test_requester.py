@@ -165,6 +165,7 @@ class FakePeer:
         self.behaviour = behaviour
         self.identity = identity
         self.bodies: list[bytes] = []
+        self.probed = 0  # GET /healthz calls
         self.received = asyncio.Event()  # set when the first request arrives
         self.release = asyncio.Event()
         self.port = 0
@@ -177,11 +178,16 @@ class FakePeer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/infer", self._handle)
+        app.router.add_get("/healthz", self._health)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = self._runner.addresses[0][1]
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        self.probed += 1
+        return web.json_response({"status": "ok"})
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -680,3 +686,83 @@ async def test_aclose_is_idempotent_and_final(rig: Rig) -> None:
     await requester.aclose()
     with pytest.raises(ConfigError, match="closed"):
         await classify(requester)
+
+
+# --- replicas, stragglers, recovery ------------------------------------------------------
+
+
+def slow(seconds: float, top: dict[int, float]) -> Behaviour:
+    """Answer honestly after a fixed delay (a slower device)."""
+
+    async def behave(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+        await asyncio.sleep(seconds)
+        return respond(reply_for(peer, req, top))
+
+    return behave
+
+
+async def test_replicas_all_asks_every_peer(rig: Rig) -> None:
+    """Policy(replicas=None) gets one ballot per peer; the default one per variant."""
+    for v in ("V1", "V1", "V2"):
+        await rig.peer(v, says({3: 0.8}))
+    requester = rig.requester()
+    one_each = await classify(requester, quorum=2)
+    assert sorted(r.variant for r in one_each.replies) == ["V1", "V2"]
+    every = await classify(requester, quorum=3, policy=Policy(replicas=None))
+    assert sorted(r.variant for r in every.replies) == ["V1", "V1", "V2"]
+    assert len({r.peer for r in every.replies}) == 3
+
+
+async def test_replicas_all_outvotes_liars_that_hold_most_variants(rig7: Rig) -> None:
+    """Three liars, each the only copy of its variant, flip a per-variant vote, not a per-peer one."""
+    for v in ("V1", "V2", "V3"):
+        await rig7.peer(v, says({7: 1.0}))
+    for v in ("V4", "V4", "V5", "V5"):
+        await rig7.peer(v, says({3: 0.9, 1: 0.05}))
+    requester = rig7.requester()
+    per_variant = await classify(requester, quorum=5)
+    assert per_variant.label == 7  # 3 of the 5 ballots lie: no rule can hold that
+    per_peer = await classify(requester, quorum=7, policy=Policy(replicas=None))
+    assert per_peer.label == 3
+    assert len(per_peer.replies) == 7
+
+
+async def test_straggler_cut_off_by_early_exit_is_backed_off(rig: Rig) -> None:
+    """A peer still silent past the hedge delay when the call is decided gets backed off."""
+    hung = await rig.peer("V1", hangs({3: 0.8}))
+    for v in ("V2", "V3"):
+        await rig.peer(v, slow(0.1, {3: 0.9}))
+    requester = rig.requester(timings=dataclasses.replace(TIMINGS, hedge_after_s=0.05))
+    result = await classify(requester)
+    assert result.skipped == (hung.peer_id,)
+    record = rig.table.get(hung.peer_id)
+    assert record is not None
+    assert record.failures == 1
+    assert hung.peer_id not in {r.peer_id for r in rig.table.candidates()}
+
+
+async def test_fast_sibling_skipped_in_time_is_not_backed_off(rig: Rig) -> None:
+    """Early exit before the hedge delay does not count against the peers it cut off."""
+    await rig.peer("V1", says({3: 0.9}))
+    await rig.peer("V2", says({3: 0.9}))
+    await rig.peer("V3", slow(0.5, {3: 0.9}))
+    result = await classify(rig.requester())  # hedge_after_s is 30 s
+    assert all((r := rig.table.get(p)) is not None and r.failures == 0 for p in result.skipped)
+
+
+async def test_suspected_peer_is_probed_and_taken_back(rig: Rig) -> None:
+    """A suspected peer that answers its health check becomes a candidate again."""
+    lost = await rig.peer("V1", says({3: 0.8}))
+    await rig.peer("V2", says({3: 0.8}))
+    for _ in range(TIMINGS.suspect_after_failures):
+        rig.table.report_failure(lost.peer_id, now=0.0)
+    assert lost.peer_id not in {r.peer_id for r in rig.table.candidates()}
+    recovered = asyncio.Event()
+    rig.table.add_listener(lambda event, record: recovered.set() if event == "recovered" else None)
+    requester = rig.requester(timings=dataclasses.replace(TIMINGS, probe_interval_s=0.05))
+    first = await classify(requester)
+    assert [r.variant for r in first.replies] == ["V2"]
+    async with asyncio.timeout(5):
+        await recovered.wait()
+    assert lost.probed >= 1
+    assert lost.peer_id in {r.peer_id for r in rig.table.candidates()}
