@@ -24,26 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from variants import MANIFEST_PATH, data, ensemble
+from variants import MANIFEST_PATH, data, ensemble, runtime
 
 KS = (1, 2, 3)
-
-
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def predict(path: Path, x: np.ndarray, batch: int = 1000) -> np.ndarray:
-    sess = _session(path, threads=0)
-    return np.concatenate(
-        [sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    )
 
 
 def measure_latencies(
@@ -57,7 +40,7 @@ def measure_latencies(
     reference hold on a noisy machine even when the absolute times drift.
     """
     x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
-    sessions = {n: _session(p, threads=1) for n, p in paths.items()}
+    sessions = {n: runtime.session(p, threads=1) for n, p in paths.items()}
     times: dict[str, list[float]] = {n: [] for n in sessions}
     rounds = max(1, runs // block)
     for _ in range(rounds):
@@ -92,7 +75,7 @@ def evaluate(manifest_path: Path, runs: int) -> dict[str, Any]:
             )
     test = data.load_split("test")
     x, y = test.as_float(), test.labels
-    probs = {n: predict(p, x) for n, p in paths.items()}
+    probs = {n: runtime.predict(p, x) for n, p in paths.items()}
     lat = measure_latencies(paths, runs)
     ref = models["reference"]
     ref_lat = lat["reference"]["median_ms"]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from variants import CLASS_NAMES, PACKAGE_DIR, data, ensemble
+from variants import CLASS_NAMES, PACKAGE_DIR, data, ensemble, runtime
 
 OPSET = 17
 MIN_MACS_GAIN = 5.0  # every variant: at least 5x fewer MACs than the reference
@@ -98,26 +98,13 @@ def export_onnx(model: Any, path: Path) -> None:
         )
 
 
-def _session(path: Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def run_onnx(path: Path, x: np.ndarray, batch: int = 1000) -> np.ndarray:
-    sess = _session(path, threads=0)
-    return np.concatenate(
-        [sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    )
+    return runtime.predict(path, x, batch)
 
 
 def latency_ms(path: Path, runs: int = 300, warmup: int = 30) -> float:
     """Median onnxruntime latency, 1 thread, batch 1."""
-    sess = _session(path, threads=1)
+    sess = runtime.session(path, threads=1)
     x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
     for _ in range(warmup):
         sess.run(None, {"input": x})

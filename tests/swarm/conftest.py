@@ -19,20 +19,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from swarm import config
+from swarm.identity import Identity
 from swarm.inference import Manifest, load_manifest
+from swarm.messages import InferReply, InferRequest, build_reply, build_request
+from tests.swarm.signed import MODEL_SHA, NOW
+from variants import CLASS_NAMES as VARIANT_CLASS_NAMES
 
-CLASS_NAMES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+CLASS_NAMES = list(VARIANT_CLASS_NAMES)
 # name -> weight seed of the variants in the tiny manifest.
 TINY_VARIANTS = {"T1": 1, "T2": 2, "T3": 3}
 
@@ -137,3 +131,45 @@ def no_thread_leaks() -> Iterator[None]:
         thread.join(timeout=2.0)  # one that is already finishing gets to finish
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"test left non-daemon threads running: {still}"
+
+
+# --- signed messages: one requester, one responder, a request and its reply -------------
+
+
+@pytest.fixture
+def requester() -> Identity:
+    """The requesting peer."""
+    return Identity.from_seed(b"\x01" * 32)
+
+
+@pytest.fixture
+def responder() -> Identity:
+    """The answering peer."""
+    return Identity.from_seed(b"\x02" * 32)
+
+
+@pytest.fixture
+def tensor() -> np.ndarray:
+    """A valid input tensor with distinct pixel values."""
+    return np.linspace(0.0, 1.0, 784, dtype=np.float32).reshape(config.INPUT_SHAPE)
+
+
+@pytest.fixture
+def request_msg(requester: Identity, tensor: np.ndarray) -> InferRequest:
+    """A signed request issued at NOW."""
+    return build_request(requester, swarm="lab", tensor=tensor, k=2, deadline_ms=2000, now_ms=NOW)
+
+
+@pytest.fixture
+def reply_msg(responder: Identity, request_msg: InferRequest) -> InferReply:
+    """A signed reply to ``request_msg`` issued 5 ms after it."""
+    probs = np.array([0.05, 0.6, 0.05, 0.25, 0.05, 0, 0, 0, 0, 0], dtype=np.float32)
+    return build_reply(
+        responder,
+        request_msg,
+        variant="mnv2-w035-r28",
+        model_sha256=MODEL_SHA,
+        probs=probs,
+        infer_us=1234,
+        now_ms=NOW + 5,
+    )

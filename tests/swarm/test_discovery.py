@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import os
 import re
 import shutil
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
 
 import pytest
 from zeroconf import IPVersion
@@ -25,40 +22,12 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from swarm import PROTOCOL_VERSION, config
 from swarm.config import Timings
-from swarm.discovery import Announcement, Discovery, PeerTable
+from swarm.discovery import Discovery, PeerTable
 from swarm.errors import ConfigError
+from tests.swarm.announce import announcement, new_key, pid, service
 
 LOOPBACK = ["127.0.0.1"]
 WAIT_S = 10.0  # upper bound for mDNS to deliver; tests finish as soon as it does
-
-
-def new_key() -> bytes:
-    return os.urandom(32)
-
-
-def pid(key: bytes) -> str:
-    return hashlib.sha256(key).hexdigest()[:20]
-
-
-def announcement(swarm: str = "s1", *, key: bytes | None = None, **kw: Any) -> Announcement:
-    key = key if key is not None else new_key()
-    fields: dict[str, Any] = {
-        "swarm": swarm,
-        "peer_id": pid(key),
-        "public_key": key,
-        "role": "peer",
-        "port": 8080,
-        "variant": "T1",
-        "model_sha256": "ab" * 32,
-        "macs": 7840,
-        "accuracy": 0.81,
-    }
-    fields.update(kw)
-    return Announcement(**fields)
-
-
-def service(peer_id: str) -> str:
-    return f"{peer_id}.{config.SERVICE_TYPE}"
 
 
 # --- real mDNS on 127.0.0.1 -------------------------------------------------------------

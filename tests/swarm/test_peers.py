@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import math
-import os
 from typing import Any
 
 import pytest
@@ -16,42 +14,14 @@ from swarm import config
 from swarm.config import Timings
 from swarm.errors import ConfigError, DecodeError, DiscoveryTimeoutError, VerificationError
 from swarm.peers import Announcement, PeerEvent, PeerRecord, PeerTable, parse_announcement
+from tests.swarm.announce import announcement, new_key, pid, service
 
 WAIT_S = 10.0  # upper bound for mDNS to deliver; tests finish as soon as it does
-
-
-def new_key() -> bytes:
-    return os.urandom(32)
-
-
-def pid(key: bytes) -> str:
-    return hashlib.sha256(key).hexdigest()[:20]
-
-
-def announcement(swarm: str = "s1", *, key: bytes | None = None, **kw: Any) -> Announcement:
-    key = key if key is not None else new_key()
-    fields: dict[str, Any] = {
-        "swarm": swarm,
-        "peer_id": pid(key),
-        "public_key": key,
-        "role": "peer",
-        "port": 8080,
-        "variant": "T1",
-        "model_sha256": "ab" * 32,
-        "macs": 7840,
-        "accuracy": 0.81,
-    }
-    fields.update(kw)
-    return Announcement(**fields)
 
 
 def txt_bytes(ann: Announcement, **changes: str | None) -> dict[bytes, bytes | None]:
     pairs: dict[str, str | None] = {**ann.txt(), **changes}
     return {k.encode(): None if v is None else v.encode() for k, v in pairs.items()}
-
-
-def service(peer_id: str) -> str:
-    return f"{peer_id}.{config.SERVICE_TYPE}"
 
 
 class Clock:

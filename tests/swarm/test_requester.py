@@ -714,7 +714,7 @@ async def test_replicas_all_asks_every_peer(rig: Rig) -> None:
 
 
 async def test_replicas_all_outvotes_liars_that_hold_most_variants(rig7: Rig) -> None:
-    """Three liars, each the only copy of its variant, flip a per-variant vote, not a per-peer one."""
+    """Three liars, each the only copy of its variant, flip a per-variant vote, not per-peer."""
     for v in ("V1", "V2", "V3"):
         await rig7.peer(v, says({7: 1.0}))
     for v in ("V4", "V4", "V5", "V5"):

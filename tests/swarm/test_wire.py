@@ -30,49 +30,9 @@ from swarm.wire import (
     encode_request,
     topk_from_probs,
 )
+from tests.swarm.signed import MODEL_SHA, NOW
 
-NOW = 1_700_000_000_000
-MODEL_SHA = "ab" * 32
 FUZZ = settings(max_examples=300, deadline=None)
-
-
-@pytest.fixture
-def requester() -> Identity:
-    """The requesting peer."""
-    return Identity.from_seed(b"\x01" * 32)
-
-
-@pytest.fixture
-def responder() -> Identity:
-    """The answering peer."""
-    return Identity.from_seed(b"\x02" * 32)
-
-
-@pytest.fixture
-def tensor() -> np.ndarray:
-    """A valid input tensor with distinct pixel values."""
-    return np.linspace(0.0, 1.0, 784, dtype=np.float32).reshape(config.INPUT_SHAPE)
-
-
-@pytest.fixture
-def request_msg(requester: Identity, tensor: np.ndarray) -> InferRequest:
-    """A signed request issued at NOW."""
-    return build_request(requester, swarm="lab", tensor=tensor, k=2, deadline_ms=2000, now_ms=NOW)
-
-
-@pytest.fixture
-def reply_msg(responder: Identity, request_msg: InferRequest) -> InferReply:
-    """A signed reply to ``request_msg`` issued 5 ms after it."""
-    probs = np.array([0.05, 0.6, 0.05, 0.25, 0.05, 0, 0, 0, 0, 0], dtype=np.float32)
-    return build_reply(
-        responder,
-        request_msg,
-        variant="mnv2-w035-r28",
-        model_sha256=MODEL_SHA,
-        probs=probs,
-        infer_us=1234,
-        now_ms=NOW + 5,
-    )
 
 
 def _body(msg: bytes) -> dict[str, Any]:
