@@ -22,17 +22,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, NoReturn, TextIO
 
 import numpy as np
 import numpy.typing as npt
 
-from swarm import config, voting, wire
+from swarm import cliargs, config, voting, wire
 from swarm.config import DEFAULT_TIMINGS
 from swarm.discovery import ALL_INTERFACES, Discovery, PeerTable
 from swarm.errors import ConfigError, DiscoveryTimeoutError, NoDecisionError, SwarmError
@@ -58,65 +57,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _ipv4(text: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
-
-
-def _int_in(lo: int, hi: int | None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = lo - 1
-        if value < lo or (hi is not None and value > hi):
-            span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer {span}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
-
-
-def _positive_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds > 0")
-    return value
-
-
-def _swarm_name(text: str) -> str:
-    if not wire.is_valid_name(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a swarm name (1-63 of A-Za-z0-9._-)")
-    return text
-
-
-def _replicas(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'all' nor an integer >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of the requester."""
     p = _Parser(prog=PROG, description="Classify images with a vswarm inference swarm.")
@@ -124,14 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--interface",
         action="append",
-        type=_ipv4,
+        type=cliargs.ipv4,
         metavar="IP",
         help="IPv4 address to browse mDNS on (repeatable); default: every interface of this "
         "device. Tests and simulations must pass one, e.g. 127.0.0.1",
     )
     p.add_argument(
         "--swarm",
-        type=_swarm_name,
+        type=cliargs.swarm_name,
         default=config.DEFAULT_SWARM,
         help="swarm name (default %(default)s)",
     )
@@ -143,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--k",
-        type=_int_in(1, config.MAX_TOP_K),
+        type=cliargs.int_in(1, config.MAX_TOP_K),
         default=config.DEFAULT_TOP_K,
         help="top-k classes each peer answers (default %(default)s)",
     )
@@ -155,22 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--deadline-ms",
-        type=_int_in(1, wire.MAX_DEADLINE_MS),
+        type=cliargs.int_in(1, wire.MAX_DEADLINE_MS),
         default=round(DEFAULT_TIMINGS.deadline_s * 1000),
         help="time budget of one classification (default %(default)s)",
     )
     p.add_argument(
         "--quorum",
-        type=_int_in(1, None),
+        type=cliargs.int_in(1, None),
         default=1,
         help="valid replies needed for a decision (default %(default)s)",
     )
     p.add_argument(
-        "--max-macs", type=_int_in(0, None), default=None, help="total MACs budget of the peers"
+        "--max-macs",
+        type=cliargs.int_in(0, None),
+        default=None,
+        help="total MACs budget of the peers",
     )
     p.add_argument(
         "--replicas",
-        type=_replicas,
+        type=cliargs.replicas,
         default=1,
         metavar="N|all",
         help="ballots per variant: 1 (default) asks the best replica of each variant; "
@@ -178,20 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--latency-budget-ms",
-        type=_positive_ms,
+        type=cliargs.number(0, above=True, what="a number of milliseconds"),
         default=None,
         help="skip peers whose measured latency exceeds this",
     )
     p.add_argument(
         "--wait",
-        type=_seconds,
+        type=cliargs.number(0, what="a number of seconds"),
         default=DEFAULT_WAIT_S,
         metavar="S",
         help="seconds to wait for peers on mDNS (default %(default)s)",
     )
     p.add_argument(
         "--wait-peers",
-        type=_int_in(1, None),
+        type=cliargs.int_in(1, None),
         default=None,
         metavar="N",
         help="stop waiting once N variants are served (default: every variant asked); "

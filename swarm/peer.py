@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import os
 import signal
@@ -29,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from swarm import PROTOCOL_VERSION, autoselect, config, wire
+from swarm import PROTOCOL_VERSION, autoselect, cliargs, config
 from swarm.discovery import ALL_INTERFACES, Announcement, Discovery, PeerTable
 from swarm.errors import ConfigError, SwarmError
 from swarm.identity import Identity, TrustStore
@@ -62,59 +61,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_STARTUP, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _ipv4(text: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
-
-
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port in 0..65535")
     return int(text)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return int(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
-    return value
-
-
-def _browse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= autoselect.MAX_BROWSE_S:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, {autoselect.MAX_BROWSE_S}] s")
-    return value
-
-
-def _swarm_name(text: str) -> str:
-    if not wire.is_valid_name(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a swarm name (1-63 of A-Za-z0-9._-)")
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--interface",
         action="append",
-        type=_ipv4,
+        type=cliargs.ipv4,
         metavar="IP",
         help="IPv4 address to announce, browse and listen on (repeatable); default: every "
         "interface of this device. Tests and simulations must pass one, e.g. 127.0.0.1",
@@ -137,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=0, help="HTTP port (default 0: any free port)")
     p.add_argument(
         "--swarm",
-        type=_swarm_name,
+        type=cliargs.swarm_name,
         default=config.DEFAULT_SWARM,
         help="swarm name; peers of other swarms are invisible (default %(default)s)",
     )
@@ -163,24 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="model manifest.json (default: the one shipped in the variants package)",
     )
     p.add_argument(
-        "--threads", type=_positive_int, default=1, help="ONNX Runtime threads (default 1)"
+        "--threads", type=cliargs.int_in(1), default=1, help="ONNX Runtime threads (default 1)"
     )
     p.add_argument(
         "--latency-budget-ms",
-        type=_positive_float,
+        type=cliargs.number(0, above=True),
         default=None,
         help="with --variant auto: only variants this device runs within this many ms",
     )
     p.add_argument(
         "--browse-s",
-        type=_browse_seconds,
+        type=cliargs.number(0, autoselect.MAX_BROWSE_S, what="a number of seconds"),
         default=autoselect.DEFAULT_BROWSE_S,
         help="with --variant auto: how long to look at the swarm before choosing "
         "(default %(default)s)",
     )
     p.add_argument(
         "--batch-wait-ms",
-        type=_nonnegative_float,
+        type=cliargs.number(0),
         default=None,
         help="micro-batching: how long a lone input waits for others to join its batch "
         f"(default {config.DEFAULT_TIMINGS.batch_wait_s * 1000:g}: inputs that queue up "
