@@ -17,8 +17,7 @@ import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 import zeroconf
 from zeroconf import IPVersion, ServiceStateChange
@@ -47,6 +46,7 @@ from swarm.peers import (
     Role,
     parse_announcement,
 )
+from swarm.resource import AsyncResource
 
 __all__ = [
     "ALL_INTERFACES",
@@ -83,7 +83,7 @@ class AllInterfaces(enum.Enum):
 ALL_INTERFACES: Final = AllInterfaces.ALL
 
 
-class Discovery:
+class Discovery(AsyncResource):
     """Registers this peer's service and browses the swarm's, feeding a PeerTable.
 
     ``interfaces`` is required: a list of IPv4 addresses (``["127.0.0.1"]`` in tests and
@@ -119,18 +119,6 @@ class Discovery:
     def __repr__(self) -> str:
         name = self._info.name if self._info else None
         return f"<Discovery interfaces={self._interfaces} registered={name} table={self.table}>"
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Open the mDNS sockets on the chosen interfaces and start browsing."""

@@ -14,8 +14,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import numpy as np
 import onnxruntime as ort
@@ -35,6 +34,7 @@ from swarm.manifest import (
     load_manifest,
 )
 from swarm.metrics import Metrics
+from swarm.resource import AsyncResource
 
 __all__ = [
     "MANIFEST_NAME",
@@ -85,7 +85,7 @@ class _Pending:
     future: asyncio.Future[InferenceResult]
 
 
-class Engine:
+class Engine(AsyncResource):
     """One ONNX variant, run in one dedicated thread, with micro-batching.
 
     Concurrent ``infer`` calls are queued; a batcher task takes the first waiting input,
@@ -126,18 +126,6 @@ class Engine:
             f"<Engine {self.spec.name} {state} batching={self._batching} "
             f"queued={self._queue.qsize()}>"
         )
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Check and load the model in the engine's thread; start the batcher."""

@@ -12,19 +12,18 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Self
 
 from aiohttp import web
 
 from swarm import config
 from swarm.errors import ConfigError
 from swarm.log import get_logger
+from swarm.resource import AsyncResource
 
 log = get_logger(__name__)
 
 
-class HttpServer:
+class HttpServer(AsyncResource):
     """Serves an app on one port of each of ``hosts``; ``port`` 0 picks a free one."""
 
     def __init__(
@@ -57,18 +56,6 @@ class HttpServer:
         if self._port is None:
             raise ConfigError("the HTTP server is not started")
         return self._port
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def start(self) -> None:
         """Bind every host (the same port on each) and start serving."""

@@ -27,8 +27,7 @@ import collections
 import dataclasses
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from typing import Any, Final, Protocol
 
 import aiohttp
 import numpy as np
@@ -51,6 +50,7 @@ from swarm.inference import InferenceResult, Manifest, ModelSpec
 from swarm.log import bound, get_logger
 from swarm.metrics import Metrics
 from swarm.reputation import ReputationBook
+from swarm.resource import AsyncResource
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -185,7 +185,7 @@ class LocalInfer:
         )
 
 
-class Requester:
+class Requester(AsyncResource):
     """Fans one signed request out to the swarm and votes on the verified replies."""
 
     def __init__(
@@ -225,17 +225,9 @@ class Requester:
         state = "closed" if self._closed else "open" if self._session else "new"
         return f"<Requester {state} swarm={self.swarm!r} peer={self.identity.peer_id}>"
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Open the HTTP session (calls open it on demand too)."""
         self._open_session()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the HTTP session; idempotent."""
