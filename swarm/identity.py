@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import stat
@@ -40,6 +41,9 @@ SEED_LEN: Final = 32
 PEER_ID_LEN: Final = 20  # hex characters of sha256(public key)
 # Base64 of 32 bytes: 44 characters, one '=' of padding.
 PUBLIC_KEY_B64_LEN: Final = 44
+# Parsed public keys kept for reuse: enough for every peer and requester of a busy swarm;
+# past it the least recently used is parsed again, so hostile keys cannot grow it.
+_KEY_CACHE_SIZE: Final = 1024
 
 
 def peer_id_for(public_key: bytes) -> str:
@@ -83,10 +87,17 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_LEN:
         return False
     try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+        _parsed_key(public_key).verify(signature, data)
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
+
+
+@functools.lru_cache(maxsize=_KEY_CACHE_SIZE)
+def _parsed_key(raw: bytes) -> Ed25519PublicKey:
+    # Parsing costs about 1% of a verify; the same few keys sign nearly every message.
+    # A key that fails to parse raises, and lru_cache does not keep failures.
+    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 class Identity:

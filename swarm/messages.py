@@ -65,7 +65,10 @@ def canonical_json(obj: object) -> bytes:
     Floats are refused: their canonical text differs between languages in practice, so
     signed values are integers (probabilities in parts per million).
     """
-    text = _ENCODER.encode(_jcs_ordered(obj, 0))
+    return _utf8(_ENCODER.encode(_jcs_ordered(obj, 0)))
+
+
+def _utf8(text: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -130,7 +133,7 @@ class InferRequest:
 
     def signed_bytes(self) -> bytes:
         """The exact bytes the requester's signature covers."""
-        return REQUEST_TAG + canonical_json(_payload(self, _REQUEST_UNSIGNED))
+        return REQUEST_TAG + _message_json(self, _REQUEST_UNSIGNED)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -156,7 +159,15 @@ class InferReply:
 
     def signed_bytes(self) -> bytes:
         """The exact bytes the responder's signature covers."""
-        return REPLY_TAG + canonical_json(_payload(self, _REPLY_UNSIGNED))
+        return REPLY_TAG + _message_json(self, _REPLY_UNSIGNED)
+
+
+# dataclasses.fields() rebuilds its tuple on every call; messages are made per request.
+_FIELD_NAMES: Final[dict[type, tuple[str, ...]]] = {
+    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (InferRequest, InferReply)
+}
+# Field names are ASCII, so code-point order is RFC 8785's UTF-16 order.
+_SORTED_FIELD_NAMES: Final = {cls: tuple(sorted(names)) for cls, names in _FIELD_NAMES.items()}
 
 
 def _b64(raw: bytes) -> str:
@@ -164,11 +175,31 @@ def _b64(raw: bytes) -> str:
 
 
 def _payload(msg: InferRequest | InferReply, skip: frozenset[str]) -> dict[str, object]:
-    return {
-        f.name: _jsonable(getattr(msg, f.name))
-        for f in dataclasses.fields(msg)
-        if f.name not in skip
-    }
+    names = _FIELD_NAMES[type(msg)]
+    return {name: _jsonable(getattr(msg, name)) for name in names if name not in skip}
+
+
+def _message_json(msg: InferRequest | InferReply, skip: frozenset[str] = frozenset()) -> bytes:
+    """``canonical_json(_payload(msg, skip))``, byte for byte, without its generic walk.
+
+    Strings, bytes and safe integers (nearly every field) are placed directly; anything
+    else takes the generic path, with the same checks and errors.
+    """
+    ordered: dict[str, object] = {}
+    for name in _SORTED_FIELD_NAMES[type(msg)]:
+        if name in skip:
+            continue
+        value = getattr(msg, name)
+        kind = type(value)
+        if kind is str:
+            ordered[name] = value
+        elif kind is bytes:
+            ordered[name] = _b64(value)
+        elif kind is int and -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            ordered[name] = value
+        else:
+            ordered[name] = _jcs_ordered(_jsonable(value), 1)
+    return _utf8(_ENCODER.encode(ordered))
 
 
 def _jsonable(value: object) -> object:

@@ -87,6 +87,7 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self._request_children: dict[tuple[str, int], Counter] = {}
         self.peers = Gauge(
             "peers",
             "Peers in the live peer table, by state.",
@@ -97,7 +98,13 @@ class Metrics:
 
     def observe_request(self, endpoint: str, status: int) -> None:
         """Count one served HTTP request."""
-        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        # The labelled child is looked up once per (route, status): labels() validates
+        # and locks on every call. Both come from small fixed sets, so the dict stays small.
+        child = self._request_children.get((endpoint, status))
+        if child is None:
+            child = self.requests.labels(endpoint=endpoint, status=str(status))
+            self._request_children[(endpoint, status)] = child
+        child.inc()
 
     def observe_batch(self, size: int, seconds: float) -> None:
         """Record one run of the local model over ``size`` inputs."""

@@ -411,10 +411,11 @@ def _middleware(metrics: Metrics) -> Middleware:
             response = error_response(
                 500, "internal_error", "an unexpected error occurred; it was logged"
             )
-        metrics.observe_request(_endpoint(request), response.status)
+        endpoint = _endpoint(request)
+        metrics.observe_request(endpoint, response.status)
         log.debug(
             "http_served",
-            endpoint=_endpoint(request),
+            endpoint=endpoint,
             status=response.status,
             ms=round((time.perf_counter() - started) * 1000, 3),
         )

@@ -12,7 +12,6 @@ import the whole wire format from ``swarm.wire``.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import math
 import re
@@ -24,6 +23,7 @@ from swarm import PROTOCOL_VERSION, config
 from swarm.errors import DecodeError, MessageTooLargeError
 from swarm.identity import PEER_ID_LEN, PUBLIC_KEY_LEN, SIGNATURE_LEN
 from swarm.messages import (
+    _FIELD_NAMES,
     _HEX_ID,
     _NAME,
     _SHA256,
@@ -35,7 +35,7 @@ from swarm.messages import (
     InferReply,
     InferRequest,
     _b64,
-    _payload,
+    _message_json,
     build_reply,
     build_request,
     canonical_json,
@@ -144,12 +144,12 @@ _Msg = TypeVar("_Msg", InferRequest, InferReply)
 
 def encode_request(req: InferRequest) -> bytes:
     """The HTTP body of ``req``."""
-    return canonical_json(_payload(req, frozenset()))
+    return _message_json(req)
 
 
 def encode_reply(reply: InferReply) -> bytes:
     """The HTTP body of ``reply``."""
-    return canonical_json(_payload(reply, frozenset()))
+    return _message_json(reply)
 
 
 def decode_request(body: bytes) -> InferRequest:
@@ -163,7 +163,7 @@ def decode_reply(body: bytes) -> InferReply:
 
 
 def _decode(body: bytes, cls: type[_Msg], limit: int, what: str) -> _Msg:
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = _FIELD_NAMES[cls]
     obj = _parse(body, limit, frozenset(names), what)
     values: dict[str, Any] = {}
     try:
