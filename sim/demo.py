@@ -200,11 +200,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['confidence']:.2f}",
                 str(r["certified_f"]),
                 f"{r['latency_ms']:.1f}",
-                f"{len(r['replies'])}/{len(r['rejected'])}/{len(r['missing'])}",
+                f"{len(r['replies'])}/{len(r['rejected'])}/{len(r['missing'])}"
+                f"/{len(r.get('skipped', []))}",
                 "yes" if ok else "NO",
             )
         )
-    head = ("image", "true class", "swarm says", "conf", "cert f", "ms", "ok/rej/miss", "right")
+    head = (
+        "image",
+        "true class",
+        "swarm says",
+        "conf",
+        "cert f",
+        "ms",
+        "used/rej/miss/skip",
+        "right",
+    )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print()
     print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
@@ -215,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n{correct}/{len(results)} right ({100 * correct / len(results):.0f}%) with rule "
         f"{args.rule}; median latency {lat[len(lat) // 2]:.1f} ms; "
-        f"{len(results)} images in {wall:.1f} s including discovery. Peers stopped."
+        f"{len(results)} images in {wall:.1f} s including discovery. Peers stopped.\n"
+        "used/rej/miss/skip: replies counted, rejected, missing, and skipped by early exit "
+        "(the vote was already decided)."
     )
     return 0
 
