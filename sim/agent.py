@@ -33,13 +33,14 @@ from aiohttp import web
 
 from sim.byzantine import HONEST, MODES, Attacker
 from swarm import PROTOCOL_VERSION, config, wire
-from swarm.discovery import Announcement, Discovery, PeerTable
+from swarm.discovery import Discovery, PeerTable
 from swarm.errors import DecodeError, SwarmError
 from swarm.identity import Identity, TrustStore
 from swarm.inference import Engine, InferenceResult, ModelSpec, load_manifest
 from swarm.listener import HttpServer
 from swarm.log import bind_peer, configure_logging, get_logger
 from swarm.metrics import Metrics
+from swarm.peer import serving_announcement
 from swarm.server import ServerContext, create_app
 
 log = get_logger("sim.agent")
@@ -222,19 +223,7 @@ async def run_agent(args: argparse.Namespace) -> None:
             await control.setup()
             stack.push_async_callback(control.cleanup)
             await web.UnixSite(control, str(args.control)).start()
-        await discovery.register(
-            Announcement(
-                swarm=args.swarm,
-                peer_id=identity.peer_id,
-                public_key=identity.public_key,
-                role="peer",
-                port=http.port,
-                variant=spec.name,
-                model_sha256=spec.sha256,
-                macs=spec.macs,
-                accuracy=spec.val_accuracy,
-            )
-        )
+        await discovery.register(serving_announcement(args.swarm, identity, spec, http.port))
         ready = {
             "event": "ready",
             "peer_id": identity.peer_id,

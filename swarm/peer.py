@@ -219,6 +219,23 @@ async def run_peer(
         life.uninstall()
 
 
+def serving_announcement(
+    swarm: str, identity: Identity, spec: ModelSpec, port: int
+) -> Announcement:
+    """What a peer serving ``spec`` on ``port`` says about itself on mDNS."""
+    return Announcement(
+        swarm=swarm,
+        peer_id=identity.peer_id,
+        public_key=identity.public_key,
+        role="peer",
+        port=port,
+        variant=spec.name,
+        model_sha256=spec.sha256,
+        macs=spec.macs,
+        accuracy=spec.val_accuracy,
+    )
+
+
 async def _serve(
     args: argparse.Namespace, life: _Lifecycle, on_ready: Callable[[dict[str, Any]], None]
 ) -> None:
@@ -297,19 +314,7 @@ async def _serve(
                 create_app(ctx), hosts=interfaces or [ANY_ADDRESS], port=args.port, timings=timings
             )
         )
-        await discovery.register(
-            Announcement(
-                swarm=args.swarm,
-                peer_id=identity.peer_id,
-                public_key=identity.public_key,
-                role="peer",
-                port=http.port,
-                variant=spec.name,
-                model_sha256=spec.sha256,
-                macs=spec.macs,
-                accuracy=spec.val_accuracy,
-            )
-        )
+        await discovery.register(serving_announcement(args.swarm, identity, spec, http.port))
         life.ready = True
         on_ready(
             {
