@@ -49,7 +49,6 @@ __all__ = [
     "default_manifest_path",
     "load_image_file",
     "load_manifest",
-    "top_k",
 ]
 
 log = get_logger(__name__)
@@ -364,11 +363,3 @@ def _fail(batch: Sequence[_Pending], exc: InferenceError) -> None:
             err = InferenceError(str(exc))
             err.__cause__ = exc.__cause__ or exc
             pending.future.set_exception(err)
-
-
-def top_k(probs: FloatArray, k: int = config.DEFAULT_TOP_K) -> tuple[tuple[int, float], ...]:
-    """The ``k`` most probable (class, probability) pairs, ties to the lower class index."""
-    if not 1 <= k <= config.MAX_TOP_K:
-        raise ValueError(f"k must be in 1..{config.MAX_TOP_K}, got {k}")
-    order = np.argsort(-probs, kind="stable")[:k]
-    return tuple((int(i), float(probs[i])) for i in order)

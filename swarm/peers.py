@@ -19,7 +19,6 @@ import base64
 import binascii
 import dataclasses
 import functools
-import hashlib
 import ipaddress
 import math
 import re
@@ -30,6 +29,7 @@ from typing import Final, Literal
 
 from swarm import PROTOCOL_VERSION, config
 from swarm.errors import ConfigError, DecodeError, DiscoveryTimeoutError, VerificationError
+from swarm.identity import peer_id_for
 from swarm.log import get_logger
 
 log = get_logger(__name__)
@@ -51,11 +51,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KEY_BYTES: Final = 32  # raw Ed25519 public key
 _MAX_MACS: Final = 10**15
 _DETAIL_CHARS: Final = 200  # peer-supplied text quoted in a log line is cut to this
-
-
-def _peer_id_for(public_key: bytes) -> str:
-    # Same rule as swarm.identity.peer_id_for: the first 80 bits of sha256(raw key).
-    return hashlib.sha256(public_key).hexdigest()[:20]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,7 +97,7 @@ def _problem(a: Announcement) -> str | None:
         (a.role in ROLES, f"role must be one of {ROLES}"),
         (bool(_NAME.fullmatch(a.swarm)), "swarm must be 1-63 of [A-Za-z0-9._-]"),
         (len(a.public_key) == _KEY_BYTES, f"public key must be {_KEY_BYTES} raw bytes"),
-        (a.peer_id == _peer_id_for(a.public_key), "peer id is not sha256(public key)[:20]"),
+        (a.peer_id == peer_id_for(a.public_key), "peer id is not sha256(public key)[:20]"),
         (1 <= a.port <= 65535, "port must be in 1..65535"),
         (0 <= a.macs <= _MAX_MACS, "macs out of range"),
         (math.isfinite(a.accuracy) and 0.0 <= a.accuracy <= 1.0, "accuracy must be in [0, 1]"),
@@ -150,7 +145,7 @@ def parse_announcement(
     try:
         key = base64.b64decode(text(K_KEY), validate=True)
         peer_id = text(K_ID)
-        if len(key) == _KEY_BYTES and peer_id != _peer_id_for(key):
+        if len(key) == _KEY_BYTES and peer_id != peer_id_for(key):
             raise VerificationError("peer_id_mismatch", f"id {peer_id[:20]!r} is not bound to key")
         serving = role == "peer"
         return Announcement(

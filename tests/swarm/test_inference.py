@@ -1,4 +1,4 @@
-"""Tests of swarm.inference: the engine (checks, batching, failures) and top_k."""
+"""Tests of swarm.inference: the engine (checks, batching, failures) ."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from swarm.config import Timings
 from swarm.errors import ConfigError, InferenceError
-from swarm.inference import Engine, Manifest, ModelSpec, load_manifest, top_k
+from swarm.inference import Engine, Manifest, ModelSpec, load_manifest
 from swarm.metrics import Metrics
 from tests.swarm.conftest import build_tiny_model, model_entry, write_manifest
 
@@ -232,12 +232,3 @@ async def test_close_fails_queued_calls_and_is_idempotent(tiny_manifest: Manifes
     with pytest.raises(InferenceError, match="closed"):
         await eng.start()
     assert "closed" in repr(eng)
-
-
-def test_top_k_orders_and_breaks_ties_low() -> None:
-    """top_k returns the k best classes by probability, ties to the lower index."""
-    probs = np.array([0.1, 0.3, 0.3, 0.05, 0.25, 0, 0, 0, 0, 0], dtype=np.float32)
-    assert [c for c, _ in top_k(probs, 3)] == [1, 2, 4]
-    assert top_k(probs, 1)[0][1] == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="k must be"):
-        top_k(probs, 0)

@@ -17,7 +17,8 @@ def test_export_matches_pytorch_within_1e4(tmp_path: Path) -> None:
     """A small member exported to ONNX gives PyTorch's probabilities within 1e-4."""
     import torch
 
-    from variants.export import export_onnx, run_onnx
+    from variants import runtime
+    from variants.export import export_onnx
     from variants.models import Arch, MobileNetV2, WithSoftmax
 
     torch.manual_seed(0)
@@ -27,7 +28,7 @@ def test_export_matches_pytorch_within_1e4(tmp_path: Path) -> None:
     x = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)
     with torch.no_grad():
         want = WithSoftmax(model)(torch.from_numpy(x)).numpy()
-    assert np.abs(run_onnx(path, x) - want).max() <= 1e-4
+    assert np.abs(runtime.predict(path, x) - want).max() <= 1e-4
 
 
 class _Interrupted(Exception):
