@@ -32,7 +32,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from sim.byzantine import HONEST, MODES, Attacker
-from swarm import PROTOCOL_VERSION, config, wire
+from swarm import PROTOCOL_VERSION, aio, config, wire
 from swarm.discovery import Discovery, PeerTable
 from swarm.errors import DecodeError, SwarmError
 from swarm.identity import Identity, TrustStore
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     try:
-        asyncio.run(run_agent(args))
+        aio.run(run_agent(args))
     except SwarmError as exc:
         sys.stderr.write(f"python -m sim.agent: error: {exc}\n")
         return EXIT_STARTUP

@@ -33,14 +33,23 @@ from sim.benchmarks import load, sections
 from sim.benchmarks.fleet import Fleet, requester
 from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_rtt
 from sim.benchmarks.sections import Plan
-from swarm import wire
+from swarm import aio, wire
 from swarm.identity import Identity
 from swarm.inference import default_manifest_path, load_manifest
 from swarm.log import configure_logging
 
 DEFAULT_OUT: Final = Path("runs/bench")
 VARIANTS: Final = ("V1", "V2", "V3", "V4", "V5")
-BATCH_WAIT_OLD_MS: Final = "2"  # the micro-batch wait every lone input paid before
+# The peers' old behaviours, each put back alone (flags, environment) by the fast-path
+# section: a 2 ms micro-batch wait for every lone input, every batch handed to the
+# model's thread, the stock asyncio event loop.
+OLD_LOOP_ENV: Final = {aio.ENV: "asyncio"}
+OLD_PEERS: Final[dict[str, tuple[list[str], dict[str, str]]]] = {
+    "old_batch_wait_2ms": (["--batch-wait-ms", "2"], {}),
+    "old_engine_thread": (["--inline-max-ms", "0"], {}),
+    "old_asyncio_loop": ([], OLD_LOOP_ENV),
+}
+OLD_PEER_FLAGS: Final = [flag for flags, _ in OLD_PEERS.values() for flag in flags]
 SECTIONS: Final = ("variants", "overhead", "fast_path", "throughput", "scaling", "tails")
 
 
@@ -58,8 +67,13 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
     )
     async with contextlib.AsyncExitStack() as stack:
         main = await stack.enter_async_context(Fleet(workdir / "main"))
-        extra = [] if plan.quick else [["--batch-wait-ms", BATCH_WAIT_OLD_MS], ["--no-batching"]]
-        others = [await stack.enter_async_context(Fleet(workdir / "x", extra=e)) for e in extra]
+        # Peers with one old behaviour each put back, then all of them, then no batching.
+        extra = [] if plan.quick else [*OLD_PEERS.values(), ([*OLD_PEER_FLAGS], OLD_LOOP_ENV)]
+        extra += [] if plan.quick else [(["--no-batching"], {})]
+        others = [
+            await stack.enter_async_context(Fleet(workdir / "x", extra=flags, env=env))
+            for flags, env in extra
+        ]
         await asyncio.gather(*(f.start(VARIANTS) for f in [main, *others]))
         req = await stack.enter_async_context(requester(main, manifest, peers=len(VARIANTS)))
         side = [
@@ -71,9 +85,8 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         out["overhead"] = await sections.overhead(
             req, tensors, latencies, rtt, fanout, plan, main.peers
         )
-        out["fast_path"] = await sections.fast_path(
-            req, tensors, plan, batch_wait_req=side[0] if side else None
-        )
+        old_peers = dict(zip([*OLD_PEERS, "old_all"], side, strict=False))
+        out["fast_path"] = await sections.fast_path(req, tensors, plan, old_peers=old_peers)
         chosen = out["overhead"]["variants"]
         floor = load.batched_floor(manifest, chosen, plan.batch_runs)
         out["throughput"] = await load.throughput(
@@ -81,7 +94,7 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
             plan,
             floor,
             (req, main.peers),
-            (side[1], others[1].peers) if len(side) > 1 else None,
+            (side[-1], others[-1].peers) if side else None,
         )
         for fleet in others:  # their CPU is not part of what follows
             await fleet.aclose()
@@ -128,6 +141,7 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets: each with its measured value and whether it is met."""
     ov = out["overhead"]
     c32 = out["throughput"]["levels"]["batching_on"].get("32")
+    c32_wave = out["throughput"]["levels"][f"batching_on_wave{sections.WAVE}"].get("32")
     scale = out["scaling"]
     by_n = {lv["peers"]: lv for lv in scale["levels"]}
     p50_40 = by_n[40]["classify_ms"]["p50"] / by_n[5]["classify_ms"]["p50"] if 40 in by_n else None
@@ -142,7 +156,11 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
     return {
         "overhead_ratio_p50": item(ov["overhead_ratio"], 1.5),
         "overhead_ratio_p50_no_early_exit": item(ov["overhead_ratio_no_early_exit"], 1.5),
+        "overhead_ratio_p50_wave": item(ov["overhead_ratio_wave"], 1.5),
         "throughput_c32_vs_floor": item(c32["vs_floor"] if c32 else None, 0.5, below=False),
+        "throughput_c32_wave_vs_floor": item(
+            c32_wave["vs_floor"] if c32_wave else None, 0.5, below=False
+        ),
         "crypto_share": item(ov["crypto_share"], 0.05),
         "all_see_all_at_20_s": item(see20, 3.0),
         "p50_40_vs_5_peers": item(p50_40, 2.0),
@@ -178,12 +196,19 @@ def markdown(out: dict[str, Any]) -> str:
         f"| unsigned fan-out x5, no model | {fan['p50']} | {fan['p99']} "
         f"| {ov['unsigned_fanout_vs_floor']} |"
     )
-    for key, label in (("classify_ms", "classify"), ("classify_no_early_exit_ms", "no early exit")):
+    for key, label, r in (
+        ("classify_ms", "classify", ov["overhead_ratio"]),
+        ("classify_no_early_exit_ms", "no early exit", ov["overhead_ratio_no_early_exit"]),
+        ("classify_wave_ms", f"wave of {ov['wave']}", ov["overhead_ratio_wave"]),
+    ):
         s = ov[key]
-        r = ov["overhead_ratio" if key == "classify_ms" else "overhead_ratio_no_early_exit"]
         lines.append(f"| {label} | {s['p50']} | {s['p99']} | {r} |")
-    cpu = ov["cpu_ms_per_call"]
-    lines.append(f"\nCPU per call: requester {cpu['requester']} ms, peers {cpu['peers_total']} ms")
+    for key, label in (("cpu_ms_per_call", "all at once"), ("cpu_ms_per_call_wave", "wave")):
+        cpu = ov[key]
+        lines.append(
+            f"\nCPU per call ({label}): requester {cpu['requester']} ms, "
+            f"peers {cpu['peers_total']} ms"
+        )
     lines += ["", "| stage | p50 ms | share |", "|---|---|---|"]
     for stage, ms in ov["breakdown_p50_ms"].items():
         lines.append(f"| {stage} | {ms} | {ov['breakdown_share_of_p50'][stage]} |")
@@ -242,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # As the classify CLI: warnings only, so the requester here logs what a user's would.
     configure_logging("json", "warning")
     with tempfile.TemporaryDirectory(prefix="vswarm-bench-") as tmp:
-        out = asyncio.run(_until_signal(run(plan, Path(tmp))))
+        out = aio.run(_until_signal(run(plan, Path(tmp))))
     (args.out / "bench.json").write_text(json.dumps(out, indent=2) + "\n")
     text = markdown(out)
     (args.out / "bench.md").write_text(text)

@@ -33,7 +33,7 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
-from swarm import config, voting, wire
+from swarm import aio, config, voting, wire
 from swarm.discovery import Discovery, PeerRecord, PeerTable
 from swarm.errors import DecodeError, SwarmError, VerificationError
 from swarm.identity import Identity, TrustStore
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_format, args.log_level)
-    asyncio.run(run_driver(args))
+    aio.run(run_driver(args))
     return 0
 
 

@@ -29,6 +29,7 @@ from sim.procs import Cluster, SimError
 from sim.runners import byzantine, churn, crash, paper, partition, straggler
 from sim.runners.common import Report
 from sim.scenario import BUILTIN, Scenario, ScenarioError, builtin, load
+from swarm import aio
 from swarm.log import configure_logging
 
 log = structlog.get_logger("sim.run")
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / "sim" / f"{scenario.name}-{stamp}-{os.getpid()}"
     try:
-        result = asyncio.run(_main_async(scenario, out, args))
+        result = aio.run(_main_async(scenario, out, args))
     except asyncio.CancelledError:
         sys.stderr.write("interrupted: every process and namespace was removed\n")
         return EXIT_INTERRUPTED

@@ -19,7 +19,6 @@ peer keeps in its data directory) persist across runs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -31,7 +30,7 @@ from typing import Final, NoReturn, TextIO
 import numpy as np
 import numpy.typing as npt
 
-from swarm import cliargs, config, voting, wire
+from swarm import aio, cliargs, config, voting, wire
 from swarm.config import DEFAULT_TIMINGS
 from swarm.discovery import ALL_INTERFACES, Discovery, PeerTable
 from swarm.errors import ConfigError, DiscoveryTimeoutError, NoDecisionError, SwarmError
@@ -120,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
         "'all' asks every peer, so the vote tolerates up to half of the peers lying",
     )
     p.add_argument(
+        "--wave",
+        type=cliargs.replicas,
+        default=None,
+        metavar="N|all",
+        help="ballots asked at once: 'all' (default) asks every one; N asks the N most "
+        "trusted first and the others only if those leave the label open (fewer peers "
+        "disturbed, a second round trip for unclear inputs)",
+    )
+    p.add_argument(
         "--latency-budget-ms",
         type=cliargs.number(0, above=True, what="a number of milliseconds"),
         default=None,
@@ -197,6 +205,7 @@ def _prepare(args: argparse.Namespace) -> _Setup:
         max_macs=args.max_macs,
         latency_budget_ms=args.latency_budget_ms,
         replicas=args.replicas,
+        wave=args.wave,
     )
     wait_peers = len(names) if args.wait_peers is None else args.wait_peers
     if wait_peers > len(names):
@@ -344,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(str(exc))
         return EXIT_USAGE
     try:
-        return asyncio.run(_run(args, setup, sys.stdout))
+        return aio.run(_run(args, setup, sys.stdout))
     except KeyboardInterrupt:
         _fail("interrupted")
         return EXIT_INTERRUPTED

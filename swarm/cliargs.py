@@ -66,7 +66,7 @@ def number(
 
 
 def replicas(text: str) -> int | None:
-    """``all`` (None: every replica) or an integer >= 1."""
+    """``all`` (None: every one) or an integer >= 1 (``--replicas``, ``--wave``)."""
     if text == "all":
         return None
     try:

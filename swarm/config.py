@@ -83,6 +83,10 @@ class Timings:
     # batch anyway, which is where batching pays (sim.bench measures both).
     batch_wait_s: float = 0.0
     max_batch: int = 32
+    # A batch the model runs in at most this long (measured when the engine starts) runs
+    # on the event loop: handing it to the engine's thread and back costs more than that
+    # (sim.bench measures both). Longer batches, and every batch when 0, run in the thread.
+    inline_max_s: float = 0.001
     # mDNS record TTLs are zeroconf's defaults (120 s host, 4500 s other); a peer that
     # leaves says goodbye (TTL 0). Reputation halves every this many seconds.
     reputation_half_life_s: float = 3600.0

@@ -13,6 +13,13 @@ decides from what this gathers. Here, for one call:
 - Early exit: once ``quorum`` ballots count and ``voting.can_change`` says the variants
   still out cannot change the label, whatever they answer, the rest are cancelled. At
   the deadline, what is still out is cancelled and the call decides with what is in.
+- Waves (``wave``, optional): only the ``wave`` most trusted slots are asked at once;
+  the rest are held in reserve and asked only if the first wave's answers leave the
+  label open: when nothing of the wave is still out, when one of its slots ran out of
+  replicas, or at the hedge delay. A call that stops after the first wave has the label
+  it would have had asking everyone, since ``can_change`` counts every slot held back
+  as a ballot with any content; the peers held back are simply never disturbed. The
+  price is a second round trip for the inputs the first wave leaves open.
 
 Every peer asked ends up in exactly one list:
 
@@ -136,7 +143,10 @@ class FanOut:
         rule: str,
         quorum: int,
         deadline_at: float,
+        wave: int | None = None,
     ) -> None:
+        if wave is not None and wave < 1:
+            raise ValueError(f"wave must be >= 1 or None (every slot at once), got {wave}")
         self.owner = owner
         self.request = request
         self.body = wire.encode_request(request)
@@ -157,6 +167,11 @@ class FanOut:
         self._asked_at: dict[str, float] = {}  # peer id -> time.monotonic() when asked
         self._group: asyncio.TaskGroup | None = None
         self._stopping = False
+        # Slots held back from the first wave, best first (see the module's "Waves").
+        self.reserve: list[Replicas] = []
+        if wave is not None and wave < len(plan):
+            ranked = sorted(plan.values(), key=lambda v: (-v.weight_bound, v.spec.latency_ms))
+            self.reserve = ranked[wave:]
 
     async def run(self) -> bool:
         """Ask, hedge and gather until decided, exhausted or the deadline; True if early."""
@@ -169,14 +184,19 @@ class FanOut:
         async with asyncio.TaskGroup() as group:
             self._group = group
             try:
+                held = {id(v) for v in self.reserve}
                 for variant in self.variants.values():
-                    self._ask_next(variant)
-                while any(v.inflight for v in self.variants.values()):
+                    if id(variant) not in held:
+                        self._ask_next(variant)
+                while any(v.inflight for v in self.variants.values()) or self.reserve:
                     if self._settled():
                         early = True
                         break
                     if loop.time() >= deadline:
                         break
+                    if self.reserve and not any(v.inflight for v in self.variants.values()):
+                        self._release()  # the first wave is in and left the label open
+                        continue
                     try:
                         async with asyncio.timeout_at(
                             deadline if hedged else min(hedge_at, deadline)
@@ -185,6 +205,7 @@ class FanOut:
                     except TimeoutError:
                         if not hedged and loop.time() >= hedge_at:
                             hedged = True
+                            self._release()
                             self._hedge()
                         continue
                     self._absorb(outcome)
@@ -207,6 +228,12 @@ class FanOut:
         variant.inflight[record.peer_id] = task
         self._asked_at[record.peer_id] = time.monotonic()
         self.asked += 1
+
+    def _release(self) -> None:
+        """Ask the slots held in reserve: the first wave cannot settle the call alone."""
+        reserve, self.reserve = self.reserve, []
+        for variant in reserve:
+            self._ask_next(variant)
 
     def _hedge(self) -> None:
         for name, variant in self.variants.items():
@@ -240,6 +267,8 @@ class FanOut:
             self._check(variant, record, outcome.reply, outcome.seconds)
         if not variant.done and not variant.inflight:
             self._ask_next(variant)  # fail over at once rather than wait for the hedge
+            if not variant.inflight:  # no replica left: its ballot is lost to the wave
+                self._release()
 
     def _check(
         self, variant: Replicas, record: PeerRecord, reply: wire.InferReply, seconds: float

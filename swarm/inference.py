@@ -1,7 +1,8 @@
 """The local model: an ONNX Runtime engine with micro-batching.
 
-``Engine`` runs one variant off the event loop in one dedicated thread; concurrent
-``infer`` calls are gathered into one batch. The manifest (``swarm.manifest``) and
+``Engine`` runs one variant in one dedicated thread, or on the event loop when the
+model is faster than the hand-off to a thread; concurrent ``infer`` calls are gathered
+into one batch. The manifest (``swarm.manifest``) and
 input decoding (``swarm.imaging``) are re-exported here.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hashlib
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +68,9 @@ _ORT_ERRORS: Final[tuple[type[Exception], ...]] = (
     TypeError,
 )
 
+# Runs of one input that time the model when an engine starts (and warm it up).
+CALIBRATION_RUNS: Final = 21
+
 # --- engine -----------------------------------------------------------------------------
 
 
@@ -85,11 +90,17 @@ class _Pending:
 
 
 class Engine(AsyncResource):
-    """One ONNX variant, run in one dedicated thread, with micro-batching.
+    """One ONNX variant with micro-batching, run in one dedicated thread or inline.
 
     Concurrent ``infer`` calls are queued; a batcher task takes the first waiting input,
     gathers more for at most ``Timings.batch_wait_s`` (up to ``Timings.max_batch``), and
     runs them as one batch. While a batch runs, new inputs queue up and form the next.
+
+    At start the engine times the model on one input (``CALIBRATION_RUNS`` runs, which
+    also warm it up). A batch expected to take at most ``Timings.inline_max_s`` runs on
+    the event loop itself: for the small variants the thread hand-off (a wake-up of the
+    thread, then of the loop) costs more CPU and latency than the model. Anything longer
+    runs in the thread, so the loop never waits on a model for long.
     """
 
     def __init__(
@@ -116,6 +127,7 @@ class Engine(AsyncResource):
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=config.MAX_INFER_QUEUE)
         self._batcher: asyncio.Task[None] | None = None
         self._in_thread: set[concurrent.futures.Future[Any]] = set()  # to wait for on close
+        self.single_s: float | None = None  # calibrated batch-1 latency, once started
         self._started = False
         self._closed = False
 
@@ -140,6 +152,7 @@ class Engine(AsyncResource):
         loading.add_done_callback(self._in_thread.discard)
         try:
             self._session, self._output_name = await asyncio.wrap_future(loading)
+            self.single_s = await asyncio.wrap_future(self._executor.submit(self._calibrate))
         except BaseException:
             await self.aclose()
             raise
@@ -148,7 +161,20 @@ class Engine(AsyncResource):
                 self._run_batches(), name=f"vswarm-batcher-{self.spec.name}"
             )
         self._started = True
-        log.info("engine_started", model=self.spec.name, threads=self._threads)
+        log.info(
+            "engine_started",
+            model=self.spec.name,
+            threads=self._threads,
+            single_ms=round(self.single_s * 1000, 3),
+            inline=self.inline(1),
+        )
+
+    def inline(self, size: int) -> bool:
+        """Whether a batch of ``size`` inputs runs on the event loop (see the class)."""
+        if self.single_s is None:
+            return False
+        # Batching makes an input cheaper, never dearer: size x one input bounds a batch.
+        return size * self.single_s <= self._timings.inline_max_s
 
     async def infer(self, x: FloatArray) -> InferenceResult:
         """Class probabilities for one canonical input of shape (1, 28, 28)."""
@@ -158,7 +184,7 @@ class Engine(AsyncResource):
             )
         self._check_running()
         if not self._batching:
-            probs, seconds = await self._run_in_thread(x[np.newaxis])
+            probs, seconds = await self._execute(x[np.newaxis])
             if not np.isfinite(probs[0]).all():
                 raise _non_finite(self.spec.name)
             return InferenceResult(probs[0].copy(), seconds, 1)
@@ -235,7 +261,7 @@ class Engine(AsyncResource):
         if not live:
             return
         try:
-            probs, seconds = await self._run_in_thread(np.stack([p.x for p in live]))
+            probs, seconds = await self._execute(np.stack([p.x for p in live]))
         except InferenceError as exc:
             log.warning(
                 "inference_batch_failed", model=self.spec.name, size=len(live), error=str(exc)
@@ -256,18 +282,25 @@ class Engine(AsyncResource):
             else:  # one bad input must not cost the rest of its batch their answers
                 pending.future.set_exception(_non_finite(self.spec.name))
 
-    async def _run_in_thread(self, xs: FloatArray) -> tuple[FloatArray, float]:
+    async def _execute(self, xs: FloatArray) -> tuple[FloatArray, float]:
         if self._executor is None:
             raise InferenceError("engine is not running")
-        work = self._executor.submit(self._run, xs)
-        self._in_thread.add(work)
-        work.add_done_callback(self._in_thread.discard)
-        probs, seconds = await asyncio.wrap_future(work)
+        if self.inline(len(xs)):
+            probs, seconds = self._run(xs)
+        else:
+            work = self._executor.submit(self._run, xs)
+            self._in_thread.add(work)
+            work.add_done_callback(self._in_thread.discard)
+            probs, seconds = await asyncio.wrap_future(work)
         if self._metrics is not None:
             self._metrics.observe_batch(len(xs), seconds)
         return probs, seconds
 
-    # -- in the engine's thread --
+    # -- in the engine's thread (or inline, see ``inline``) --
+
+    def _calibrate(self) -> float:
+        x = np.zeros((1, *config.INPUT_SHAPE), dtype=np.float32)
+        return statistics.median(self._run(x)[1] for _ in range(CALIBRATION_RUNS))
 
     def _load(self) -> tuple[ort.InferenceSession, str]:
         path = self.spec.file

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from swarm import PROTOCOL_VERSION, autoselect, cliargs, config
+from swarm import PROTOCOL_VERSION, aio, autoselect, cliargs, config
 from swarm.discovery import ALL_INTERFACES, Announcement, Discovery, PeerTable
 from swarm.errors import ConfigError, SwarmError
 from swarm.identity import Identity, TrustStore
@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         "while a batch runs form the next one)",
     )
     p.add_argument(
+        "--inline-max-ms",
+        type=cliargs.number(0),
+        default=None,
+        help="run a batch on the event loop when the model takes at most this long for "
+        f"it (default {config.DEFAULT_TIMINGS.inline_max_s * 1000:g}; measured at start), "
+        "in the model's thread otherwise; 0: always in the thread",
+    )
+    p.add_argument(
         "--no-batching",
         dest="batching",
         action="store_false",
@@ -242,6 +250,8 @@ async def _serve(
     timings = config.DEFAULT_TIMINGS
     if args.batch_wait_ms is not None:
         timings = dataclasses.replace(timings, batch_wait_s=args.batch_wait_ms / 1000)
+    if args.inline_max_ms is not None:
+        timings = dataclasses.replace(timings, inline_max_s=args.inline_max_ms / 1000)
     data_dir: Path = args.data_dir if args.data_dir is not None else default_data_dir()
     identity = Identity.load_or_create(data_dir)
     bind_peer(identity.peer_id)
@@ -353,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_ready(event)
 
     try:
-        asyncio.run(run_peer(args, on_ready=on_ready))
+        aio.run(run_peer(args, on_ready=on_ready))
     except asyncio.CancelledError:
         return 0  # a signal during startup: everything opened so far was closed
     except SwarmError as exc:

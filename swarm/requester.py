@@ -89,6 +89,9 @@ class Policy:
     # None asks every eligible replica, so each peer votes and the vote tolerates up to
     # half of the *peers* lying rather than half of the variants.
     replicas: int | None = 1
+    # Ballots asked at once (``swarm.fanout``, "Waves"): None asks every one at once; n
+    # asks the n most trusted and the rest only if those leave the label open.
+    wave: int | None = None
 
     def __post_init__(self) -> None:
         if self.variants is not None and (
@@ -101,6 +104,8 @@ class Policy:
             raise ConfigError(f"Policy.latency_budget_ms must be > 0: {self.latency_budget_ms}")
         if self.replicas is not None and self.replicas < 1:
             raise ConfigError(f"Policy.replicas must be >= 1 or None (all), got {self.replicas}")
+        if self.wave is not None and self.wave < 1:
+            raise ConfigError(f"Policy.wave must be >= 1 or None (all), got {self.wave}")
 
 
 DEFAULT_POLICY: Final = Policy()
@@ -306,6 +311,7 @@ class Requester(AsyncResource):
                 rule=rule,
                 quorum=quorum,
                 deadline_at=started + budget_ms / 1000,
+                wave=policy.wave,
             )
             log.debug("classify_started", variants=sorted(plan), rule=rule, deadline_ms=budget_ms)
             early = await call.run()

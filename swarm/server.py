@@ -54,7 +54,15 @@ VERIFY_STATUS: Final[Mapping[str, int]] = {
     wire.UNTRUSTED_KEY: 403,
     wire.REPLAYED: 409,
 }
-CLASSIFY_PARAMS: Final = ("rule", "k", "variants", "replicas", "deadline_ms", "quorum")
+CLASSIFY_PARAMS: Final = (
+    "rule",
+    "k",
+    "variants",
+    "replicas",
+    "wave",
+    "deadline_ms",
+    "quorum",
+)
 _HTTP_CODES: Final[Mapping[int, str]] = {
     400: "bad_request",
     404: "not_found",
@@ -267,17 +275,19 @@ class _Routes:
             "deadline_ms": _int_param(query, "deadline_ms", None, 1, wire.MAX_DEADLINE_MS),
             "policy": Policy(
                 variants=self._variants_param(query.get("variants")),
-                replicas=self._replicas_param(query.get("replicas")),
+                replicas=self._all_or_count(query, "replicas", 1),
+                wave=self._all_or_count(query, "wave", None),
             ),
         }
 
-    def _replicas_param(self, text: str | None) -> int | None:
+    def _all_or_count(self, query: Mapping[str, str], name: str, default: int | None) -> int | None:
+        text = query.get(name)
         if text is None:
-            return 1
+            return default
         if text == "all":
             return None
         if not text.isdigit() or not 1 <= int(text) <= config.MAX_PEERS:
-            _bad_param(f"replicas must be 'all' or an integer in [1, {config.MAX_PEERS}]")
+            _bad_param(f"{name} must be 'all' or an integer in [1, {config.MAX_PEERS}]")
         return int(text)
 
     def _variants_param(self, text: str | None) -> tuple[str, ...] | None:

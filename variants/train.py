@@ -59,9 +59,14 @@ class Recipe:
         return "reference" if self.name == "reference" else "variant"
 
 
-def _candidate(width: float, res: int, seed: int, distill: bool, **kw: Any) -> Recipe:
-    name = f"w{round(width * 100):03d}-r{res}-s{seed}" + ("-kd" if distill else "")
-    return Recipe(name=name, width=width, resolution=res, seed=seed, distill=distill, **kw)
+def _candidate(
+    width: float, res: int, seed: int, distill: bool, depth: float = 1.0, **kw: Any
+) -> Recipe:
+    shape = f"w{round(width * 100):03d}-r{res}" + ("" if depth == 1.0 else f"-d{round(depth * 100)}")
+    name = f"{shape}-s{seed}" + ("-kd" if distill else "")
+    return Recipe(
+        name=name, width=width, resolution=res, depth=depth, seed=seed, distill=distill, **kw
+    )
 
 
 def default_plan() -> list[Recipe]:
@@ -102,6 +107,9 @@ def default_plan() -> list[Recipe]:
             (0.5, 14, 10),
         ]
     ]
+    # Half-depth twins of the cheapest: at 14-16 px, per-layer overhead, not MACs, sets
+    # the latency, so fewer layers buy the 10x latency target that width alone misses.
+    plan += [_candidate(0.25, r, s, True, depth=0.5) for r, s in [(14, 15), (16, 16)]]
     return plan
 
 

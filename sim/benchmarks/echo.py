@@ -13,6 +13,8 @@ import sys
 
 from aiohttp import web
 
+from swarm import aio
+
 LOOPBACK = "127.0.0.1"
 REPLY = b"x" * 600  # about the size of a signed top-2 reply
 
@@ -42,4 +44,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    aio.run(serve())

@@ -16,7 +16,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -88,10 +88,13 @@ class Peer:
 class Fleet:
     """Peer processes of one swarm, started on demand, all stopped on exit."""
 
-    def __init__(self, workdir: Path, *, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self, workdir: Path, *, extra: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.swarm = "bench" + secrets.token_hex(4)
         self.extra = list(extra)
+        self.env = dict(env or {})
         self.peers: list[Peer] = []
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -128,7 +131,7 @@ class Fleet:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         peer = Peer(name, proc, stderr)
         self.peers.append(peer)

@@ -26,10 +26,17 @@ from sim.benchmarks.measure import (
     session,
     summary,
 )
-from sim.benchmarks.sections import CORES, STRAGGLE_PERIODS_S, STRAGGLE_S, Plan, _no_early_exit
+from sim.benchmarks.sections import (
+    CORES,
+    STRAGGLE_PERIODS_S,
+    STRAGGLE_S,
+    WAVE,
+    Plan,
+    _no_early_exit,
+)
 from swarm import voting
 from swarm.inference import Manifest
-from swarm.requester import Requester
+from swarm.requester import DEFAULT_POLICY, Policy, Requester
 
 VARIANT_CYCLE: Final = ("V1", "V2", "V3", "V4", "V5")
 SEE_TIMEOUT_S: Final = 60.0
@@ -65,9 +72,15 @@ async def throughput(
     batching: tuple[Requester, Sequence[Peer]],
     unbatched: tuple[Requester, Sequence[Peer]] | None,
 ) -> dict[str, Any]:
-    """classify/s at each concurrency, micro-batching on and off, against the floor."""
+    """classify/s at each concurrency, micro-batching on and off, against the floor; and
+    with batching on and waves of ``WAVE`` (fewer peers asked per call)."""
     out: dict[str, Any] = {"floor": floor, "levels": {}}
-    for mode, target in (("batching_on", batching), ("batching_off", unbatched)):
+    modes = (
+        ("batching_on", batching, DEFAULT_POLICY),
+        ("batching_off", unbatched, DEFAULT_POLICY),
+        (f"batching_on_wave{WAVE}", batching, Policy(wave=WAVE)),
+    )
+    for mode, target, policy in modes:
         rows: dict[str, Any] = {}
         for level in plan.concurrency:
             if target is None:
@@ -76,7 +89,7 @@ async def throughput(
             req, peers = target
             count = max(plan.per_level, 4 * level)
             sum0, n0 = await batch_sizes(peers)
-            loop = await classify_loop(req, tensors, count=count, concurrency=level)
+            loop = await classify_loop(req, tensors, count=count, concurrency=level, policy=policy)
             sum1, n1 = await batch_sizes(peers)
             rate = len(loop.latencies_ms) / loop.wall_s
             rows[str(level)] = {

@@ -28,7 +28,7 @@ from swarm import voting, wire
 from swarm.errors import SwarmError
 from swarm.identity import Identity
 from swarm.inference import ModelSpec
-from swarm.requester import Requester
+from swarm.requester import DEFAULT_POLICY, Policy, Requester
 
 FloatArray = npt.NDArray[np.float32]
 THROUGHPUT_BATCH: Final = 32
@@ -133,6 +133,7 @@ async def classify_loop(
     count: int,
     concurrency: int = 1,
     deadline_ms: int | None = None,
+    policy: Policy = DEFAULT_POLICY,
 ) -> Loop:
     """``count`` classify calls, ``concurrency`` at a time; latencies of those decided."""
     latencies: list[float] = []
@@ -146,7 +147,9 @@ async def classify_loop(
             next_index += 1
             start = time.perf_counter()
             try:
-                result = await req.classify(tensors[i % len(tensors)], deadline_ms=deadline_ms)
+                result = await req.classify(
+                    tensors[i % len(tensors)], deadline_ms=deadline_ms, policy=policy
+                )
             except SwarmError:  # a failed call counts, it does not stop the run
                 failures += 1
                 continue

@@ -34,9 +34,11 @@ from swarm import requester as requester_module
 from swarm import voting, wire
 from swarm.identity import Identity, verify_signature
 from swarm.inference import Manifest
-from swarm.requester import Requester
+from swarm.requester import Policy, Requester
 
 CORES: Final = os.cpu_count() or 1
+# The wave the benchmark measures (``Policy.wave``): three ballots first, two in reserve.
+WAVE: Final = 3
 # A straggler is paused (SIGSTOP) this long in every period; two replicas drift apart.
 STRAGGLE_S: Final = 0.1
 STRAGGLE_PERIODS_S: Final = (0.2, 0.27)
@@ -138,9 +140,11 @@ async def overhead(
     floor = floor_ms(latencies, chosen, quantile(rtt, 0.5))
     with_exit: list[float] = []
     without: list[float] = []
+    waved: list[float] = []
     stages: list[dict[str, float]] = []
     per_round = max(1, plan.classify_runs // plan.rounds)
-    cpu_req = cpu_peers = 0.0
+    cpu_req = cpu_peers = cpu_req_wave = cpu_peers_wave = 0.0
+    wave = Policy(wave=WAVE)
     for _ in range(plan.rounds):
         req0, peers0 = time.process_time(), sum(cpu_seconds(p) for p in peers)
         lat, calls = await probed_loop(req, tensors, per_round)
@@ -151,8 +155,14 @@ async def overhead(
         with patched(voting, "can_change", _no_early_exit):
             loop = await classify_loop(req, tensors, count=per_round)
         without += loop.latencies_ms
+        peers0 = sum(cpu_seconds(p) for p in peers)
+        loop = await classify_loop(req, tensors, count=per_round, policy=wave)
+        cpu_req_wave += loop.cpu_s
+        cpu_peers_wave += sum(cpu_seconds(p) for p in peers) - peers0
+        waved += loop.latencies_ms
     p50 = quantile(with_exit, 0.5)
     p50_all = quantile(without, 0.5)
+    p50_wave = quantile(waved, 0.5)
     breakdown = {
         stage: round(quantile([c.get(stage, 0.0) for c in stages], 0.5), 4)
         for stage in ("encode", "sign", "send", "infer", "verify", "vote")
@@ -171,6 +181,10 @@ async def overhead(
         "classify_no_early_exit_ms": summary(without),
         "overhead_ratio": ratio(p50, floor),
         "overhead_ratio_no_early_exit": ratio(p50_all, floor),
+        # Early exit before the send: WAVE ballots first, the rest only if still open.
+        "wave": WAVE,
+        "classify_wave_ms": summary(waved),
+        "overhead_ratio_wave": ratio(p50_wave, floor),
         "early_exit_share": round(
             sum(c.get("early", 0.0) for c in stages) / max(1, len(stages)), 3
         ),
@@ -182,6 +196,10 @@ async def overhead(
         "cpu_ms_per_call": {
             "requester": round(cpu_req * 1000 / len(with_exit), 4),
             "peers_total": round(cpu_peers * 1000 / len(with_exit), 4),
+        },
+        "cpu_ms_per_call_wave": {
+            "requester": round(cpu_req_wave * 1000 / max(1, len(waved)), 4),
+            "peers_total": round(cpu_peers_wave * 1000 / max(1, len(waved)), 4),
         },
         # The requester signs once and verifies every reply; on the critical path each
         # peer verifies the request and signs its reply once more.
@@ -211,6 +229,9 @@ def _peer_crypto_ms(req: Requester, runs: int = 200) -> dict[str, float]:
 
 
 # --- the fast path: each change against its old behaviour, same run -------------------
+
+# Old behaviours of the peers: each row runs against a fleet started with it.
+OLD_PEER_ROWS: Final = ("old_batch_wait_2ms", "old_engine_thread", "old_asyncio_loop")
 
 
 async def _old_exchange(
@@ -245,15 +266,20 @@ async def fast_path(
     tensors: Sequence[FloatArray],
     plan: Plan,
     *,
-    batch_wait_req: Requester | None,
+    old_peers: dict[str, Requester],
 ) -> dict[str, Any]:
-    """classify p50/p99 now and with each old behaviour put back, interleaved."""
+    """classify p50/p99 now and with each old behaviour put back, interleaved.
+
+    ``old_peers`` maps a name to a requester of a fleet whose peers run with that old
+    behaviour (``old_all``: every old peer behaviour at once); the requester's own old
+    behaviours are patched in around the calls.
+    """
     configs: dict[str, tuple[Requester | None, Callable[[], Any]]] = {
         "current": (req, _nothing),
         "old_vote_numpy": (req, _old_vote),
         "old_connection_closed_on_cancel": (req, _old_connection),
-        "old_batch_wait_2ms": (batch_wait_req, _nothing),
-        "old_all": (batch_wait_req, _old_all),
+        **{name: (old_peers.get(name), _nothing) for name in OLD_PEER_ROWS},
+        "old_all": (old_peers.get("old_all"), _old_all),
     }
     samples: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(plan.rounds):

@@ -60,18 +60,32 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         assert _finite(m["throughput_per_s"])
     ov = out["overhead"]
     assert ov["peers"] == 5
-    for key in ("floor_ms", "overhead_ratio", "overhead_ratio_no_early_exit", "crypto_share"):
+    for key in (
+        "floor_ms",
+        "overhead_ratio",
+        "overhead_ratio_no_early_exit",
+        "overhead_ratio_wave",
+        "crypto_share",
+    ):
         assert _finite(ov[key]), key
+    assert _finite(ov["cpu_ms_per_call_wave"]["peers_total"])
     assert set(ov["breakdown_p50_ms"]) == {"encode", "sign", "send", "infer", "verify", "vote"}
     fp = out["fast_path"]
     assert _finite(fp["current"]["classify_ms"]["p50"])
     assert _finite(fp["old_vote_numpy"]["p50_vs_current"])
     assert _finite(fp["old_connection_closed_on_cancel"]["p50_vs_current"])
-    assert {"old_batch_wait_2ms", "old_all", "vote_cost_ms"} <= fp.keys()
+    assert {
+        "old_batch_wait_2ms",
+        "old_engine_thread",
+        "old_asyncio_loop",
+        "old_all",
+        "vote_cost_ms",
+    } <= fp.keys()
     tp = out["throughput"]
     assert _finite(tp["floor"]["per_s"])
     assert _finite(tp["levels"]["batching_on"]["1"]["per_s"])
     assert "batching_off" in tp["levels"]
+    assert _finite(tp["levels"]["batching_on_wave3"]["1"]["per_s"])
     level = out["scaling"]["levels"][0]
     assert level["peers"] == 5
     assert _finite(level["join_seen_by_all_s"])
@@ -80,7 +94,9 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert set(out["targets"]) == {
         "overhead_ratio_p50",
         "overhead_ratio_p50_no_early_exit",
+        "overhead_ratio_p50_wave",
         "throughput_c32_vs_floor",
+        "throughput_c32_wave_vs_floor",
         "crypto_share",
         "all_see_all_at_20_s",
         "p50_40_vs_5_peers",

@@ -112,7 +112,7 @@ async def test_bad_arguments(tiny_manifest: Manifest, engine: Engine) -> None:
 async def test_inference_runs_in_one_dedicated_thread(
     tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every batch runs off the event loop, in the same single engine thread."""
+    """With inline runs off, every batch runs off the event loop, in one engine thread."""
     real_run = ort.InferenceSession.run
     threads: set[str] = set()
 
@@ -121,12 +121,46 @@ async def test_inference_runs_in_one_dedicated_thread(
         return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(ort.InferenceSession, "run", spy_run)
-    async with Engine(tiny_manifest.get("T1"), timings=Timings(max_batch=2)) as eng:
+    timings = Timings(max_batch=2, inline_max_s=0.0)
+    async with Engine(tiny_manifest.get("T1"), timings=timings) as eng:
+        assert not eng.inline(1)
         for _ in range(3):
             await asyncio.gather(*(eng.infer(sample(i)) for i in range(5)))
     assert len(threads) == 1
     assert threads != {threading.current_thread().name}
     assert threads.pop().startswith("vswarm-infer-T1")
+
+
+@pytest.mark.parametrize("batching", [True, False])
+async def test_fast_model_runs_inline_and_slow_batches_in_the_thread(
+    tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch, batching: bool
+) -> None:
+    """A model calibrated under inline_max_s runs on the loop; a batch that would take
+    longer than that goes to the engine's thread."""
+    real_run = ort.InferenceSession.run
+    where: list[tuple[str, int]] = []
+
+    def spy_run(self: ort.InferenceSession, output_names: Any, feeds: Any) -> Any:
+        where.append((threading.current_thread().name, len(feeds["input"])))
+        return real_run(self, output_names, feeds)
+
+    async with Engine(tiny_manifest.get("T1"), batching=batching) as eng:
+        assert eng.single_s is not None and eng.single_s > 0
+        # Two inputs fit within inline_max_s, three do not: the tiny model is fast, so
+        # set the limit between them from its own calibration.
+        eng._timings = Timings(max_batch=8, batch_wait_s=0.05, inline_max_s=2.5 * eng.single_s)
+        assert eng.inline(2) and not eng.inline(3)
+        monkeypatch.setattr(ort.InferenceSession, "run", spy_run)
+        for size in (1, 2, 3):
+            out = await asyncio.gather(*(eng.infer(sample(i)) for i in range(size)))
+            assert [r.probs.shape for r in out] == [(10,)] * size
+    loop_thread = threading.current_thread().name
+    if batching:
+        assert [n for _, n in where] == [1, 2, 3]
+        assert [name == loop_thread for name, _ in where] == [True, True, False]
+    else:  # every input alone: each fits
+        assert [n for _, n in where] == [1] * 6
+        assert all(name == loop_thread for name, _ in where)
 
 
 # --- engine: batching -------------------------------------------------------------------
@@ -165,9 +199,10 @@ async def test_batching_off_runs_one_by_one(tiny_manifest: Manifest) -> None:
     np.testing.assert_allclose(results[3].probs, reference_probs(spec, sample(3)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("inline_max_s", [0.0, 1.0])
 @pytest.mark.parametrize("batching", [True, False])
 async def test_failing_batch_fails_only_its_callers(
-    tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch, batching: bool
+    tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch, batching: bool, inline_max_s: float
 ) -> None:
     """An ORT failure fails that batch's callers with InferenceError; the engine serves on."""
     real_run = ort.InferenceSession.run
@@ -179,9 +214,10 @@ async def test_failing_batch_fails_only_its_callers(
             raise ort_state.Fail("injected failure")
         return real_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(ort.InferenceSession, "run", flaky_run)
-    timings = Timings(max_batch=3, batch_wait_s=5.0)
+    timings = Timings(max_batch=3, batch_wait_s=5.0, inline_max_s=inline_max_s)
     async with Engine(tiny_manifest.get("T1"), timings=timings, batching=batching) as eng:
+        assert eng.inline(1) == (inline_max_s > 0)
+        monkeypatch.setattr(ort.InferenceSession, "run", flaky_run)
         first = await asyncio.gather(
             *(eng.infer(sample(i)) for i in range(3)), return_exceptions=True
         )

@@ -766,3 +766,90 @@ async def test_suspected_peer_is_probed_and_taken_back(rig: Rig) -> None:
         await recovered.wait()
     assert lost.probed >= 1
     assert lost.peer_id in {r.peer_id for r in rig.table.candidates()}
+
+
+# --- waves ---------------------------------------------------------------------------------
+
+
+async def wave_peers(rig: Rig, says_by_variant: dict[str, Behaviour]) -> dict[str, FakePeer]:
+    return {v: await rig.peer(v, b) for v, b in says_by_variant.items()}
+
+
+async def test_wave_asks_only_the_first_slots_when_they_settle(rig7: Rig) -> None:
+    """Three confident agreeing replies settle five ballots: the other two are never asked,
+    and the label is the one asking everyone gives."""
+    peers = await wave_peers(rig7, {f"V{i}": says({3: 0.95}) for i in range(1, 6)})
+    requester = rig7.requester()
+    result = await classify(requester, policy=Policy(wave=3))
+    asked = {v for v, p in peers.items() if p.bodies}
+    assert len(asked) == 3
+    assert {r.variant for r in result.replies} == asked
+    assert result.skipped == result.missing == ()
+    everyone = await classify(requester, quorum=5)
+    assert result.label == everyone.label == 3
+
+
+async def test_wave_asks_the_reserve_when_the_first_wave_leaves_it_open(rig7: Rig) -> None:
+    """A split first wave cannot settle: the reserve is asked and decides."""
+    peers = await wave_peers(
+        rig7,
+        {
+            "V1": says({3: 0.9}),
+            "V2": says({7: 0.9}),
+            "V3": says({3: 0.9}),
+            "V4": says({3: 0.9}),
+            "V5": says({3: 0.9}),
+        },
+    )
+    result = await classify(rig7.requester(), policy=Policy(wave=3))
+    assert all(p.bodies for p in peers.values())
+    assert result.label == 3
+    assert len(result.replies) == 5
+
+
+async def test_wave_calls_the_reserve_when_a_first_wave_slot_runs_out(rig7: Rig) -> None:
+    """A first-wave peer that fails while another hangs: the reserve is asked at once, and
+    the call settles without waiting for the hung one."""
+    peers = await wave_peers(
+        rig7,
+        {
+            "V1": unavailable,
+            "V2": hangs({3: 0.9}),
+            "V3": says({3: 0.9}),
+            "V4": says({3: 0.9}),
+            "V5": says({3: 0.9}),
+        },
+    )
+    async with asyncio.timeout(3):  # far below the 30 s deadline and hedge delay
+        result = await rig7.requester().classify(TENSOR, policy=Policy(wave=3), deadline_ms=30_000)
+    assert peers["V4"].bodies and peers["V5"].bodies
+    assert result.label == 3
+    assert result.missing == (peers["V1"].peer_id,)
+    assert result.skipped == (peers["V2"].peer_id,)
+
+
+async def test_wave_calls_the_reserve_at_the_hedge_delay(rig7: Rig) -> None:
+    """A first-wave peer still silent at the hedge delay: the reserve is asked then."""
+    peers = await wave_peers(
+        rig7,
+        {
+            "V1": hangs({3: 0.9}),
+            "V2": says({3: 0.9}),
+            "V3": says({3: 0.9}),
+            "V4": says({3: 0.9}),
+            "V5": says({3: 0.9}),
+        },
+    )
+    timings = dataclasses.replace(TIMINGS, hedge_after_s=0.05)
+    async with asyncio.timeout(3):
+        result = await rig7.requester(timings=timings).classify(
+            TENSOR, policy=Policy(wave=3), deadline_ms=30_000
+        )
+    assert peers["V4"].bodies and peers["V5"].bodies
+    assert result.label == 3
+    assert result.skipped == (peers["V1"].peer_id,)
+
+
+def test_wave_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="wave"):
+        Policy(wave=0)

@@ -451,7 +451,8 @@ async def test_classify_npy_uses_defaults(harness: Harness) -> None:
 
 
 async def test_classify_png_with_every_parameter(harness: Harness) -> None:
-    """A PNG with rule, k, variants, deadline_ms and quorum passes each one through."""
+    """A PNG with rule, k, variants, replicas, wave, deadline_ms and quorum passes each
+    one through."""
     pixels = np.arange(784, dtype=np.uint32).reshape(28, 28).astype(np.uint8)
     resp = await harness.client.post(
         "/v1/classify",
@@ -459,6 +460,8 @@ async def test_classify_png_with_every_parameter(harness: Harness) -> None:
             "rule": "sum",
             "k": "3",
             "variants": "T2,T1,T2",
+            "replicas": "all",
+            "wave": "2",
             "deadline_ms": "500",
             "quorum": "2",
         },
@@ -473,7 +476,7 @@ async def test_classify_png_with_every_parameter(harness: Harness) -> None:
         "k": 3,
         "quorum": 2,
         "deadline_ms": 500,
-        "policy": Policy(variants=("T2", "T1")),
+        "policy": Policy(variants=("T2", "T1"), replicas=None, wave=2),
     }
 
 
@@ -490,6 +493,8 @@ async def test_classify_png_with_every_parameter(harness: Harness) -> None:
         ({"deadline_ms": str(wire.MAX_DEADLINE_MS + 1)}, "bad_parameter"),
         ({"deadline_ms": "-5"}, "bad_parameter"),
         ({"quorum": "0"}, "bad_parameter"),
+        ({"replicas": "0"}, "bad_parameter"),
+        ({"wave": "some"}, "bad_parameter"),
         ({"colour": "red"}, "bad_parameter"),
         ({"variants": "T1,NOPE"}, "unknown_variant"),
         ({"variants": ""}, "unknown_variant"),
