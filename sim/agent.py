@@ -47,6 +47,7 @@ log = get_logger("sim.agent")
 
 EXIT_STARTUP: Final = 2
 INFER_PATH: Final = "/v1/infer"
+BATCH_PATH: Final = "/v1/infer/batch"
 # Bounds on injected slowness: a slower board, not a dead one (that is SIGSTOP).
 MAX_SLOWDOWN: Final = 1000.0
 MAX_DELAY_MS: Final = 60_000.0
@@ -99,18 +100,25 @@ def _tamper_middleware(faults: Faults) -> Any:
     @web.middleware
     async def tamper(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
-        if request.path != INFER_PATH or not isinstance(response, web.Response):
+        if request.path not in (INFER_PATH, BATCH_PATH) or not isinstance(response, web.Response):
             return response
         if response.status != 200 or not isinstance(response.body, bytes):
             return response
+        attacker = faults.attacker
         try:
-            honest = wire.decode_reply(response.body)
+            if request.path == BATCH_PATH:
+                honest_batch = wire.decode_reply_batch(response.body)
+                lies = attacker.tamper_batch(honest_batch)
+                body = None if lies is honest_batch else wire.encode_reply_batch(lies)
+            else:
+                honest = wire.decode_reply(response.body)
+                lie = attacker.tamper(honest)
+                body = None if lie is honest else wire.encode_reply(lie)
         except DecodeError:  # pragma: no cover - our own server's reply always decodes
             return response
-        lie = faults.attacker.tamper(honest)
-        if lie is honest:
+        if body is None:
             return response
-        return web.Response(body=wire.encode_reply(lie), content_type="application/json")
+        return web.Response(body=body, content_type="application/json")
 
     return tamper
 

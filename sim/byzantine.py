@@ -117,6 +117,16 @@ class Attacker:
             return _resign(honest, me, input_sha256=other, topk=((collude_class(top1), wire.PPM),))
         raise AssertionError(mode)  # pragma: no cover - set_mode admits only MODES
 
+    def tamper_batch(self, honest: wire.ReplyBatch) -> wire.ReplyBatch:
+        """What this peer sends instead of the reply batch ``honest``: each reply tampered
+        as alone, the batch signed by this peer (by the impostor key when forging)."""
+        if self.mode in (HONEST, "claim"):
+            return honest
+        items = [i if isinstance(i, wire.ItemError) else self.tamper(i) for i in honest.items]
+        signer = self.impostor if self.mode == "forge" else self.identity
+        lie = wire.sign_replies(signer, items)
+        return dataclasses.replace(lie, responder_id=honest.responder_id)
+
 
 __all__ = [
     "ATTACKS",

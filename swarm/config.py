@@ -27,6 +27,10 @@ MAX_INFER_BODY = 64 * 1024
 MAX_CLASSIFY_BODY = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_REPLY_BODY = 16 * 1024
+# Batches of requests to one peer (swarm.messages): at most this many items, one body.
+MAX_BATCH_ITEMS = 32
+MAX_INFER_BATCH_BODY = MAX_BATCH_ITEMS * 8 * 1024
+MAX_REPLY_BATCH_BODY = MAX_BATCH_ITEMS * 2 * 1024
 # RFC 6763 section 6.2: a TXT record should stay well under 1300 bytes in total.
 MAX_TXT_VALUE = 255
 MAX_TXT_RECORD = 1300
@@ -45,6 +49,8 @@ MAX_PENDING_RESOLVES = 64
 # (host and port); a call past these waits for a free one, within its deadline.
 REQUESTER_MAX_CONNECTIONS = 128
 REQUESTER_MAX_CONNECTIONS_PER_PEER = 16
+# Exchanges a requester runs with one peer at once; asks beyond wait and go as a batch.
+REQUESTER_EXCHANGES_PER_PEER = 2
 # HTTP requests one peer serves at once, per route; past this it answers 503 with
 # Retry-After instead of queueing without bound. /v1/infer is cheap and micro-batched
 # (its queue, MAX_INFER_QUEUE, is larger still); /v1/classify fans out to the swarm.

@@ -82,6 +82,16 @@ class ReplyInfo:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """What one ask brought back: a decoded reply, not yet checked against the request."""
+
+    reply: wire.InferReply
+    # True when the reply came as an item of a reply batch whose one signature the
+    # requester already verified against the peer's key; the item carries none itself.
+    batch_verified: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Rejection:
     """A reply that arrived and was refused."""
 
@@ -117,7 +127,7 @@ class Asker(Protocol):
 
     async def ask_peer(
         self, record: PeerRecord, request: wire.InferRequest, body: bytes
-    ) -> wire.InferReply: ...
+    ) -> Answer: ...
 
     def observe_latency(self, peer_id: str, ms: float, *, censored: bool = False) -> None: ...
 
@@ -126,7 +136,7 @@ class Asker(Protocol):
 class _Outcome:
     record: PeerRecord
     seconds: float
-    reply: wire.InferReply | None
+    answer: Answer | None
     error: SwarmError | None
 
 
@@ -243,16 +253,16 @@ class FanOut:
 
     async def _attempt(self, record: PeerRecord) -> None:
         started = time.monotonic()
-        reply: wire.InferReply | None = None
+        answer: Answer | None = None
         error: SwarmError | None = None
         try:
             async with asyncio.timeout(max(0.0, self.deadline_at - started)):
-                reply = await self.owner.ask_peer(record, self.request, self.body)
+                answer = await self.owner.ask_peer(record, self.request, self.body)
         except TimeoutError:
             error = PeerTimeoutError("no answer before the deadline")
         except SwarmError as exc:
             error = exc
-        self.queue.put_nowait(_Outcome(record, time.monotonic() - started, reply, error))
+        self.queue.put_nowait(_Outcome(record, time.monotonic() - started, answer, error))
 
     def _absorb(self, outcome: _Outcome) -> None:
         record = outcome.record
@@ -261,19 +271,20 @@ class FanOut:
             return  # cancelled meanwhile, and already listed as skipped or missing
         if isinstance(outcome.error, DecodeError):
             self._reject(record, MALFORMED, str(outcome.error))
+        elif isinstance(outcome.error, VerificationError):  # a reply batch's signature
+            self._reject(record, outcome.error.reason, outcome.error.detail)
         elif outcome.error is not None:
             self._fail(record, outcome.error, outcome.seconds)
-        elif outcome.reply is not None:
-            self._check(variant, record, outcome.reply, outcome.seconds)
+        elif outcome.answer is not None:
+            self._check(variant, record, outcome.answer, outcome.seconds)
         if not variant.done and not variant.inflight:
             self._ask_next(variant)  # fail over at once rather than wait for the hedge
             if not variant.inflight:  # no replica left: its ballot is lost to the wave
                 self._release()
 
-    def _check(
-        self, variant: Replicas, record: PeerRecord, reply: wire.InferReply, seconds: float
-    ) -> None:
+    def _check(self, variant: Replicas, record: PeerRecord, answer: Answer, seconds: float) -> None:
         owner = self.owner
+        reply = answer.reply
         try:
             wire.verify_reply(
                 reply,
@@ -285,6 +296,7 @@ class FanOut:
                 freshness_s=owner.timings.freshness_s,
                 expected_variant=record.variant,
                 expected_model_sha256=record.model_sha256,
+                signature_verified=answer.batch_verified,
             )
         except VerificationError as exc:
             self._reject(record, exc.reason, exc.detail)

@@ -14,8 +14,21 @@ integer parts per million), integers within the I-JSON safe range, object keys s
 UTF-16 code units, no insignificant whitespace, UTF-8. Any implementation, in any
 language, then signs exactly the bytes we verify.
 
-``build_request`` and ``build_reply`` make signed messages; ``swarm.wire`` encodes and
-decodes them, and ``swarm.verify`` checks what decoding cannot.
+Batches: a requester with several requests for one peer at once may send them as one
+``InferBatch`` and get one ``ReplyBatch`` back, each signed once for all its items rather
+than once per item, which is most of a small model's cost per input. Items travel
+without signatures of their own; the batch signature covers the SHA-256 of each item's
+signed bytes, in order::
+
+    b"vswarm/request-batch/v1\n" + sha256(item.signed_bytes()) + ...
+    b"vswarm/reply-batch/v1\n" + sha256(reply.signed_bytes()) + ...   (replies only)
+
+A reply batch lists, per request item and in the same order, either its reply or an
+error (a refused or failed item, which is not evidence of anything and so not signed).
+
+``build_request`` and ``build_reply`` make signed messages (``build_batch`` and
+``sign_replies`` batches); ``swarm.wire`` encodes and decodes them, and ``swarm.verify``
+checks what decoding cannot.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
@@ -37,6 +51,8 @@ from swarm.identity import Identity
 
 REQUEST_TAG: Final = b"vswarm/request/v1\n"
 REPLY_TAG: Final = b"vswarm/reply/v1\n"
+BATCH_REQUEST_TAG: Final = b"vswarm/request-batch/v1\n"
+BATCH_REPLY_TAG: Final = b"vswarm/reply-batch/v1\n"
 
 PPM: Final = 1_000_000
 # RFC 7493 (I-JSON) section 2.2: integers beyond 2**53 - 1 do not survive every parser.
@@ -160,6 +176,47 @@ class InferReply:
     def signed_bytes(self) -> bytes:
         """The exact bytes the responder's signature covers."""
         return REPLY_TAG + _message_json(self, _REPLY_UNSIGNED)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InferBatch:
+    """Several requests of one requester to one peer, signed once (items unsigned)."""
+
+    requester_key: bytes = dataclasses.field(repr=False)
+    items: tuple[InferRequest, ...]
+    signature: bytes = dataclasses.field(repr=False)
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the requester's batch signature covers."""
+        return BATCH_REQUEST_TAG + b"".join(_digest(item) for item in self.items)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemError:
+    """A batch item the peer refused or could not serve (an HTTP error's code and text)."""
+
+    request_id: str
+    error: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplyBatch:
+    """A peer's answers to an ``InferBatch``, item by item, signed once (replies unsigned)."""
+
+    responder_id: str
+    items: tuple[InferReply | ItemError, ...]
+    signature: bytes = dataclasses.field(repr=False)
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the responder's batch signature covers: its replies, in order."""
+        return BATCH_REPLY_TAG + b"".join(
+            _digest(item) for item in self.items if isinstance(item, InferReply)
+        )
+
+
+def _digest(msg: InferRequest | InferReply) -> bytes:
+    return hashlib.sha256(msg.signed_bytes()).digest()
 
 
 # dataclasses.fields() rebuilds its tuple on every call; messages are made per request.
@@ -301,6 +358,26 @@ def build_request(
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 
 
+def build_batch(identity: Identity, requests: Sequence[InferRequest]) -> InferBatch:
+    """``requests`` (made by ``identity``) as one batch signed by ``identity``."""
+    if not 1 <= len(requests) <= config.MAX_BATCH_ITEMS:
+        raise ValueError(f"a batch holds 1 to {config.MAX_BATCH_ITEMS} requests")
+    if any(r.requester_key != identity.public_key for r in requests):
+        raise ValueError("every request of a batch must be the batch signer's own")
+    items = tuple(dataclasses.replace(r, signature=b"") for r in requests)
+    unsigned = InferBatch(identity.public_key, items, b"")
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+
+
+def sign_replies(identity: Identity, items: Sequence[InferReply | ItemError]) -> ReplyBatch:
+    """One signature of ``identity`` over the replies among ``items`` (theirs stripped)."""
+    bare = tuple(
+        dataclasses.replace(i, signature=b"") if isinstance(i, InferReply) else i for i in items
+    )
+    unsigned = ReplyBatch(identity.peer_id, bare, b"")
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+
+
 def build_reply(
     identity: Identity,
     request: InferRequest,
@@ -311,8 +388,10 @@ def build_reply(
     k: int | None = None,
     infer_us: int,
     now_ms: int | None = None,
+    sign: bool = True,
 ) -> InferReply:
-    """The signed top-k answer of ``identity``'s model to ``request``."""
+    """The signed top-k answer of ``identity``'s model to ``request`` (unsigned with
+    ``sign=False``: an item of a ``ReplyBatch``, which ``sign_replies`` signs)."""
     top = request.k if k is None else k
     if not 1 <= top <= request.k:
         raise ValueError(f"k must be in [1, {request.k}] (what the request asked), got {top}")
@@ -337,4 +416,6 @@ def build_reply(
         infer_us=max(0, infer_us),
         signature=b"",
     )
+    if not sign:
+        return unsigned
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))

@@ -12,6 +12,10 @@ The path of a call (DESIGN.md, "The path of one classify call"):
    most accurate variant first, variants that would overrun its MACs budget.
 2. Ask, hedge, verify and exit early: ``swarm.fanout``. The request is signed and encoded
    once for all peers. The peer's own variant is asked in-process (``LocalInfer``).
+   Coalescing: at most ``config.REQUESTER_EXCHANGES_PER_PEER`` exchanges with one peer
+   run at once; asks for that peer beyond them wait and go together, when one finishes,
+   as one batch (``POST /v1/infer/batch``) signed once each way. A lone call never waits:
+   under concurrency, calls share the HTTP exchange and both signatures.
 3. Vote: a ballot weighs the variant's validation accuracy x the peer's reputation weight;
    ``voting.decide`` under the caller's rule.
 4. Learn: reputation is recorded from a decision only if ``certified_f >= 1``. A decision
@@ -38,13 +42,15 @@ from swarm.config import DEFAULT_TIMINGS, Timings
 from swarm.discovery import PeerRecord, PeerTable
 from swarm.errors import (
     ConfigError,
+    DecodeError,
     InferenceError,
     MessageTooLargeError,
     NoDecisionError,
     PeerUnreachableError,
     SwarmError,
+    VerificationError,
 )
-from swarm.fanout import MALFORMED, FanOut, Rejection, Replicas, ReplyInfo
+from swarm.fanout import MALFORMED, Answer, FanOut, Rejection, Replicas, ReplyInfo
 from swarm.identity import Identity, TrustStore
 from swarm.inference import InferenceResult, Manifest, ModelSpec
 from swarm.log import bound, get_logger
@@ -67,6 +73,7 @@ __all__ = [
 log = get_logger(__name__)
 
 INFER_PATH: Final = "/v1/infer"
+BATCH_PATH: Final = "/v1/infer/batch"
 # Weight of the newest sample in a peer's round-trip estimate: the last few calls count.
 LATENCY_ALPHA: Final = 0.3
 _HEADERS: Final = {
@@ -190,6 +197,23 @@ class LocalInfer:
         )
 
 
+@dataclasses.dataclass(slots=True)
+class _Waiting:
+    """An ask queued behind a peer's busy exchanges, to go in the next batch."""
+
+    request: wire.InferRequest
+    body: bytes
+    future: asyncio.Future[Answer]
+
+
+@dataclasses.dataclass(slots=True)
+class _Link:
+    """The exchanges with one peer: how many run, and the asks waiting for a turn."""
+
+    busy: int = 0
+    waiting: collections.deque[_Waiting] = dataclasses.field(default_factory=collections.deque)
+
+
 class Requester(AsyncResource):
     """Fans one signed request out to the swarm and votes on the verified replies."""
 
@@ -205,6 +229,7 @@ class Requester(AsyncResource):
         timings: Timings = DEFAULT_TIMINGS,
         metrics: Metrics | None = None,
         local: LocalInfer | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.identity = identity
         self.swarm = swarm
@@ -215,6 +240,9 @@ class Requester(AsyncResource):
         self.timings = timings
         self.metrics = metrics
         self.local = local
+        self.coalesce = coalesce  # off: every ask is an exchange of its own
+        self._links: dict[str, _Link] = {}
+        self._groups: set[asyncio.Task[None]] = set()  # batches and lone asks sent for queues
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._probe: asyncio.Task[None] | None = None
@@ -243,7 +271,7 @@ class Requester(AsyncResource):
         if probe is not None:
             probe.cancel()
             await asyncio.wait([probe])
-        exchanges = set(self._exchanges)
+        exchanges: set[asyncio.Task[Any]] = {*self._exchanges, *self._groups}
         for task in exchanges:
             task.cancel()
         if exchanges:
@@ -445,27 +473,124 @@ class Requester(AsyncResource):
                 continue
         return False
 
-    async def ask_peer(
-        self, record: PeerRecord, request: wire.InferRequest, body: bytes
-    ) -> wire.InferReply:
+    async def ask_peer(self, record: PeerRecord, request: wire.InferRequest, body: bytes) -> Answer:
         """One peer's decoded reply, or a SwarmError; the caller bounds the time."""
         local = self.local
         if local is not None and self._is_local(record, local.spec):
             try:
-                return await local(request, self.identity)
+                return Answer(await local(request, self.identity))
             except SwarmError:
                 raise
             except Exception as exc:  # a bug there must cost one reply, not the call
                 log.exception("local_infer_crashed")
                 raise InferenceError(f"the local model failed: {exc!r}") from exc
+        if not self.coalesce:
+            return Answer(await self._ask_one(record, request, body))
+        link = self._links.setdefault(record.peer_id, _Link())
+        if link.busy < config.REQUESTER_EXCHANGES_PER_PEER and not link.waiting:
+            link.busy += 1
+            try:
+                return Answer(await self._ask_one(record, request, body))
+            finally:
+                link.busy -= 1
+                self._flush(link, record)
+        waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
+        link.waiting.append(waiting)
+        return await waiting.future  # a caller that gives up cancels it: the batch skips it
+
+    def _flush(self, link: _Link, record: PeerRecord) -> None:
+        """Send what waits for ``record``'s peer, as batches, while exchanges are free."""
+        while link.busy < config.REQUESTER_EXCHANGES_PER_PEER and link.waiting:
+            group: list[_Waiting] = []
+            while link.waiting and len(group) < config.MAX_BATCH_ITEMS:
+                waiting = link.waiting.popleft()
+                if not waiting.future.done():
+                    group.append(waiting)
+            if not group:
+                break
+            link.busy += 1
+            task = asyncio.get_running_loop().create_task(
+                self._send_group(link, record, group), name="vswarm-batch"
+            )
+            self._groups.add(task)
+            task.add_done_callback(self._groups.discard)
+        if not link.busy and not link.waiting:
+            self._links.pop(record.peer_id, None)
+
+    async def _send_group(self, link: _Link, record: PeerRecord, group: list[_Waiting]) -> None:
+        try:
+            if len(group) == 1:
+                only = group[0]
+                answers: list[Answer | SwarmError] = [
+                    Answer(await self._ask_one(record, only.request, only.body))
+                ]
+            else:
+                answers = await self._ask_batch(record, [w.request for w in group])
+        except SwarmError as exc:
+            answers = [exc] * len(group)
+        except Exception as exc:  # a bug here must fail these asks, not hang them
+            log.exception("batch_ask_crashed", peer=record.peer_id)
+            answers = [InferenceError(f"the batch to {record.peer_id} failed: {exc!r}")] * len(
+                group
+            )
+        finally:
+            link.busy -= 1
+            self._flush(link, record)
+        for waiting, answer in zip(group, answers, strict=True):
+            if waiting.future.done():
+                continue
+            if isinstance(answer, Answer):
+                waiting.future.set_result(answer)
+            else:
+                waiting.future.set_exception(_copy_error(answer))
+
+    async def _ask_one(
+        self, record: PeerRecord, request: wire.InferRequest, body: bytes
+    ) -> wire.InferReply:
+        raw = await self._post_to(record, INFER_PATH, body, request.deadline_ms / 1000)
+        return wire.decode_reply(raw)
+
+    async def _ask_batch(
+        self, record: PeerRecord, requests: list[wire.InferRequest]
+    ) -> list[Answer | SwarmError]:
+        """Ask ``requests`` as one batch; a whole-batch failure raises, an item's is listed."""
+        batch = wire.build_batch(self.identity, requests)
+        limit_s = max(r.deadline_ms for r in requests) / 1000
+        raw = await self._post_to(
+            record, BATCH_PATH, wire.encode_batch(batch), limit_s, config.MAX_REPLY_BATCH_BODY
+        )
+        replies = wire.decode_reply_batch(raw)
+        if len(replies.items) != len(requests):
+            raise DecodeError(
+                f"reply batch has {len(replies.items)} items for {len(requests)} requests"
+            )
+        wire.verify_reply_batch(
+            replies, expected_peer_id=record.peer_id, expected_key=record.public_key
+        )
+        return [
+            Answer(item, batch_verified=True)
+            if isinstance(item, wire.InferReply)
+            else PeerUnreachableError(f"batch item refused: {item.error}: {item.message}")
+            for item in replies.items
+        ]
+
+    async def _post_to(
+        self,
+        record: PeerRecord,
+        path: str,
+        body: bytes,
+        limit_s: float,
+        max_reply: int = config.MAX_REPLY_BODY,
+    ) -> bytes:
+        """POST ``body`` to ``record``'s peer, trying its addresses, the last good first."""
         session = self._open_session()
         preferred = self._stats.get(record.peer_id, (None, None))[1]
         addresses = sorted(record.addresses, key=lambda a: a != preferred)
         last: Exception | None = None
         for address in addresses:
-            url = f"http://{address}:{record.port}{INFER_PATH}"
+            url = f"http://{address}:{record.port}{path}"
             try:
-                raw = await self._exchange(session, url, body, request.deadline_ms / 1000)
+                raw = await self._exchange(session, url, body, limit_s, max_reply)
             except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError) as exc:
                 last = exc  # this address does not reach the peer; try the next one
                 continue
@@ -473,17 +598,24 @@ class Requester(AsyncResource):
                 raise PeerUnreachableError(f"{address}:{record.port}: {exc!r}") from exc
             if address != preferred:
                 self._stats[record.peer_id] = (self.latency_ms(record.peer_id), address)
-            return wire.decode_reply(raw)
+            return raw
         raise PeerUnreachableError(f"cannot connect to {addresses} port {record.port}: {last!r}")
 
     async def _exchange(
-        self, session: aiohttp.ClientSession, url: str, body: bytes, limit_s: float
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: bytes,
+        limit_s: float,
+        max_reply: int = config.MAX_REPLY_BODY,
     ) -> bytes:
         # Cancelling an aiohttp request mid-response closes its connection, and the next
         # call to that peer pays a new TCP handshake; early exit and hedging cancel the
         # slowest ask of most calls. So the exchange runs in its own task, bounded by the
         # request's budget, and a cancelled caller leaves it to finish in the background.
-        task = asyncio.create_task(_post(session, url, body, limit_s), name="vswarm-post")
+        task = asyncio.create_task(
+            _post(session, url, body, limit_s, max_reply), name="vswarm-post"
+        )
         self._exchanges.add(task)
         task.add_done_callback(_exchange_done(self._exchanges))
         return await asyncio.shield(task)
@@ -541,11 +673,31 @@ class Requester(AsyncResource):
         )
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes, limit_s: float) -> bytes:
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    limit_s: float,
+    max_reply: int = config.MAX_REPLY_BODY,
+) -> bytes:
     async with asyncio.timeout(limit_s), session.post(url, data=body) as resp:
         if resp.status != 200:
             raise PeerUnreachableError(f"HTTP {resp.status} {resp.reason}")
-        return await _read_bounded(resp, config.MAX_REPLY_BODY)
+        return await _read_bounded(resp, max_reply)
+
+
+def _copy_error(exc: SwarmError) -> SwarmError:
+    """``exc`` for one more waiting caller: each task gets its own exception object, or
+    every caller's traceback would pile onto one."""
+    if isinstance(exc, VerificationError):
+        copy: SwarmError = VerificationError(exc.reason, exc.detail)
+    else:
+        try:
+            copy = type(exc)(str(exc))
+        except TypeError:  # a subclass with another constructor
+            copy = PeerUnreachableError(str(exc))
+    copy.__cause__ = exc
+    return copy
 
 
 def _exchange_done(pending: set[asyncio.Task[bytes]]) -> Callable[[asyncio.Task[bytes]], None]:

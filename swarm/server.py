@@ -1,6 +1,8 @@
 """The HTTP API every peer serves (aiohttp).
 
 - ``POST /v1/infer``: a signed request from another peer; a signed top-k reply.
+- ``POST /v1/infer/batch``: several requests of one peer signed once; one reply (or an
+  error) per item, signed once (``swarm.messages``, "Batches").
 - ``POST /v1/classify``: an image (PNG, JPEG or .npy); this peer acts as the requester.
 - ``GET /v1/info``, ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
 
@@ -37,7 +39,7 @@ from swarm.errors import (
     NoDecisionError,
     VerificationError,
 )
-from swarm.identity import Identity, TrustStore
+from swarm.identity import Identity, TrustStore, verify_signature
 from swarm.inference import FloatArray, Manifest, decode_image
 from swarm.log import bound, get_logger
 from swarm.metrics import Metrics, render
@@ -71,6 +73,7 @@ _HTTP_CODES: Final[Mapping[int, str]] = {
 }
 _DIGITS: Final = re.compile(r"[0-9]{1,9}")
 _CHUNK: Final = 64 * 1024
+_ITEM_MESSAGE_CHARS: Final = 300  # an item error's text, as a reply batch allows
 # A classify call that outlives its own deadline by this much is cut off here: the
 # requester should never let that happen, but the server does not rely on it.
 _CLASSIFY_SLACK_S: Final = 1.0
@@ -183,9 +186,41 @@ class _Routes:
                 ctx.metrics.observe_rejection("malformed")
                 raise _HttpFailure(400, "malformed_request", str(exc)) from None
             with bound(request_id=req.request_id, requester=req.requester_id):
-                return await self._serve(req)
+                reply = await self._answer(req)
+        return web.Response(body=wire.encode_reply(reply), content_type=JSON_TYPE)
 
-    async def _serve(self, req: wire.InferRequest) -> web.Response:
+    async def infer_batch(self, request: web.Request) -> web.Response:
+        ctx = self.ctx
+        with self.infer_slots.slot():
+            body = await self._read_body(request, config.MAX_INFER_BATCH_BODY)
+            try:
+                batch = wire.decode_batch(body)
+            except MessageTooLargeError as exc:
+                raise _HttpFailure(413, "body_too_large", str(exc)) from None
+            except DecodeError as exc:
+                ctx.metrics.observe_rejection("malformed")
+                raise _HttpFailure(400, "malformed_request", str(exc)) from None
+            # One signature for every item; each item's own checks follow in _answer.
+            if not verify_signature(batch.requester_key, batch.signature, batch.signed_bytes()):
+                ctx.metrics.observe_rejection(wire.BAD_SIGNATURE)
+                log.info("infer_rejected", reason=wire.BAD_SIGNATURE, detail="batch")
+                raise _HttpFailure(
+                    401, wire.BAD_SIGNATURE, "the batch signature does not verify"
+                ) from None
+            with bound(requester=batch.items[0].requester_id, batch=len(batch.items)):
+                items = await asyncio.gather(*(self._answer_item(r) for r in batch.items))
+        reply = wire.sign_replies(ctx.identity, items)
+        return web.Response(body=wire.encode_reply_batch(reply), content_type=JSON_TYPE)
+
+    async def _answer_item(self, req: wire.InferRequest) -> wire.InferReply | wire.ItemError:
+        try:
+            return await self._answer(req, batched=True)
+        except _HttpFailure as exc:
+            return wire.ItemError(req.request_id, exc.code, exc.message[:_ITEM_MESSAGE_CHARS])
+
+    async def _answer(self, req: wire.InferRequest, *, batched: bool = False) -> wire.InferReply:
+        """Verify ``req``, run the model, and answer it: signed, or unsigned as an item of
+        a batch whose signature ``batched`` says was verified (the reply batch is signed)."""
         ctx = self.ctx
         try:
             wire.verify_request(
@@ -195,6 +230,7 @@ class _Routes:
                 now_ms=wire.unix_ms(),
                 freshness_s=ctx.timings.freshness_s,
                 seen=self.replays,
+                signature_verified=batched,
             )
         except VerificationError as exc:
             ctx.metrics.observe_rejection(exc.reason)
@@ -213,15 +249,15 @@ class _Routes:
             log.warning("infer_failed", error=str(exc))
             raise _HttpFailure(503, "inference_failed", str(exc)) from None
         spec = ctx.model.spec
-        reply = wire.build_reply(
+        return wire.build_reply(
             ctx.identity,
             req,
             variant=spec.name,
             model_sha256=spec.sha256,
             probs=result.probs,
             infer_us=round(result.seconds * 1_000_000),
+            sign=not batched,
         )
-        return web.Response(body=wire.encode_reply(reply), content_type=JSON_TYPE)
 
     # --- client to requester ---
 
@@ -442,6 +478,7 @@ def create_app(ctx: ServerContext) -> web.Application:
         middlewares=[_middleware(ctx.metrics)], client_max_size=config.MAX_CLASSIFY_BODY
     )
     app.router.add_post("/v1/infer", routes.infer)
+    app.router.add_post("/v1/infer/batch", routes.infer_batch)
     app.router.add_post("/v1/classify", routes.classify)
     app.router.add_get("/v1/info", routes.info)
     app.router.add_get("/healthz", routes.healthz)

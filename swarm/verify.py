@@ -14,7 +14,7 @@ from typing import Final, NoReturn
 from swarm import PROTOCOL_VERSION, config
 from swarm.errors import VerificationError
 from swarm.identity import TrustStore, peer_id_for, verify_signature
-from swarm.messages import PPM, InferReply, InferRequest, input_sha256
+from swarm.messages import PPM, InferReply, InferRequest, ReplyBatch, input_sha256
 
 # Each top-k entry is rounded to the nearest ppm (error <= 0.5), so an honest top-k of
 # probabilities summing to at most 1 never exceeds PPM + k/2.
@@ -97,11 +97,14 @@ def verify_request(
     now_ms: int,
     freshness_s: float,
     seen: ReplayCache,
+    signature_verified: bool = False,
 ) -> None:
     """Accept ``req`` or raise ``VerificationError``; an accepted request is remembered.
 
     Cheap checks come first, the signature next, and the request is added to ``seen``
-    only once everything passed, so a forged copy cannot block the genuine one.
+    only once everything passed, so a forged copy cannot block the genuine one. With
+    ``signature_verified`` the caller has checked a signature covering ``req`` already
+    (the batch it came in, ``swarm.messages``) and its own is not checked.
     """
     if req.version != PROTOCOL_VERSION:
         _reject(WRONG_VERSION, f"version {req.version}, this peer speaks {PROTOCOL_VERSION}")
@@ -116,7 +119,9 @@ def verify_request(
         _reject(STALE, f"issued {now_ms - req.issued_at_ms} ms ago; limit {freshness_ms} ms")
     if seen.seen(req.requester_id, req.request_id, now_ms=now_ms):
         _reject(REPLAYED, f"request {req.request_id} was already served")
-    if not verify_signature(req.requester_key, req.signature, req.signed_bytes()):
+    if not signature_verified and not verify_signature(
+        req.requester_key, req.signature, req.signed_bytes()
+    ):
         _reject(BAD_SIGNATURE, "the request signature does not verify")
     if input_sha256(req.input) != req.input_sha256:
         _reject(INPUT_MISMATCH, "sha256 of input differs from input_sha256")
@@ -139,17 +144,22 @@ def verify_reply(
     freshness_s: float,
     expected_variant: str | None = None,
     expected_model_sha256: str | None = None,
+    signature_verified: bool = False,
 ) -> None:
     """Accept ``reply`` to ``request`` from the peer we asked, or raise ``VerificationError``.
 
     ``expected_key`` is the key that peer announced; every check after the signature
-    concerns signed content (see ``ATTRIBUTABLE_REPLY_REASONS``).
+    concerns signed content (see ``ATTRIBUTABLE_REPLY_REASONS``). With
+    ``signature_verified`` the caller has checked the signature of the batch ``reply``
+    came in, against the same key, and the reply's own (absent) one is not checked.
     """
     if peer_id_for(expected_key) != expected_peer_id or not trust.allows(expected_key):
         _reject(WRONG_KEY, f"the key announced by {expected_peer_id} is not its own or not trusted")
     if reply.responder_id != expected_peer_id:
         _reject(WRONG_PEER, f"reply from {reply.responder_id}, asked {expected_peer_id}")
-    if not verify_signature(expected_key, reply.signature, reply.signed_bytes()):
+    if not signature_verified and not verify_signature(
+        expected_key, reply.signature, reply.signed_bytes()
+    ):
         _reject(BAD_SIGNATURE, "the reply signature does not verify")
     for name, got, want in (
         ("version", reply.version, request.version),
@@ -168,6 +178,16 @@ def verify_reply(
     if abs(now_ms - reply.issued_at_ms) > freshness_ms:
         _reject(STALE, f"issued {now_ms - reply.issued_at_ms} ms ago; limit {freshness_ms} ms")
     _check_topk(reply.topk, request.k)
+
+
+def verify_reply_batch(batch: ReplyBatch, *, expected_peer_id: str, expected_key: bytes) -> None:
+    """Accept the envelope of a reply batch from the peer we asked, or raise
+    ``VerificationError``; its replies are then checked one by one with ``verify_reply``
+    and ``signature_verified=True``."""
+    if batch.responder_id != expected_peer_id:
+        _reject(WRONG_PEER, f"reply batch from {batch.responder_id}, asked {expected_peer_id}")
+    if not verify_signature(expected_key, batch.signature, batch.signed_bytes()):
+        _reject(BAD_SIGNATURE, "the reply batch signature does not verify")
 
 
 def _check_topk(topk: tuple[tuple[int, int], ...], k: int) -> None:

@@ -12,9 +12,11 @@ import the whole wire format from ``swarm.wire``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, Final, NoReturn, TypeVar
 
 import numpy as np
@@ -27,20 +29,27 @@ from swarm.messages import (
     _HEX_ID,
     _NAME,
     _SHA256,
+    BATCH_REPLY_TAG,
+    BATCH_REQUEST_TAG,
     MAX_DEADLINE_MS,
     MAX_SAFE_INT,
     PPM,
     REPLY_TAG,
     REQUEST_TAG,
+    InferBatch,
     InferReply,
     InferRequest,
+    ItemError,
+    ReplyBatch,
     _b64,
     _message_json,
+    build_batch,
     build_reply,
     build_request,
     canonical_json,
     input_sha256,
     is_valid_name,
+    sign_replies,
     tensor_bytes,
     topk_from_probs,
     unix_ms,
@@ -63,6 +72,7 @@ from swarm.verify import (
     WRONG_VERSION,
     ReplayCache,
     verify_reply,
+    verify_reply_batch,
     verify_request,
 )
 
@@ -70,6 +80,8 @@ __all__ = [
     "ATTRIBUTABLE_REPLY_REASONS",
     "BAD_SIGNATURE",
     "BAD_TOPK",
+    "BATCH_REPLY_TAG",
+    "BATCH_REQUEST_TAG",
     "INPUT_MISMATCH",
     "MAX_DEADLINE_MS",
     "MAX_SAFE_INT",
@@ -87,22 +99,32 @@ __all__ = [
     "WRONG_SWARM",
     "WRONG_VARIANT",
     "WRONG_VERSION",
+    "InferBatch",
     "InferReply",
     "InferRequest",
+    "ItemError",
     "ReplayCache",
+    "ReplyBatch",
+    "build_batch",
     "build_reply",
     "build_request",
     "canonical_json",
+    "decode_batch",
     "decode_reply",
+    "decode_reply_batch",
     "decode_request",
+    "encode_batch",
     "encode_reply",
+    "encode_reply_batch",
     "encode_request",
     "input_sha256",
     "is_valid_name",
+    "sign_replies",
     "tensor_bytes",
     "topk_from_probs",
     "unix_ms",
     "verify_reply",
+    "verify_reply_batch",
     "verify_request",
 ]
 
@@ -133,6 +155,16 @@ _B64_FIELDS: Final[dict[str, int]] = {
     "signature": SIGNATURE_LEN,
 }
 
+# A batch item travels without a signature of its own: the batch's covers it.
+_UNSIGNED: Final = frozenset({"signature"})
+_BATCH_FIELDS: Final = {
+    head: frozenset({"version", head, "items", "signature"})
+    for head in ("requester_key", "responder_id")
+}
+_ITEM_ERROR_FIELDS: Final = frozenset({"request_id", "error", "message"})
+_ERROR_CODE: Final = re.compile(r"[a-z_]{1,40}")
+_MAX_ERROR_MESSAGE: Final = 300
+
 # What the standard library raises on hostile input; anything else is a bug of ours.
 _DECODE_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, RecursionError)
 
@@ -162,10 +194,102 @@ def decode_reply(body: bytes) -> InferReply:
     return _decode(body, InferReply, config.MAX_REPLY_BODY, "reply")
 
 
+def encode_batch(batch: InferBatch) -> bytes:
+    """The HTTP body of ``batch`` (``POST /v1/infer/batch``)."""
+    return _batch_json({"requester_key": _b64(batch.requester_key)}, batch.items, batch.signature)
+
+
+def encode_reply_batch(batch: ReplyBatch) -> bytes:
+    """The HTTP body of ``batch``."""
+    return _batch_json({"responder_id": batch.responder_id}, batch.items, batch.signature)
+
+
+def _batch_json(
+    head: dict[str, str],
+    items: Sequence[InferRequest | InferReply | ItemError],
+    signature: bytes,
+) -> bytes:
+    # Items are encoded one by one (each as canonical as a single message) and spliced.
+    parts = [
+        _message_json(i, _UNSIGNED)
+        if not isinstance(i, ItemError)
+        else canonical_json(dataclasses.asdict(i))
+        for i in items
+    ]
+    fields = {"version": PROTOCOL_VERSION, **head, "signature": _b64(signature)}
+    text = json.dumps(fields, separators=(",", ":"))
+    return text[:-1].encode() + b',"items":[' + b",".join(parts) + b"]}"
+
+
+def decode_batch(body: bytes) -> InferBatch:
+    """Parse and validate an untrusted batch of requests; ``DecodeError`` says what is wrong."""
+    obj = _parse(body, config.MAX_INFER_BATCH_BODY, _BATCH_FIELDS["requester_key"], "batch")
+    try:
+        key = _get_b64(obj, "requester_key", PUBLIC_KEY_LEN)
+        signature = _get_b64(obj, "signature", SIGNATURE_LEN)
+        items = tuple(
+            _values(item, InferRequest, f"batch item {i}", _UNSIGNED)
+            for i, item in enumerate(_get_items(obj))
+        )
+    except _DECODE_ERRORS as exc:
+        raise DecodeError(f"malformed batch: {exc}") from exc
+    for i, item in enumerate(items):
+        if item.requester_key != key:
+            raise DecodeError(f"malformed batch: item {i} is not the batch signer's request")
+    return InferBatch(key, items, signature)
+
+
+def decode_reply_batch(body: bytes) -> ReplyBatch:
+    """Parse and validate an untrusted batch of replies; ``DecodeError`` says what is wrong."""
+    obj = _parse(body, config.MAX_REPLY_BATCH_BODY, _BATCH_FIELDS["responder_id"], "reply batch")
+    try:
+        responder = _get_str(obj, "responder_id", *_PEER_ID_RULE)
+        signature = _get_b64(obj, "signature", SIGNATURE_LEN)
+        items: list[InferReply | ItemError] = []
+        for i, item in enumerate(_get_items(obj)):
+            if type(item) is dict and "error" in item:
+                items.append(_item_error(item, f"reply batch item {i}"))
+            else:
+                items.append(_values(item, InferReply, f"reply batch item {i}", _UNSIGNED))
+    except _DECODE_ERRORS as exc:
+        raise DecodeError(f"malformed reply batch: {exc}") from exc
+    return ReplyBatch(responder, tuple(items), signature)
+
+
+def _get_items(obj: dict[str, Any]) -> list[Any]:
+    items = obj["items"]
+    if type(items) is not list or not 1 <= len(items) <= config.MAX_BATCH_ITEMS:
+        _bad("items", f"a list of 1 to {config.MAX_BATCH_ITEMS} messages", items)
+    return items
+
+
+def _item_error(obj: object, what: str) -> ItemError:
+    if type(obj) is not dict:
+        raise DecodeError(f"{what} must be a JSON object")
+    _check_fields(obj, _ITEM_ERROR_FIELDS, what)
+    message = obj["message"]
+    if type(message) is not str or len(message) > _MAX_ERROR_MESSAGE:
+        _bad("message", f"a string of at most {_MAX_ERROR_MESSAGE} characters", message)
+    return ItemError(
+        _get_str(obj, "request_id", *_STR_FIELDS["request_id"]),
+        _get_str(obj, "error", _ERROR_CODE, "an error code of 1-40 of a-z and _"),
+        message,
+    )
+
+
 def _decode(body: bytes, cls: type[_Msg], limit: int, what: str) -> _Msg:
-    names = _FIELD_NAMES[cls]
-    obj = _parse(body, limit, frozenset(names), what)
-    values: dict[str, Any] = {}
+    obj = _parse(body, limit, frozenset(_FIELD_NAMES[cls]), what)
+    return _values(obj, cls, what)
+
+
+def _values(obj: object, cls: type[_Msg], what: str, skip: frozenset[str] = frozenset()) -> _Msg:
+    """The message ``cls`` from a parsed JSON object; fields in ``skip`` are absent and
+    left empty (a batch item's signature)."""
+    if type(obj) is not dict:
+        raise DecodeError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    names = [n for n in _FIELD_NAMES[cls] if n not in skip]
+    _check_fields(obj, frozenset(names), what)
+    values: dict[str, Any] = dict.fromkeys(skip, b"")
     try:
         for name in names:
             if name in _STR_FIELDS:
@@ -212,13 +336,19 @@ def _parse(body: bytes, limit: int, fields: frozenset[str], what: str) -> dict[s
         raise DecodeError(
             f"{what} speaks protocol version {version}; this peer speaks {PROTOCOL_VERSION}"
         )
+    _check_fields(obj, fields, what)
+    if "items" in fields and type(version) is not int:  # a single message checks its own
+        raise DecodeError(f"malformed {what}: field 'version' must be an integer")
+    return obj
+
+
+def _check_fields(obj: dict[str, Any], fields: frozenset[str], what: str) -> None:
     missing = sorted(fields - obj.keys())
     unexpected = sorted(obj.keys() - fields)
     if missing:
         raise DecodeError(f"{what} lacks field(s) {', '.join(missing)}")
     if unexpected:
         raise DecodeError(f"{what} has unexpected field(s) {_brief(unexpected)}")
-    return obj
 
 
 def _no_float(text: str) -> NoReturn:

@@ -62,7 +62,9 @@ class Recipe:
 def _candidate(
     width: float, res: int, seed: int, distill: bool, depth: float = 1.0, **kw: Any
 ) -> Recipe:
-    shape = f"w{round(width * 100):03d}-r{res}" + ("" if depth == 1.0 else f"-d{round(depth * 100)}")
+    shape = f"w{round(width * 100):03d}-r{res}" + (
+        "" if depth == 1.0 else f"-d{round(depth * 100)}"
+    )
     name = f"{shape}-s{seed}" + ("-kd" if distill else "")
     return Recipe(
         name=name, width=width, resolution=res, depth=depth, seed=seed, distill=distill, **kw

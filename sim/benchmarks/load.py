@@ -72,15 +72,17 @@ async def throughput(
     batching: tuple[Requester, Sequence[Peer]],
     unbatched: tuple[Requester, Sequence[Peer]] | None,
 ) -> dict[str, Any]:
-    """classify/s at each concurrency, micro-batching on and off, against the floor; and
-    with batching on and waves of ``WAVE`` (fewer peers asked per call)."""
+    """classify/s at each concurrency against the floor: micro-batching on and off (the
+    peers'), the requester's coalescing of asks into batches off, and waves of ``WAVE``
+    (fewer peers asked per call)."""
     out: dict[str, Any] = {"floor": floor, "levels": {}}
     modes = (
-        ("batching_on", batching, DEFAULT_POLICY),
-        ("batching_off", unbatched, DEFAULT_POLICY),
-        (f"batching_on_wave{WAVE}", batching, Policy(wave=WAVE)),
+        ("batching_on", batching, DEFAULT_POLICY, True),
+        ("batching_off", unbatched, DEFAULT_POLICY, True),
+        ("no_coalescing", batching, DEFAULT_POLICY, False),
+        (f"batching_on_wave{WAVE}", batching, Policy(wave=WAVE), True),
     )
-    for mode, target, policy in modes:
+    for mode, target, policy, coalesce in modes:
         rows: dict[str, Any] = {}
         for level in plan.concurrency:
             if target is None:
@@ -89,7 +91,13 @@ async def throughput(
             req, peers = target
             count = max(plan.per_level, 4 * level)
             sum0, n0 = await batch_sizes(peers)
-            loop = await classify_loop(req, tensors, count=count, concurrency=level, policy=policy)
+            req.coalesce = coalesce
+            try:
+                loop = await classify_loop(
+                    req, tensors, count=count, concurrency=level, policy=policy
+                )
+            finally:
+                req.coalesce = True
             sum1, n1 = await batch_sizes(peers)
             rate = len(loop.latencies_ms) / loop.wall_s
             rows[str(level)] = {

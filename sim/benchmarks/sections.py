@@ -235,10 +235,10 @@ OLD_PEER_ROWS: Final = ("old_batch_wait_2ms", "old_engine_thread", "old_asyncio_
 
 
 async def _old_exchange(
-    self: Requester, session: Any, url: str, body: bytes, limit_s: float
+    self: Requester, session: Any, url: str, body: bytes, limit_s: float, max_reply: int
 ) -> bytes:
     # Before: the caller's cancellation (early exit, hedge) tore the connection down.
-    return await requester_module._post(session, url, body, limit_s)
+    return await requester_module._post(session, url, body, limit_s, max_reply)
 
 
 @contextlib.contextmanager

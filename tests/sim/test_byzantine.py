@@ -121,3 +121,56 @@ def test_unknown_mode_and_target_are_refused(keys: tuple[Identity, Identity]) ->
     with pytest.raises(ValueError, match="target"):
         attacker.set_mode("targeted", 10)
     assert set(EXPECTED_REJECTION) | set(OUTVOTE_ATTACKS) == set(ATTACKS)
+
+
+def _verify_batch(
+    batch: wire.ReplyBatch, requests: list[wire.InferRequest], peer: Identity
+) -> list[wire.InferReply]:
+    """What the requester checks of a reply batch: its envelope, then each reply."""
+    wire.verify_reply_batch(batch, expected_peer_id=peer.peer_id, expected_key=peer.public_key)
+    replies = [i for i in batch.items if isinstance(i, wire.InferReply)]
+    for reply, request in zip(replies, requests, strict=True):
+        wire.verify_reply(
+            reply,
+            request=request,
+            expected_peer_id=peer.peer_id,
+            expected_key=peer.public_key,
+            trust=TrustStore.open(),
+            now_ms=wire.unix_ms(),
+            freshness_s=30.0,
+            expected_variant="V1",
+            expected_model_sha256=SHA,
+            signature_verified=True,
+        )
+    return replies
+
+
+def _honest_batch(peer: Identity, requests: list[wire.InferRequest]) -> wire.ReplyBatch:
+    return wire.sign_replies(peer, [_honest(peer, r) for r in requests])
+
+
+@pytest.mark.parametrize("attack", ["inflate", "replay", "misbind", "forge"])
+def test_rejectable_lies_in_a_batch_are_rejected_with_their_reason(
+    keys: tuple[Identity, Identity], attack: str
+) -> None:
+    """A liar answering a batch lies in every item; the batch is caught for the same
+    reason as a single reply (a forged one by the batch signature)."""
+    requester, peer = keys
+    attacker = Attacker(peer, mode=HONEST)
+    history = [_request(requester, seed) for seed in range(3)]
+    _verify_batch(attacker.tamper_batch(_honest_batch(peer, history)), history, peer)
+    attacker.set_mode(attack)
+    requests = [_request(requester, seed) for seed in range(3, 6)]
+    with pytest.raises(VerificationError) as info:
+        _verify_batch(attacker.tamper_batch(_honest_batch(peer, requests)), requests, peer)
+    assert info.value.reason == EXPECTED_REJECTION[attack]
+
+
+def test_outvote_lies_in_a_batch_verify_but_name_a_wrong_class(
+    keys: tuple[Identity, Identity],
+) -> None:
+    requester, peer = keys
+    attacker = Attacker(peer, mode="collude")
+    requests = [_request(requester, seed) for seed in range(4)]
+    replies = _verify_batch(attacker.tamper_batch(_honest_batch(peer, requests)), requests, peer)
+    assert [r.topk[0][0] for r in replies] == [collude_class(3)] * 4

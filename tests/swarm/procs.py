@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -246,6 +246,23 @@ def _json_line(line: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def read_line_unbuffered(stream: IO[bytes]) -> bytes:
+    """One line of a child's stdout, read byte by byte from its descriptor.
+
+    ``stream.readline()`` would buffer what follows the line, and a later
+    ``Popen.communicate(timeout=...)`` reads the descriptor directly: the buffered lines
+    would be lost.
+    """
+    fd = stream.fileno()
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

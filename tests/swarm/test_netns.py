@@ -28,6 +28,7 @@ from tests.swarm.procs import (
     json_lines,
     load_models,
     offline_ensemble,
+    read_line_unbuffered,
     wait_until,
     write_samples,
 )
@@ -162,7 +163,7 @@ def test_five_namespaced_peers_classify_and_survive_two_crashes(
             prefix=asker.exec_prefix(),
         )
         assert cli.popen.stdout is not None
-        head = cli.popen.stdout.readline()
+        head = read_line_unbuffered(cli.popen.stdout)
         dead = peers[:2]
         for peer in dead:
             peer.stop(signal.SIGKILL)

@@ -33,6 +33,7 @@ from tests.swarm.procs import (
     load_models,
     offline_ensemble,
     process_group,
+    read_line_unbuffered,
     wait_until,
     write_samples,
 )
@@ -288,12 +289,12 @@ def test_sigkill_mid_run_leaves_classification_working(
         name="classify",
     )
     assert cli.popen.stdout is not None
-    first = cli.popen.stdout.readline()  # one decision made with all three alive
+    first = read_line_unbuffered(cli.popen.stdout)  # one decision made with all three alive
     victim.stop(signal.SIGKILL)
     out, _ = cli.popen.communicate(timeout=CLI_TIMEOUT_S)
     assert cli.popen.returncode == 0, cli.stderr_text()[-3000:]
     lines = json_lines((first + out).decode())
-    assert len(lines) == len(paths)
+    assert len(lines) == len(paths), cli.stderr_text()[-3000:]
     assert all(line["replies"] for line in lines)
 
     # A peer that knew the victim: its first call after the crash reports it, and

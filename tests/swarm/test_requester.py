@@ -165,6 +165,12 @@ class FakePeer:
         self.behaviour = behaviour
         self.identity = identity
         self.bodies: list[bytes] = []
+        self.batches: list[int] = []  # sizes of the batches received
+        self.batch_signer: Identity | None = None  # sign reply batches with another key
+        # Answers a whole batch itself instead of item by item through ``behaviour``.
+        self.batch_behaviour: (
+            Callable[[FakePeer, wire.InferBatch], Awaitable[wire.ReplyBatch]] | None
+        ) = None
         self.probed = 0  # GET /healthz calls
         self.received = asyncio.Event()  # set when the first request arrives
         self.release = asyncio.Event()
@@ -178,6 +184,7 @@ class FakePeer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/infer", self._handle)
+        app.router.add_post("/v1/infer/batch", self._handle_batch)
         app.router.add_get("/healthz", self._health)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -194,6 +201,21 @@ class FakePeer:
         self.bodies.append(body)
         self.received.set()
         return await self.behaviour(self, wire.decode_request(body))
+
+    async def _handle_batch(self, request: web.Request) -> web.Response:
+        # Each item as its behaviour answers it alone; the replies signed as one batch.
+        batch = wire.decode_batch(await request.read())
+        self.batches.append(len(batch.items))
+        self.received.set()
+        if self.batch_behaviour is not None:
+            own = await self.batch_behaviour(self, batch)
+            return web.Response(body=wire.encode_reply_batch(own), content_type="application/json")
+        answers = await asyncio.gather(*(self.behaviour(self, r) for r in batch.items))
+        replies = [wire.decode_reply(a.body) for a in answers]  # type: ignore[arg-type]
+        signed = wire.sign_replies(self.batch_signer or self.identity, replies)
+        if self.batch_signer is not None:
+            signed = dataclasses.replace(signed, responder_id=self.identity.peer_id)
+        return web.Response(body=wire.encode_reply_batch(signed), content_type="application/json")
 
     async def aclose(self) -> None:
         self.release.set()
@@ -853,3 +875,77 @@ async def test_wave_calls_the_reserve_at_the_hedge_delay(rig7: Rig) -> None:
 def test_wave_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="wave"):
         Policy(wave=0)
+
+
+# --- coalescing ----------------------------------------------------------------------------
+
+
+async def concurrent_calls(requester: Requester, n: int) -> list[ClassifyResult]:
+    async with asyncio.timeout(10):
+        return await asyncio.gather(*(requester.classify(TENSOR, quorum=3) for _ in range(n)))
+
+
+async def test_concurrent_asks_to_a_busy_peer_go_as_batches(rig: Rig) -> None:
+    """Twelve calls at once: each peer runs two exchanges and the asks waiting behind
+    them go together as batches; every call is decided from three verified replies."""
+    peers = [await rig.peer(v, slow(0.05, {3: 0.9})) for v in ("V1", "V2", "V3")]
+    results = await concurrent_calls(rig.requester(), 12)
+    assert [r.label for r in results] == [3] * 12
+    assert all(len(r.replies) == 3 and not r.rejected for r in results)
+    for peer in peers:
+        assert peer.batches, "the asks queued behind busy exchanges went as one batch"
+        assert len(peer.bodies) + sum(peer.batches) == 12  # one ask per call, none lost
+        assert len(peer.bodies) + len(peer.batches) < 12  # fewer exchanges than calls
+
+
+async def test_coalescing_off_sends_every_ask_alone(rig: Rig) -> None:
+    peers = [await rig.peer(v, slow(0.05, {3: 0.9})) for v in ("V1", "V2", "V3")]
+    results = await concurrent_calls(rig.requester(coalesce=False), 6)
+    assert [r.label for r in results] == [3] * 6
+    assert all(len(p.bodies) == 6 and not p.batches for p in peers)
+
+
+async def test_a_reply_batch_with_a_bad_signature_is_rejected_item_by_item(rig: Rig) -> None:
+    """A batch signed with a key the peer did not announce: every item of it is rejected
+    as bad_signature and not counted; the calls decide from the other peers."""
+    await rig.peer("V1", slow(0.1, {3: 0.9}))
+    await rig.peer("V2", slow(0.1, {3: 0.9}))
+    # Faster than the others, so its batch goes out before any call can exit early.
+    forger = await rig.peer("V3", slow(0.02, {7: 1.0}))
+    forger.batch_signer = Identity.generate()
+    requester = rig.requester()
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(*(requester.classify(TENSOR) for _ in range(12)))
+    assert forger.batches
+    assert all(r.label == 3 for r in results)
+    rejected = [x for r in results for x in r.rejected]
+    assert sum(forger.batches) == len(rejected)
+    assert {(x.peer, x.reason) for x in rejected} == {(forger.peer_id, "bad_signature")}
+    assert rejections(rig, "bad_signature") == len(rejected)
+
+
+async def test_a_refused_batch_item_fails_only_that_ask(rig: Rig) -> None:
+    """A peer that refuses one item of a batch: that call misses its reply; the others
+    in the batch are answered and counted."""
+
+    async def refuse_first(peer: FakePeer, batch: wire.InferBatch) -> wire.ReplyBatch:
+        first, *rest = batch.items
+        items: list[wire.InferReply | wire.ItemError] = [
+            wire.ItemError(first.request_id, "stale", "issued too long ago")
+        ]
+        items += [reply_for(peer, req, {3: 0.9}, sign=False) for req in rest]
+        return wire.sign_replies(peer.identity, items)
+
+    await rig.peer("V1", slow(0.1, {3: 0.9}))
+    await rig.peer("V2", slow(0.1, {3: 0.9}))
+    odd = await rig.peer("V3", slow(0.01, {3: 0.9}))  # its batch goes before any early exit
+    odd.batch_behaviour = refuse_first
+    requester = rig.requester()
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(*(requester.classify(TENSOR) for _ in range(12)))
+    assert len(odd.batches) == 1
+    missing = [r for r in results if odd.peer_id in r.missing]
+    assert len(missing) == 1
+    answered = [r for r in results if odd.peer_id in {x.peer for x in r.replies}]
+    assert len(answered) == 11
+    assert all(r.label == 3 for r in results)

@@ -29,7 +29,7 @@ from swarm import PROTOCOL_VERSION, config, wire
 from swarm.config import Timings
 from swarm.discovery import Announcement, PeerTable
 from swarm.errors import ConfigError, InferenceError, NoDecisionError
-from swarm.identity import Identity, TrustStore
+from swarm.identity import Identity, TrustStore, verify_signature
 from swarm.inference import Engine, FloatArray, InferenceResult, Manifest, ModelSpec
 from swarm.listener import HttpServer
 from swarm.metrics import Metrics
@@ -274,6 +274,101 @@ async def test_infer_answers_a_signed_reply_bound_to_the_request(
     )
     expected = (await engine.infer(tensor)).probs
     assert [c for c, _ in reply.topk] == list(np.argsort(-expected, kind="stable")[:3])
+
+
+async def test_infer_batch_answers_each_item_under_one_signature(
+    harness: Harness, engine: Engine, tiny_manifest: Manifest
+) -> None:
+    """A batch of three gets three replies, each bound to its request, in order, under
+    one signature of the peer; an item already served is refused alone."""
+    tensors = [sample_tensor(i) for i in range(3)]
+    reqs = [
+        wire.build_request(harness.requester, swarm=SWARM, tensor=t, deadline_ms=2000)
+        for t in tensors
+    ]
+    served = await harness.client.post("/v1/infer", data=wire.encode_request(reqs[1]))
+    assert served.status == 200
+    batch = wire.build_batch(harness.requester, reqs)
+    resp = await harness.client.post("/v1/infer/batch", data=wire.encode_batch(batch))
+    assert resp.status == 200, await resp.text()
+    replies = wire.decode_reply_batch(await resp.read())
+    server = harness.server_identity
+    assert replies.responder_id == server.peer_id
+    assert verify_signature(server.public_key, replies.signature, replies.signed_bytes())
+    first, second, third = replies.items
+    assert isinstance(second, wire.ItemError)
+    assert (second.request_id, second.error) == (reqs[1].request_id, "replayed")
+    for reply, req, tensor in ((first, reqs[0], tensors[0]), (third, reqs[2], tensors[2])):
+        assert isinstance(reply, wire.InferReply)
+        wire.verify_reply(
+            reply,
+            request=req,
+            expected_peer_id=server.peer_id,
+            expected_key=server.public_key,
+            trust=TrustStore.open(),
+            now_ms=wire.unix_ms(),
+            freshness_s=30.0,
+            expected_variant="T1",
+            expected_model_sha256=tiny_manifest.get("T1").sha256,
+            signature_verified=True,
+        )
+        expected = (await engine.infer(tensor)).probs
+        assert reply.topk[0][0] == int(np.argmax(expected))
+    # The items are unsigned: only the batch signature makes them evidence.
+    assert first.signature == b""
+
+
+async def test_infer_batch_bad_signature_is_401_and_serves_nothing(harness: Harness) -> None:
+    """A batch whose signature does not cover its items is refused whole."""
+    reqs = [
+        wire.build_request(
+            harness.requester, swarm=SWARM, tensor=sample_tensor(i), deadline_ms=2000
+        )
+        for i in range(2)
+    ]
+    batch = wire.build_batch(harness.requester, reqs)
+    forged = dataclasses.replace(batch, items=(batch.items[0], batch.items[0]))
+    resp = await harness.client.post("/v1/infer/batch", data=wire.encode_batch(forged))
+    await assert_error(resp, 401, "bad_signature")
+    # Nothing was remembered as served: the genuine batch still goes through.
+    resp = await harness.client.post("/v1/infer/batch", data=wire.encode_batch(batch))
+    assert resp.status == 200
+    assert all(
+        isinstance(i, wire.InferReply) for i in wire.decode_reply_batch(await resp.read()).items
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[]",
+        b'{"version": 1}',
+        b'{"version": 1, "requester_key": "", "items": [], "signature": ""}',
+        b'{"version": "1", "requester_key": "", "items": [], "signature": ""}',
+    ],
+)
+async def test_infer_batch_malformed_is_400(harness: Harness, body: bytes) -> None:
+    await assert_error(
+        await harness.client.post("/v1/infer/batch", data=body), 400, "malformed_request"
+    )
+
+
+async def test_infer_batch_of_another_requesters_item_is_400(harness: Harness) -> None:
+    """Every item of a batch must be the signer's own request."""
+    mine = wire.build_request(
+        harness.requester, swarm=SWARM, tensor=sample_tensor(), deadline_ms=2000
+    )
+    theirs = wire.build_request(
+        Identity.generate(), swarm=SWARM, tensor=sample_tensor(), deadline_ms=2000
+    )
+    batch = wire.build_batch(harness.requester, [mine])
+    mixed = dataclasses.replace(batch, items=(batch.items[0], theirs))
+    body = await assert_error(
+        await harness.client.post("/v1/infer/batch", data=wire.encode_batch(mixed)),
+        400,
+        "malformed_request",
+    )
+    assert "signer" in body["message"]
 
 
 async def test_infer_bad_signature_is_401(harness: Harness) -> None:

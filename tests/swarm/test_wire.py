@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -21,13 +22,20 @@ from swarm.wire import (
     REQUEST_TAG,
     InferReply,
     InferRequest,
+    ItemError,
+    build_batch,
     build_reply,
     build_request,
     canonical_json,
+    decode_batch,
     decode_reply,
+    decode_reply_batch,
     decode_request,
+    encode_batch,
     encode_reply,
+    encode_reply_batch,
     encode_request,
+    sign_replies,
     topk_from_probs,
 )
 from tests.swarm.signed import MODEL_SHA, NOW
@@ -355,3 +363,119 @@ def test_decode_mutated_messages_raises_only_decode_error(data: st.DataObject) -
                 obj[key] = data.draw(_JSON)
         with contextlib.suppress(DecodeError):
             decode(json.dumps(obj).encode())
+
+
+# --- batches ---------------------------------------------------------------------------
+
+
+def _batch_pair() -> tuple[Identity, Identity, list[InferRequest]]:
+    requester, responder = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
+    reqs = [
+        build_request(
+            requester,
+            swarm="lab",
+            tensor=np.full(config.INPUT_SHAPE, i / 4, dtype=np.float32),
+            deadline_ms=50,
+            now_ms=NOW,
+        )
+        for i in range(3)
+    ]
+    return requester, responder, reqs
+
+
+def test_batches_roundtrip_under_one_signature_each_way() -> None:
+    """A batch of requests and its reply batch decode to what was built; each signature
+    covers every item in order, and the items carry none of their own."""
+    requester, responder, reqs = _batch_pair()
+    batch = build_batch(requester, reqs)
+    back = decode_batch(encode_batch(batch))
+    assert back == batch
+    assert [i.request_id for i in back.items] == [r.request_id for r in reqs]
+    assert all(i.signature == b"" for i in back.items)
+    assert verify_signature(requester.public_key, back.signature, back.signed_bytes())
+    swapped = dataclasses.replace(back, items=back.items[::-1])
+    assert not verify_signature(requester.public_key, swapped.signature, swapped.signed_bytes())
+    replies = [
+        build_reply(
+            responder,
+            r,
+            variant="v",
+            model_sha256=MODEL_SHA,
+            probs=np.full(10, 0.1),
+            infer_us=1,
+            sign=False,
+        )
+        for r in reqs[:2]
+    ]
+    signed = sign_replies(
+        responder, [replies[0], ItemError(reqs[1].request_id, "stale", "old"), replies[1]]
+    )
+    out = decode_reply_batch(encode_reply_batch(signed))
+    assert out == signed
+    assert isinstance(out.items[1], ItemError)
+    assert verify_signature(responder.public_key, out.signature, out.signed_bytes())
+    # An error entry is not evidence and is not signed; a reply changed is caught.
+    relabelled = dataclasses.replace(
+        out, items=(dataclasses.replace(replies[0], topk=((7, 900_000),)), *out.items[1:])
+    )
+    assert not verify_signature(
+        responder.public_key, relabelled.signature, relabelled.signed_bytes()
+    )
+    # A batch signature never verifies as a single message's, nor the other way round.
+    assert not verify_signature(requester.public_key, reqs[0].signature, back.signed_bytes())
+
+
+def test_build_batch_refuses_other_requesters_and_bad_sizes() -> None:
+    requester, responder, reqs = _batch_pair()
+    with pytest.raises(ValueError, match="signer"):
+        build_batch(responder, reqs)
+    with pytest.raises(ValueError, match="1 to"):
+        build_batch(requester, [])
+    with pytest.raises(ValueError, match="1 to"):
+        build_batch(requester, reqs * (config.MAX_BATCH_ITEMS // 3 + 1))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda o: o.update(items=[]), "items"),
+        (lambda o: o.update(items={}), "items"),
+        (lambda o: o.update(items=[1]), "must be a JSON object"),
+        (lambda o: o["items"][0].pop("k"), "lacks field"),
+        (lambda o: o["items"][0].update(signature="x"), "unexpected field"),
+        (lambda o: o.update(version="1"), "version"),
+        (lambda o: o.pop("signature"), "lacks field"),
+    ],
+)
+def test_decode_batch_names_what_is_wrong(mutate: Any, match: str) -> None:
+    requester, _, reqs = _batch_pair()
+    obj = _body(encode_batch(build_batch(requester, reqs)))
+    mutate(obj)
+    with pytest.raises(DecodeError, match=match):
+        decode_batch(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        ({"request_id": "x", "error": "stale", "message": ""}, "request_id"),
+        ({"request_id": "a" * 32, "error": "Bad Code", "message": ""}, "error code"),
+        ({"request_id": "a" * 32, "error": "stale", "message": "m" * 301}, "at most 300"),
+        ({"request_id": "a" * 32, "error": "stale"}, "lacks field"),
+    ],
+)
+def test_decode_reply_batch_checks_item_errors(item: dict[str, Any], match: str) -> None:
+    _, responder, reqs = _batch_pair()
+    signed = sign_replies(responder, [ItemError(reqs[0].request_id, "stale", "old")])
+    obj = _body(encode_reply_batch(signed))
+    obj["items"] = [item]
+    with pytest.raises(DecodeError, match=match):
+        decode_reply_batch(json.dumps(obj).encode())
+
+
+@FUZZ
+@given(st.binary(max_size=512))
+def test_decode_batch_random_bytes_raises_only_decode_error(raw: bytes) -> None:
+    for decode in (decode_batch, decode_reply_batch):
+        with contextlib.suppress(DecodeError):
+            decode(raw)

@@ -63,3 +63,37 @@ def test_greedy_forward_stops_when_accuracy_stops_rising() -> None:
         cost={"best": 1.0, "same": 2.0},
     )
     assert [n for n, _ in forced] == ["best", "same"]
+
+
+def _selection_case() -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray], np.ndarray]:
+    """Five candidates on 40 labels: 'slow' and 'fast' both qualify as the cheapest by
+    MACs; 'slow' is the more accurate."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, 40)
+    accuracy = {"slow": 0.95, "fast": 0.85, "a": 0.9, "b": 0.9, "c": 0.9, "reference": 0.97}
+    probs = {}
+    for name, acc in accuracy.items():
+        p = rng.dirichlet(np.ones(10), 40) * 0.1
+        right = rng.random(40) < acc
+        p[np.arange(40), np.where(right, labels, (labels + 1) % 10)] += 1.0
+        probs[name] = p / p.sum(1, keepdims=True)
+    finals = {n: {"val_accuracy": float((probs[n].argmax(1) == labels).mean())} for n in probs}
+    return finals, probs, labels
+
+
+def test_selection_anchor_must_be_fast_enough() -> None:
+    """The cheapest member is the most accurate >=20x candidate that also clears the
+    measured speedup with its margin; without measurements MACs alone decide."""
+    from variants.export import MIN_CHEAPEST_SPEEDUP, SPEEDUP_MARGIN, ExportError, select
+
+    finals, probs, labels = _selection_case()
+    macs = {"reference": 1000, "slow": 40, "fast": 30, "a": 150, "b": 150, "c": 150}
+    by_macs = select(finals, probs, labels, macs, 5, 5)
+    assert by_macs["anchor"] == "slow"
+    need = MIN_CHEAPEST_SPEEDUP * SPEEDUP_MARGIN
+    timed = select(finals, probs, labels, macs, 5, 5, {"slow": need - 0.1, "fast": need + 3})
+    assert timed["anchor"] == "fast"
+    assert timed["candidates"]["slow"]["speedup"] == round(need - 0.1, 2)
+    assert "faster" in timed["rule"]
+    with pytest.raises(ExportError, match="faster"):
+        select(finals, probs, labels, macs, 5, 5, {"slow": 5.0, "fast": 9.0})
