@@ -129,8 +129,9 @@ def select(
             f"only {len(pool)} eligible candidates ({len(cheap)} at >= "
             f"{MIN_CHEAPEST_GAIN}x fewer MACs); need {min_members} and one cheap"
         )
-    # The cheapest member is the most accurate of the >=20x candidates fast enough; the
-    # rest are added greedily by validation ensemble accuracy, ties going to fewer MACs.
+    # The cheapest member anchors the family: of the >=20x candidates fast enough, the one
+    # whose family (the rest added greedily by validation ensemble accuracy, ties to
+    # fewer MACs) is the most accurate on validation; ties to the more accurate anchor.
     need = MIN_CHEAPEST_SPEEDUP * SPEEDUP_MARGIN
     fast = cheap if speedups is None else [n for n in cheap if speedups.get(n, 0.0) >= need]
     if not fast:
@@ -138,20 +139,28 @@ def select(
             f"no candidate with >= {MIN_CHEAPEST_GAIN}x fewer MACs runs >= {need:g}x faster "
             f"than the reference (measured: {speedups}); train a shallower or smaller one"
         )
-    anchor = max(fast, key=lambda n: (finals[n]["val_accuracy"], -macs[n]))
-    steps = ensemble.greedy_forward(
-        {n: val_probs[n] for n in pool},
-        labels,
-        start=[anchor],
-        min_members=min_members,
-        max_members=max_members,
-        cost={n: float(macs[n]) for n in pool},
-    )
+    # A cheap candidate too slow to anchor is left out altogether: it could otherwise
+    # join as the family's cheapest member.
+    pool = [n for n in pool if n not in cheap or n in fast]
+    families = {
+        a: ensemble.greedy_forward(
+            {n: val_probs[n] for n in pool},
+            labels,
+            start=[a],
+            min_members=min_members,
+            max_members=max_members,
+            cost={n: float(macs[n]) for n in pool},
+        )
+        for a in fast
+    }
+    anchor = max(fast, key=lambda a: (families[a][-1][1], finals[a]["val_accuracy"], -macs[a]))
+    steps = families[anchor]
     members = sorted((n for n, _ in steps), key=lambda n: macs[n])
     return {
         "members": members,
         "anchor": anchor,
         "greedy_steps": [{"added": n, "val_ensemble_accuracy": round(a, 5)} for n, a in steps],
+        "anchor_families": {a: round(f[-1][1], 5) for a, f in sorted(families.items())},
         "candidates": {
             n: {
                 "val_accuracy": round(finals[n]["val_accuracy"], 5),
@@ -163,15 +172,15 @@ def select(
             if n != "reference"
         },
         "rule": f"candidates with >= {MIN_MACS_GAIN}x fewer MACs than the reference; the "
-        f"cheapest member is the most accurate on validation of those with >= "
-        f"{MIN_CHEAPEST_GAIN}x fewer MACs"
+        f"cheapest member is, of the candidates with >= {MIN_CHEAPEST_GAIN}x fewer MACs"
         + (
             ""
             if speedups is None
             else f" that ran >= {need:g}x faster than the reference when timed at selection "
             f"(the {MIN_CHEAPEST_SPEEDUP:g}x target x a {SPEEDUP_MARGIN:g} margin)"
         )
-        + f"; the rest by greedy forward selection on val ensemble accuracy (sum of top-2), "
+        + ", the one whose family is the most accurate on validation; the rest are added "
+        f"by greedy forward selection on val ensemble accuracy (sum of top-2), "
         f"{min_members}..{max_members} members",
     }
 

@@ -112,6 +112,9 @@ def default_plan() -> list[Recipe]:
     # Half-depth twins of the cheapest: at 14-16 px, per-layer overhead, not MACs, sets
     # the latency, so fewer layers buy the 10x latency target that width alone misses.
     plan += [_candidate(0.25, r, s, True, depth=0.5) for r, s in [(14, 15), (16, 16)]]
+    # ... and plain twins of those: on validation, a plain cheapest member complemented
+    # the rest of the family slightly better than a distilled one.
+    plan += [_candidate(0.25, r, s, False, depth=0.5) for r, s in [(14, 17), (16, 18)]]
     return plan
 
 

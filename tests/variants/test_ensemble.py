@@ -82,18 +82,47 @@ def _selection_case() -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray
 
 
 def test_selection_anchor_must_be_fast_enough() -> None:
-    """The cheapest member is the most accurate >=20x candidate that also clears the
-    measured speedup with its margin; without measurements MACs alone decide."""
+    """A cheap candidate that does not clear the measured speedup with its margin is
+    neither the anchor nor a member; without a fast one, selection stops with why."""
     from variants.export import MIN_CHEAPEST_SPEEDUP, SPEEDUP_MARGIN, ExportError, select
 
     finals, probs, labels = _selection_case()
     macs = {"reference": 1000, "slow": 40, "fast": 30, "a": 150, "b": 150, "c": 150}
-    by_macs = select(finals, probs, labels, macs, 5, 5)
-    assert by_macs["anchor"] == "slow"
     need = MIN_CHEAPEST_SPEEDUP * SPEEDUP_MARGIN
     timed = select(finals, probs, labels, macs, 5, 5, {"slow": need - 0.1, "fast": need + 3})
     assert timed["anchor"] == "fast"
+    assert "slow" not in timed["members"]
     assert timed["candidates"]["slow"]["speedup"] == round(need - 0.1, 2)
     assert "faster" in timed["rule"]
     with pytest.raises(ExportError, match="faster"):
         select(finals, probs, labels, macs, 5, 5, {"slow": 5.0, "fast": 9.0})
+
+
+def test_selection_anchor_is_the_one_with_the_best_family() -> None:
+    """Of the fast cheap candidates, the anchor is the one whose greedy family scores
+    best on validation, not merely the most accurate alone."""
+    from variants.export import select
+
+    labels = np.zeros(10, dtype=np.int64)
+
+    def votes(right: set[int], p_right: float, p_wrong: float) -> np.ndarray:
+        # Label 0 on the images in ``right``, class 1 on the others, the rest on the other.
+        out = np.zeros((10, 10))
+        for i in range(10):
+            p = p_right if i in right else 1 - p_wrong
+            out[i, 0], out[i, 1] = p, 1 - p
+        return out
+
+    probs = {
+        "reference": votes(set(range(10)), 0.9, 0.9),
+        "a": votes(set(range(7)), 0.6, 0.6),  # wrong on 7-9
+        "solo": votes(set(range(8)), 0.9, 0.9),  # 80% alone, wrong on 8-9 like "a"
+        "mend": votes({7, 8, 9}, 0.85, 0.55),  # 30% alone, right where "a" is wrong
+    }
+    finals = {n: {"val_accuracy": float((p.argmax(1) == labels).mean())} for n, p in probs.items()}
+    macs = {"reference": 1000, "solo": 30, "mend": 30, "a": 150}
+    picked = select(finals, probs, labels, macs, 2, 2)
+    assert finals["solo"]["val_accuracy"] > finals["mend"]["val_accuracy"]
+    assert picked["anchor_families"] == {"mend": 1.0, "solo": 0.8}
+    assert picked["anchor"] == "mend"
+    assert picked["members"] == ["mend", "a"]
