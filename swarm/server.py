@@ -22,8 +22,8 @@ import contextlib
 import dataclasses
 import re
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, Final, NoReturn, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -46,6 +46,8 @@ from swarm.metrics import Metrics, render
 from swarm.requester import LocalModel, Policy
 
 log = get_logger(__name__)
+
+_M = TypeVar("_M", wire.InferRequest, wire.InferBatch)
 
 JSON_TYPE: Final = "application/json"
 # A verification failure's status: who signed is wrong (401), who signed is not allowed
@@ -175,16 +177,8 @@ class _Routes:
     # --- peer to peer ---
 
     async def infer(self, request: web.Request) -> web.Response:
-        ctx = self.ctx
         with self.infer_slots.slot():
-            body = await self._read_body(request, config.MAX_INFER_BODY)
-            try:
-                req = wire.decode_request(body)
-            except MessageTooLargeError as exc:
-                raise _HttpFailure(413, "body_too_large", str(exc)) from None
-            except DecodeError as exc:
-                ctx.metrics.observe_rejection("malformed")
-                raise _HttpFailure(400, "malformed_request", str(exc)) from None
+            req = await self._read_message(request, config.MAX_INFER_BODY, wire.decode_request)
             with bound(request_id=req.request_id, requester=req.requester_id):
                 reply = await self._answer(req)
         return web.Response(body=wire.encode_reply(reply), content_type=JSON_TYPE)
@@ -192,14 +186,9 @@ class _Routes:
     async def infer_batch(self, request: web.Request) -> web.Response:
         ctx = self.ctx
         with self.infer_slots.slot():
-            body = await self._read_body(request, config.MAX_INFER_BATCH_BODY)
-            try:
-                batch = wire.decode_batch(body)
-            except MessageTooLargeError as exc:
-                raise _HttpFailure(413, "body_too_large", str(exc)) from None
-            except DecodeError as exc:
-                ctx.metrics.observe_rejection("malformed")
-                raise _HttpFailure(400, "malformed_request", str(exc)) from None
+            batch = await self._read_message(
+                request, config.MAX_INFER_BATCH_BODY, wire.decode_batch
+            )
             # One signature for every item; each item's own checks follow in _answer.
             if not verify_signature(batch.requester_key, batch.signature, batch.signed_bytes()):
                 ctx.metrics.observe_rejection(wire.BAD_SIGNATURE)
@@ -391,6 +380,19 @@ class _Routes:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     # --- helpers ---
+
+    async def _read_message(
+        self, request: web.Request, limit: int, decode: Callable[[bytes], _M]
+    ) -> _M:
+        """The body read within ``limit`` and decoded; 413 or 400 when it cannot be."""
+        body = await self._read_body(request, limit)
+        try:
+            return decode(body)
+        except MessageTooLargeError as exc:
+            raise _HttpFailure(413, "body_too_large", str(exc)) from None
+        except DecodeError as exc:
+            self.ctx.metrics.observe_rejection("malformed")
+            raise _HttpFailure(400, "malformed_request", str(exc)) from None
 
     async def _read_body(self, request: web.Request, limit: int) -> bytes:
         declared = request.content_length

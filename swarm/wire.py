@@ -225,6 +225,7 @@ def decode_batch(body: bytes) -> InferBatch:
     """Parse and validate an untrusted batch of requests; ``DecodeError`` says what is wrong."""
     obj = _parse(body, config.MAX_INFER_BATCH_BODY, _BATCH_FIELDS["requester_key"], "batch")
     try:
+        _get_int(obj, "version", *_INT_FIELDS["version"])
         key = _get_b64(obj, "requester_key", PUBLIC_KEY_LEN)
         signature = _get_b64(obj, "signature", SIGNATURE_LEN)
         items = tuple(
@@ -243,6 +244,7 @@ def decode_reply_batch(body: bytes) -> ReplyBatch:
     """Parse and validate an untrusted batch of replies; ``DecodeError`` says what is wrong."""
     obj = _parse(body, config.MAX_REPLY_BATCH_BODY, _BATCH_FIELDS["responder_id"], "reply batch")
     try:
+        _get_int(obj, "version", *_INT_FIELDS["version"])
         responder = _get_str(obj, "responder_id", *_PEER_ID_RULE)
         signature = _get_b64(obj, "signature", SIGNATURE_LEN)
         items: list[InferReply | ItemError] = []
@@ -337,8 +339,6 @@ def _parse(body: bytes, limit: int, fields: frozenset[str], what: str) -> dict[s
             f"{what} speaks protocol version {version}; this peer speaks {PROTOCOL_VERSION}"
         )
     _check_fields(obj, fields, what)
-    if "items" in fields and type(version) is not int:  # a single message checks its own
-        raise DecodeError(f"malformed {what}: field 'version' must be an integer")
     return obj
 
 

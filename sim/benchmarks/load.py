@@ -91,13 +91,10 @@ async def throughput(
             req, peers = target
             count = max(plan.per_level, 4 * level)
             sum0, n0 = await batch_sizes(peers)
-            req.coalesce = coalesce
-            try:
+            with patched(req, "coalesce", coalesce):
                 loop = await classify_loop(
                     req, tensors, count=count, concurrency=level, policy=policy
                 )
-            finally:
-                req.coalesce = True
             sum1, n1 = await batch_sizes(peers)
             rate = len(loop.latencies_ms) / loop.wall_s
             rows[str(level)] = {

@@ -35,7 +35,13 @@ def _honest(peer: Identity, request: wire.InferRequest) -> wire.InferReply:
     )
 
 
-def _verify(reply: wire.InferReply, request: wire.InferRequest, peer: Identity) -> None:
+def _verify(
+    reply: wire.InferReply,
+    request: wire.InferRequest,
+    peer: Identity,
+    *,
+    signature_verified: bool = False,
+) -> None:
     wire.verify_reply(
         reply,
         request=request,
@@ -46,6 +52,7 @@ def _verify(reply: wire.InferReply, request: wire.InferRequest, peer: Identity) 
         freshness_s=30.0,
         expected_variant="V1",
         expected_model_sha256=SHA,
+        signature_verified=signature_verified,
     )
 
 
@@ -130,18 +137,7 @@ def _verify_batch(
     wire.verify_reply_batch(batch, expected_peer_id=peer.peer_id, expected_key=peer.public_key)
     replies = [i for i in batch.items if isinstance(i, wire.InferReply)]
     for reply, request in zip(replies, requests, strict=True):
-        wire.verify_reply(
-            reply,
-            request=request,
-            expected_peer_id=peer.peer_id,
-            expected_key=peer.public_key,
-            trust=TrustStore.open(),
-            now_ms=wire.unix_ms(),
-            freshness_s=30.0,
-            expected_variant="V1",
-            expected_model_sha256=SHA,
-            signature_verified=True,
-        )
+        _verify(reply, request, peer, signature_verified=True)
     return replies
 
 
