@@ -31,6 +31,8 @@ MAX_REPLY_BODY = 16 * 1024
 MAX_BATCH_ITEMS = 32
 MAX_INFER_BATCH_BODY = MAX_BATCH_ITEMS * 8 * 1024
 MAX_REPLY_BATCH_BODY = MAX_BATCH_ITEMS * 2 * 1024
+# A session offer or acceptance (swarm.session): keys, ids and a signature.
+MAX_SESSION_BODY = 2 * 1024
 # RFC 6763 section 6.2: a TXT record should stay well under 1300 bytes in total.
 MAX_TXT_VALUE = 255
 MAX_TXT_RECORD = 1300
@@ -57,6 +59,15 @@ REQUESTER_EXCHANGES_PER_PEER = 2
 MAX_INFER_IN_FLIGHT = 512
 MAX_CLASSIFY_IN_FLIGHT = 64
 RETRY_AFTER_S = 1
+# Sessions (swarm.session): how long a peer keeps one, how many it keeps (the oldest
+# is forgotten first; its requester opens a new one), the longest lifetime a peer may
+# announce, and the share of replies whose signatures a requester checks after the
+# answer when their session MAC already proved who sent them (dissenting replies are
+# all checked before the answer).
+SESSION_TTL_S = 600.0
+MAX_SESSIONS = 4096
+MAX_SESSION_TTL_MS = 86_400_000
+LATE_SIGNATURE_SAMPLE = 0.125
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

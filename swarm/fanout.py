@@ -89,6 +89,9 @@ class Answer:
     # True when the reply came as an item of a reply batch whose one signature the
     # requester already verified against the peer's key; the item carries none itself.
     batch_verified: bool = False
+    # True when the reply's session MAC proved the peer sent it (``swarm.session``); its
+    # own signature is left for ``FanOut.confirm_dissent`` and the requester's sample.
+    mac_verified: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,6 +176,8 @@ class FanOut:
         self.rejected: list[Rejection] = []
         self.missing: list[str] = []
         self.skipped: list[str] = []
+        # Counted replies whose signatures are not checked yet (their session MAC was).
+        self.unchecked: dict[str, tuple[PeerRecord, wire.InferReply]] = {}
         self.asked = 0
         self._asked_at: dict[str, float] = {}  # peer id -> time.monotonic() when asked
         self._group: asyncio.TaskGroup | None = None
@@ -219,6 +224,10 @@ class FanOut:
                             self._hedge()
                         continue
                     self._absorb(outcome)
+                    # Replies that came in meanwhile (a reply batch brings several at
+                    # once) are absorbed before the next check: one check for all.
+                    while not self.queue.empty():
+                        self._absorb(self.queue.get_nowait())
                 self._stopping = True
                 while not self.queue.empty():  # answers that are in count
                     self._absorb(self.queue.get_nowait())
@@ -296,7 +305,7 @@ class FanOut:
                 freshness_s=owner.timings.freshness_s,
                 expected_variant=record.variant,
                 expected_model_sha256=record.model_sha256,
-                signature_verified=answer.batch_verified,
+                signature_verified=answer.batch_verified or answer.mac_verified,
             )
         except VerificationError as exc:
             self._reject(record, exc.reason, exc.detail)
@@ -308,9 +317,32 @@ class FanOut:
         topk = reply.topk_probabilities()
         self.ballots.append(Ballot(record.peer_id, record.variant, topk, weight))
         self.replies.append(ReplyInfo(record.peer_id, record.variant, topk, seconds * 1000, weight))
+        if answer.mac_verified and not answer.batch_verified:
+            self.unchecked[record.peer_id] = (record, reply)
         self._cancel(variant, skipped=True)
 
-    def _reject(self, record: PeerRecord, reason: str, detail: str) -> None:
+    def confirm_dissent(self, label: int) -> bool:
+        """Check the signature of every counted reply that dissents from ``label`` and
+        that only its session MAC vouched for; drop the ballots whose signature fails.
+        True if one was dropped (the vote must be taken again)."""
+        dropped = False
+        for peer_id, (record, reply) in list(self.unchecked.items()):
+            if voting.top_class(reply.topk_probabilities()) == label:
+                continue
+            del self.unchecked[peer_id]
+            try:
+                wire.verify_reply_signature(reply, record.public_key)
+            except VerificationError as exc:
+                self.ballots = [b for b in self.ballots if b.peer_id != peer_id]
+                self.replies = [r for r in self.replies if r.peer != peer_id]
+                # Its session MAC verified: the peer itself sent this badly signed reply.
+                self._reject(record, exc.reason, exc.detail, attributable=True)
+                dropped = True
+        return dropped
+
+    def _reject(
+        self, record: PeerRecord, reason: str, detail: str, *, attributable: bool = False
+    ) -> None:
         owner = self.owner
         self.rejected.append(Rejection(record.peer_id, reason, detail))
         if owner.metrics is not None:
@@ -318,7 +350,7 @@ class FanOut:
         log.warning(
             "reply_rejected", peer=record.peer_id, reason=reason, detail=detail[:_DETAIL_CHARS]
         )
-        if reason in wire.ATTRIBUTABLE_REPLY_REASONS:
+        if attributable or reason in wire.ATTRIBUTABLE_REPLY_REASONS:
             owner.reputation.record(record.peer_id, agreed=False)
         else:
             # Unsigned or not signed by the peer: that address does not give us its answers.

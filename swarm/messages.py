@@ -53,6 +53,8 @@ REQUEST_TAG: Final = b"vswarm/request/v1\n"
 REPLY_TAG: Final = b"vswarm/reply/v1\n"
 BATCH_REQUEST_TAG: Final = b"vswarm/request-batch/v1\n"
 BATCH_REPLY_TAG: Final = b"vswarm/reply-batch/v1\n"
+SESSION_HELLO_TAG: Final = b"vswarm/session-hello/v1\n"
+SESSION_WELCOME_TAG: Final = b"vswarm/session-welcome/v1\n"
 
 PPM: Final = 1_000_000
 # RFC 7493 (I-JSON) section 2.2: integers beyond 2**53 - 1 do not survive every parser.
@@ -215,13 +217,55 @@ class ReplyBatch:
         )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionHello:
+    """A requester's signed offer of a session: a fresh X25519 key (``swarm.session``)."""
+
+    version: int
+    swarm: str
+    requester_id: str
+    requester_key: bytes = dataclasses.field(repr=False)
+    exchange_key: bytes = dataclasses.field(repr=False)  # X25519 public key, this session's
+    issued_at_ms: int
+    signature: bytes = dataclasses.field(repr=False)
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the requester's signature covers."""
+        return SESSION_HELLO_TAG + _message_json(self, _REPLY_UNSIGNED)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionWelcome:
+    """A peer's signed acceptance of a ``SessionHello``: its own X25519 key, bound to the
+    hello by its hash, and the session's id and lifetime."""
+
+    version: int
+    swarm: str
+    responder_id: str
+    requester_id: str
+    hello_sha256: str  # hex sha256 of the hello's signed bytes
+    session_id: str  # 32 lowercase hex characters, random
+    exchange_key: bytes = dataclasses.field(repr=False)
+    ttl_ms: int  # the peer forgets the session this long after issued_at_ms, or sooner
+    issued_at_ms: int
+    signature: bytes = dataclasses.field(repr=False)
+
+    def signed_bytes(self) -> bytes:
+        """The exact bytes the responder's signature covers."""
+        return SESSION_WELCOME_TAG + _message_json(self, _REPLY_UNSIGNED)
+
+
+_Signed = InferRequest | InferReply | SessionHello | SessionWelcome
+
+
 def _digest(msg: InferRequest | InferReply) -> bytes:
     return hashlib.sha256(msg.signed_bytes()).digest()
 
 
 # dataclasses.fields() rebuilds its tuple on every call; messages are made per request.
 _FIELD_NAMES: Final[dict[type, tuple[str, ...]]] = {
-    cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in (InferRequest, InferReply)
+    cls: tuple(f.name for f in dataclasses.fields(cls))
+    for cls in (InferRequest, InferReply, SessionHello, SessionWelcome)
 }
 # Field names are ASCII, so code-point order is RFC 8785's UTF-16 order.
 _SORTED_FIELD_NAMES: Final = {cls: tuple(sorted(names)) for cls, names in _FIELD_NAMES.items()}
@@ -231,12 +275,12 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _payload(msg: InferRequest | InferReply, skip: frozenset[str]) -> dict[str, object]:
+def _payload(msg: _Signed, skip: frozenset[str]) -> dict[str, object]:
     names = _FIELD_NAMES[type(msg)]
     return {name: _jsonable(getattr(msg, name)) for name in names if name not in skip}
 
 
-def _message_json(msg: InferRequest | InferReply, skip: frozenset[str] = frozenset()) -> bytes:
+def _message_json(msg: _Signed, skip: frozenset[str] = frozenset()) -> bytes:
     """``canonical_json(_payload(msg, skip))``, byte for byte, without its generic walk.
 
     Strings, bytes and safe integers (nearly every field) are placed directly; anything
@@ -418,4 +462,49 @@ def build_reply(
     )
     if not sign:
         return unsigned
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+
+
+def build_hello(
+    identity: Identity, *, swarm: str, exchange_key: bytes, now_ms: int | None = None
+) -> SessionHello:
+    """A session offer of ``identity`` with the X25519 public key ``exchange_key``."""
+    if not is_valid_name(swarm):
+        raise ValueError(f"invalid swarm name {swarm!r}: use 1-63 of A-Za-z0-9._-")
+    unsigned = SessionHello(
+        version=PROTOCOL_VERSION,
+        swarm=swarm,
+        requester_id=identity.peer_id,
+        requester_key=identity.public_key,
+        exchange_key=exchange_key,
+        issued_at_ms=unix_ms() if now_ms is None else now_ms,
+        signature=b"",
+    )
+    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+
+
+def build_welcome(
+    identity: Identity,
+    hello: SessionHello,
+    *,
+    session_id: str,
+    exchange_key: bytes,
+    ttl_ms: int,
+    now_ms: int | None = None,
+) -> SessionWelcome:
+    """``identity``'s signed acceptance of ``hello`` as session ``session_id``."""
+    if _HEX_ID.fullmatch(session_id) is None:
+        raise ValueError(f"session_id must be 32 lowercase hex characters, got {session_id!r}")
+    unsigned = SessionWelcome(
+        version=PROTOCOL_VERSION,
+        swarm=hello.swarm,
+        responder_id=identity.peer_id,
+        requester_id=hello.requester_id,
+        hello_sha256=hashlib.sha256(hello.signed_bytes()).hexdigest(),
+        session_id=session_id,
+        exchange_key=exchange_key,
+        ttl_ms=ttl_ms,
+        issued_at_ms=unix_ms() if now_ms is None else now_ms,
+        signature=b"",
+    )
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))

@@ -16,6 +16,11 @@ The path of a call (DESIGN.md, "The path of one classify call"):
    run at once; asks for that peer beyond them wait and go together, when one finishes,
    as one batch (``POST /v1/infer/batch``) signed once each way. A lone call never waits:
    under concurrency, calls share the HTTP exchange and both signatures.
+   Sessions (``swarm.session``, on by default): the first ask to a peer opens a session
+   with one signed key exchange; later requests carry a MAC instead of being checked by
+   signature, and a reply whose MAC verifies is known to come from that peer. Its
+   signature is then checked only if it dissents from the decision (before the answer)
+   or falls in the sample checked after it. A peer without sessions gets signatures.
 3. Vote: a ballot weighs the variant's validation accuracy x the peer's reputation weight;
    ``voting.decide`` under the caller's rule.
 4. Learn: reputation is recorded from a decision only if ``certified_f >= 1``. A decision
@@ -27,8 +32,13 @@ The path of a call (DESIGN.md, "The path of one classify call"):
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
+import contextlib
 import dataclasses
+import json
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
@@ -57,6 +67,15 @@ from swarm.log import bound, get_logger
 from swarm.metrics import Metrics
 from swarm.reputation import ReputationBook
 from swarm.resource import AsyncResource
+from swarm.session import (
+    MAC_HEADER,
+    SESSION_HEADER,
+    SESSION_PATH,
+    UNKNOWN_SESSION,
+    Offer,
+    SessionKeys,
+    macs_equal,
+)
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -82,6 +101,10 @@ _HEADERS: Final = {
     "User-Agent": f"vswarm/{PROTOCOL_VERSION}",
 }
 _CHUNK: Final = 8192
+_MAX_ERROR_BODY: Final = 4096  # an error answer is read this far, for its code and text
+# A session is renewed this long before the peer said it would forget it.
+_SESSION_MARGIN_S: Final = 30.0
+_SAMPLER: Final = secrets.SystemRandom()
 _MAX_PROBES: Final = 16  # suspected peers probed per round, a bound on the work
 
 
@@ -197,6 +220,33 @@ class LocalInfer:
         )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Response:
+    """One HTTP answer of a peer: its status, body (bounded) and session MAC header."""
+
+    status: int
+    body: bytes
+    mac: str | None
+
+    def error(self) -> str:
+        """The answer as an error message: its status and, if any, its JSON code and text."""
+        text = f"HTTP {self.status}"
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            obj = json.loads(self.body)
+            if isinstance(obj, dict):
+                code, message = str(obj.get("error", ""))[:40], str(obj.get("message", ""))
+                text += f" {code}: {message[:200]}"
+        return text
+
+    def code(self) -> str | None:
+        """The JSON error code of an error answer, if it has one."""
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            obj = json.loads(self.body)
+            if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+                return str(obj["error"])
+        return None
+
+
 @dataclasses.dataclass(slots=True)
 class _Waiting:
     """An ask queued behind a peer's busy exchanges, to go in the next batch."""
@@ -230,6 +280,7 @@ class Requester(AsyncResource):
         metrics: Metrics | None = None,
         local: LocalInfer | None = None,
         coalesce: bool = True,
+        sessions: bool = True,
     ) -> None:
         self.identity = identity
         self.swarm = swarm
@@ -241,6 +292,13 @@ class Requester(AsyncResource):
         self.metrics = metrics
         self.local = local
         self.coalesce = coalesce  # off: every ask is an exchange of its own
+        self.sessions = sessions  # off: every request and reply is checked by signature
+        # peer id -> its session and when to renew it (time.monotonic()); bounded LRU.
+        self._keys: collections.OrderedDict[str, tuple[SessionKeys, float]] = (
+            collections.OrderedDict()
+        )
+        self._opening: dict[str, asyncio.Task[SessionKeys | None]] = {}
+        self._plain: set[str] = set()  # peers that answered 404 to a session offer
         self._links: dict[str, _Link] = {}
         self._groups: set[asyncio.Task[None]] = set()  # batches and lone asks sent for queues
         self._session: aiohttp.ClientSession | None = None
@@ -248,7 +306,7 @@ class Requester(AsyncResource):
         self._probe: asyncio.Task[None] | None = None
         # HTTP exchanges whose caller gave up (early exit, hedge won), left to finish so
         # their keep-alive connection returns to the pool instead of being torn down.
-        self._exchanges: set[asyncio.Task[bytes]] = set()
+        self._exchanges: set[asyncio.Task[_Response]] = set()
         # peer id -> (round-trip estimate in ms, address that last worked); bounded LRU.
         self._stats: collections.OrderedDict[str, tuple[float | None, str | None]] = (
             collections.OrderedDict()
@@ -271,7 +329,11 @@ class Requester(AsyncResource):
         if probe is not None:
             probe.cancel()
             await asyncio.wait([probe])
-        exchanges: set[asyncio.Task[Any]] = {*self._exchanges, *self._groups}
+        exchanges: set[asyncio.Task[Any]] = {
+            *self._exchanges,
+            *self._groups,
+            *self._opening.values(),
+        }
         for task in exchanges:
             task.cancel()
         if exchanges:
@@ -485,12 +547,12 @@ class Requester(AsyncResource):
                 log.exception("local_infer_crashed")
                 raise InferenceError(f"the local model failed: {exc!r}") from exc
         if not self.coalesce:
-            return Answer(await self._ask_one(record, request, body))
+            return await self._ask_one(record, request, body)
         link = self._links.setdefault(record.peer_id, _Link())
         if link.busy < config.REQUESTER_EXCHANGES_PER_PEER and not link.waiting:
             link.busy += 1
             try:
-                return Answer(await self._ask_one(record, request, body))
+                return await self._ask_one(record, request, body)
             finally:
                 link.busy -= 1
                 self._flush(link, record)
@@ -522,7 +584,7 @@ class Requester(AsyncResource):
             if len(group) == 1:
                 only = group[0]
                 answers: list[Answer | SwarmError] = [
-                    Answer(await self._ask_one(record, only.request, only.body))
+                    await self._ask_one(record, only.request, only.body)
                 ]
             else:
                 answers = await self._ask_batch(record, [w.request for w in group])
@@ -544,11 +606,9 @@ class Requester(AsyncResource):
             else:
                 waiting.future.set_exception(_copy_error(answer))
 
-    async def _ask_one(
-        self, record: PeerRecord, request: wire.InferRequest, body: bytes
-    ) -> wire.InferReply:
-        raw = await self._post_to(record, INFER_PATH, body, request.deadline_ms / 1000)
-        return wire.decode_reply(raw)
+    async def _ask_one(self, record: PeerRecord, request: wire.InferRequest, body: bytes) -> Answer:
+        raw, authenticated = await self._call(record, INFER_PATH, body, request.deadline_ms / 1000)
+        return Answer(wire.decode_reply(raw), mac_verified=authenticated)
 
     async def _ask_batch(
         self, record: PeerRecord, requests: list[wire.InferRequest]
@@ -556,7 +616,7 @@ class Requester(AsyncResource):
         """Ask ``requests`` as one batch; a whole-batch failure raises, an item's is listed."""
         batch = wire.build_batch(self.identity, requests)
         limit_s = max(r.deadline_ms for r in requests) / 1000
-        raw = await self._post_to(
+        raw, _ = await self._call(
             record, BATCH_PATH, wire.encode_batch(batch), limit_s, config.MAX_REPLY_BATCH_BODY
         )
         replies = wire.decode_reply_batch(raw)
@@ -574,6 +634,107 @@ class Requester(AsyncResource):
             for item in replies.items
         ]
 
+    async def _call(
+        self,
+        record: PeerRecord,
+        path: str,
+        body: bytes,
+        limit_s: float,
+        max_reply: int = config.MAX_REPLY_BODY,
+        *,
+        retry: bool = True,
+    ) -> tuple[bytes, bool]:
+        """The body of ``record``'s 200 answer to ``body`` at ``path``, and whether a
+        session MAC proved that peer sent it. An error answer raises PeerUnreachableError,
+        a reply whose MAC does not verify VerificationError."""
+        keys = await self._session_for(record, limit_s) if self.sessions else None
+        if keys is None:
+            resp = await self._post_to(record, path, body, limit_s, max_reply)
+            if resp.status != 200:
+                raise PeerUnreachableError(resp.error())
+            return resp.body, False
+        request_mac = keys.request_mac(path, body)
+        resp = await self._post_to(record, path, body, limit_s, max_reply, keys, request_mac)
+        if resp.status == 401 and resp.code() == UNKNOWN_SESSION and retry:
+            # The peer forgot the session (restart, expiry, a full table): open another.
+            self._forget_session(record.peer_id, keys)
+            return await self._call(record, path, body, limit_s, max_reply, retry=False)
+        if resp.status != 200:
+            raise PeerUnreachableError(resp.error())
+        try:
+            mac = base64.b64decode(resp.mac or "", validate=True)
+        except (binascii.Error, ValueError):
+            mac = b""
+        if not macs_equal(keys.reply_mac(request_mac, resp.status, resp.body), mac):
+            raise VerificationError(
+                wire.BAD_SIGNATURE, "the reply's session MAC is missing or does not verify"
+            )
+        return resp.body, True
+
+    async def _session_for(self, record: PeerRecord, limit_s: float) -> SessionKeys | None:
+        """This requester's session with ``record``'s peer, opened if need be; None for a
+        peer that has no sessions."""
+        peer_id = record.peer_id
+        held = self._keys.get(peer_id)
+        if held is not None and held[1] > time.monotonic():
+            self._keys.move_to_end(peer_id)
+            return held[0]
+        if peer_id in self._plain:
+            return None
+        opening = self._opening.get(peer_id)
+        if opening is None:
+            # Its own task: a caller that gives up (early exit) leaves it to finish for
+            # the next call, and concurrent callers share one key exchange.
+            opening = asyncio.get_running_loop().create_task(
+                self._open_session_with(record, limit_s), name="vswarm-session"
+            )
+            self._opening[peer_id] = opening
+            opening.add_done_callback(lambda task: self._session_opened(peer_id, task))
+        return await asyncio.shield(opening)
+
+    def _session_opened(self, peer_id: str, task: asyncio.Task[Any]) -> None:
+        if self._opening.get(peer_id) is task:
+            del self._opening[peer_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: its callers raise it
+
+    async def _open_session_with(self, record: PeerRecord, limit_s: float) -> SessionKeys | None:
+        offer = Offer(self.identity, self.swarm)
+        resp = await self._post_to(
+            record,
+            SESSION_PATH,
+            wire.encode_hello(offer.hello),
+            limit_s,
+            config.MAX_SESSION_BODY,
+        )
+        if resp.status == 404:  # a peer without sessions: signatures it is
+            self._plain.add(record.peer_id)
+            log.info("peer_without_sessions", peer=record.peer_id)
+            return None
+        if resp.status != 200:
+            raise PeerUnreachableError(f"session refused: {resp.error()}")
+        welcome = wire.decode_welcome(resp.body)
+        keys = offer.accept(
+            welcome,
+            expected_peer_id=record.peer_id,
+            expected_key=record.public_key,
+            now_ms=wire.unix_ms(),
+            freshness_s=self.timings.freshness_s,
+        )
+        ttl_s = min(welcome.ttl_ms / 1000, config.SESSION_TTL_S)
+        renew_at = time.monotonic() + max(ttl_s - _SESSION_MARGIN_S, ttl_s / 2)
+        self._keys[record.peer_id] = (keys, renew_at)
+        self._keys.move_to_end(record.peer_id)
+        while len(self._keys) > config.MAX_PEERS:
+            self._keys.popitem(last=False)
+        log.debug("session_opened", peer=record.peer_id, ttl_s=ttl_s)
+        return keys
+
+    def _forget_session(self, peer_id: str, keys: SessionKeys) -> None:
+        held = self._keys.get(peer_id)
+        if held is not None and held[0] is keys:
+            del self._keys[peer_id]
+
     async def _post_to(
         self,
         record: PeerRecord,
@@ -581,8 +742,19 @@ class Requester(AsyncResource):
         body: bytes,
         limit_s: float,
         max_reply: int = config.MAX_REPLY_BODY,
-    ) -> bytes:
-        """POST ``body`` to ``record``'s peer, trying its addresses, the last good first."""
+        keys: SessionKeys | None = None,
+        request_mac: bytes = b"",
+    ) -> _Response:
+        """POST ``body`` to ``record``'s peer, trying its addresses, the last good first;
+        with ``keys``, in that session, the MAC ``request_mac`` in its headers."""
+        headers = (
+            None
+            if keys is None
+            else {
+                SESSION_HEADER: keys.session_id,
+                MAC_HEADER: base64.b64encode(request_mac).decode("ascii"),
+            }
+        )
         session = self._open_session()
         preferred = self._stats.get(record.peer_id, (None, None))[1]
         addresses = sorted(record.addresses, key=lambda a: a != preferred)
@@ -590,7 +762,7 @@ class Requester(AsyncResource):
         for address in addresses:
             url = f"http://{address}:{record.port}{path}"
             try:
-                raw = await self._exchange(session, url, body, limit_s, max_reply)
+                resp = await self._exchange(session, url, body, limit_s, max_reply, headers)
             except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError) as exc:
                 last = exc  # this address does not reach the peer; try the next one
                 continue
@@ -598,7 +770,7 @@ class Requester(AsyncResource):
                 raise PeerUnreachableError(f"{address}:{record.port}: {exc!r}") from exc
             if address != preferred:
                 self._stats[record.peer_id] = (self.latency_ms(record.peer_id), address)
-            return raw
+            return resp
         raise PeerUnreachableError(f"cannot connect to {addresses} port {record.port}: {last!r}")
 
     async def _exchange(
@@ -608,13 +780,14 @@ class Requester(AsyncResource):
         body: bytes,
         limit_s: float,
         max_reply: int = config.MAX_REPLY_BODY,
-    ) -> bytes:
+        headers: dict[str, str] | None = None,
+    ) -> _Response:
         # Cancelling an aiohttp request mid-response closes its connection, and the next
         # call to that peer pays a new TCP handshake; early exit and hedging cancel the
         # slowest ask of most calls. So the exchange runs in its own task, bounded by the
         # request's budget, and a cancelled caller leaves it to finish in the background.
         task = asyncio.create_task(
-            _post(session, url, body, limit_s, max_reply), name="vswarm-post"
+            _post(session, url, body, limit_s, max_reply, headers), name="vswarm-post"
         )
         self._exchanges.add(task)
         task.add_done_callback(_exchange_done(self._exchanges))
@@ -628,22 +801,42 @@ class Requester(AsyncResource):
 
     # --- deciding ---
 
+    def _sample_signatures(self, call: FanOut) -> None:
+        """Check, after the answer, the signatures of a sample of the replies that only
+        their session vouched for: a peer that signs garbage is found out and loses
+        reputation, at a fraction of the cost of checking every reply."""
+        sample = [
+            unchecked
+            for unchecked in call.unchecked.values()
+            if _SAMPLER.random() < config.LATE_SIGNATURE_SAMPLE
+        ]
+        if sample:
+            asyncio.get_running_loop().call_soon(self._check_late, sample)
+
+    def _check_late(self, sample: list[tuple[PeerRecord, wire.InferReply]]) -> None:
+        for record, reply in sample:
+            try:
+                wire.verify_reply_signature(reply, record.public_key)
+            except VerificationError as exc:
+                # The session MAC proved this peer sent it: provably its own bad reply.
+                self.reputation.record(record.peer_id, agreed=False)
+                if self.metrics is not None:
+                    self.metrics.observe_rejection(exc.reason)
+                log.warning("late_bad_signature", peer=record.peer_id, request=reply.request_id)
+
     def _decide(self, call: FanOut, early: bool, budget_ms: int, started: float) -> ClassifyResult:
-        counted = sum(1 for b in call.ballots if b.weight > 0)
-        if counted < call.quorum:
-            what = (
-                "no counted replies"
-                if counted == 0
-                else f"quorum not met ({counted} counted replies, {call.quorum} required)"
-            )
-            message = f"{what} from {call.asked} peers within {budget_ms} ms: {call.summary()}"
-            log.warning("classify_no_decision", reason=message)
-            raise NoDecisionError(message)
+        _check_quorum(call, budget_ms)
         decision = voting.decide(call.ballots, call.rule)
+        # A dissenting reply only its session vouched for has its signature checked now;
+        # one that fails is dropped, and the vote taken again without it.
+        while call.confirm_dissent(decision.label):
+            _check_quorum(call, budget_ms)
+            decision = voting.decide(call.ballots, call.rule)
+        self._sample_signatures(call)
         if decision.certified_f >= 1:
             for ballot in call.ballots:
-                top1 = min(ballot.topk, key=lambda e: (-e[1], e[0]))[0]
-                self.reputation.record(ballot.peer_id, top1 == decision.label)
+                agreed = voting.top_class(ballot.topk) == decision.label
+                self.reputation.record(ballot.peer_id, agreed)
         seconds = time.monotonic() - started
         if self.metrics is not None:
             self.metrics.observe_classify(seconds, call.rule)
@@ -673,17 +866,36 @@ class Requester(AsyncResource):
         )
 
 
+def _check_quorum(call: FanOut, budget_ms: int) -> None:
+    counted = sum(1 for b in call.ballots if b.weight > 0)
+    if counted < call.quorum:
+        what = (
+            "no counted replies"
+            if counted == 0
+            else f"quorum not met ({counted} counted replies, {call.quorum} required)"
+        )
+        message = f"{what} from {call.asked} peers within {budget_ms} ms: {call.summary()}"
+        log.warning("classify_no_decision", reason=message)
+        raise NoDecisionError(message)
+
+
 async def _post(
     session: aiohttp.ClientSession,
     url: str,
     body: bytes,
     limit_s: float,
     max_reply: int = config.MAX_REPLY_BODY,
-) -> bytes:
-    async with asyncio.timeout(limit_s), session.post(url, data=body) as resp:
-        if resp.status != 200:
-            raise PeerUnreachableError(f"HTTP {resp.status} {resp.reason}")
-        return await _read_bounded(resp, max_reply)
+    headers: dict[str, str] | None = None,
+) -> _Response:
+    async with asyncio.timeout(limit_s), session.post(url, data=body, headers=headers) as resp:
+        limit = max_reply if resp.status == 200 else _MAX_ERROR_BODY
+        try:
+            raw = await _read_bounded(resp, limit)
+        except MessageTooLargeError:
+            if resp.status == 200:
+                raise
+            raw = b""  # an oversized error answer: its status says enough
+        return _Response(resp.status, raw, resp.headers.get(MAC_HEADER))
 
 
 def _copy_error(exc: SwarmError) -> SwarmError:
@@ -700,8 +912,10 @@ def _copy_error(exc: SwarmError) -> SwarmError:
     return copy
 
 
-def _exchange_done(pending: set[asyncio.Task[bytes]]) -> Callable[[asyncio.Task[bytes]], None]:
-    def done(task: asyncio.Task[bytes]) -> None:
+def _exchange_done(
+    pending: set[asyncio.Task[_Response]],
+) -> Callable[[asyncio.Task[_Response]], None]:
+    def done(task: asyncio.Task[_Response]) -> None:
         pending.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: a caller that gave up does not want it logged

@@ -3,6 +3,9 @@
 - ``POST /v1/infer``: a signed request from another peer; a signed top-k reply.
 - ``POST /v1/infer/batch``: several requests of one peer signed once; one reply (or an
   error) per item, signed once (``swarm.messages``, "Batches").
+- ``POST /v1/session``: a signed key exchange; later requests of that requester may carry
+  a session MAC instead of being checked by signature, and their answers carry one too
+  (``swarm.session``).
 - ``POST /v1/classify``: an image (PNG, JPEG or .npy); this peer acts as the requester.
 - ``GET /v1/info``, ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
 
@@ -18,6 +21,8 @@ unexpected into a logged 500 as a last line, which the tests fuzz for.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import re
@@ -30,6 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 
 from swarm import PROTOCOL_VERSION, config, voting, wire
+from swarm import session as sessions
 from swarm.discovery import PeerTable
 from swarm.errors import (
     ConfigError,
@@ -48,6 +54,7 @@ from swarm.requester import LocalModel, Policy
 log = get_logger(__name__)
 
 _M = TypeVar("_M", wire.InferRequest, wire.InferBatch)
+_D = TypeVar("_D", wire.InferRequest, wire.InferBatch, wire.SessionHello)
 
 JSON_TYPE: Final = "application/json"
 # A verification failure's status: who signed is wrong (401), who signed is not allowed
@@ -73,6 +80,9 @@ _HTTP_CODES: Final[Mapping[int, str]] = {
     405: "method_not_allowed",
     413: "body_too_large",
 }
+# Where a route leaves the session keys and request MAC of a request it authenticated
+# that way; the middleware MACs the answer with them, whatever the answer is.
+_SEAL: Final = web.RequestKey("vswarm_seal", tuple[sessions.SessionKeys, bytes])
 _DIGITS: Final = re.compile(r"[0-9]{1,9}")
 _CHUNK: Final = 64 * 1024
 _ITEM_MESSAGE_CHARS: Final = 300  # an item error's text, as a reply batch allows
@@ -139,6 +149,11 @@ def error_response(
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
+_NOT_SESSION_OWNER: Final = VerificationError(
+    wire.WRONG_KEY, "the request's requester is not the one that opened this session"
+)
+
+
 class _InFlight:
     """A bounded count of requests being served; full means 503 with Retry-After."""
 
@@ -170,33 +185,55 @@ class _Routes:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.replays = wire.ReplayCache()
+        self.sessions = sessions.SessionTable(
+            ctx.identity, swarm=ctx.swarm, trust=ctx.trust, freshness_s=ctx.timings.freshness_s
+        )
         self.infer_slots = _InFlight("/v1/infer", ctx.max_infer_in_flight)
         self.classify_slots = _InFlight("/v1/classify", ctx.max_classify_in_flight)
         self.variant_names = tuple(s.name for s in ctx.manifest.variants)
 
     # --- peer to peer ---
 
+    async def open_session(self, request: web.Request) -> web.Response:
+        with self.infer_slots.slot():
+            body = await self._read_body(request, config.MAX_SESSION_BODY)
+            hello = self._decode(body, wire.decode_hello)
+            try:
+                welcome = self.sessions.open(hello, now_ms=wire.unix_ms())
+            except VerificationError as exc:
+                self._refuse(exc)
+        return web.Response(body=wire.encode_welcome(welcome), content_type=JSON_TYPE)
+
     async def infer(self, request: web.Request) -> web.Response:
         with self.infer_slots.slot():
-            req = await self._read_message(request, config.MAX_INFER_BODY, wire.decode_request)
+            req, session = await self._read_message(
+                request, config.MAX_INFER_BODY, wire.decode_request
+            )
             with bound(request_id=req.request_id, requester=req.requester_id):
-                reply = await self._answer(req)
+                if session is not None and req.requester_key != session.requester_key:
+                    self._refuse(_NOT_SESSION_OWNER)
+                reply = await self._answer(req, authenticated=session is not None)
         return web.Response(body=wire.encode_reply(reply), content_type=JSON_TYPE)
 
     async def infer_batch(self, request: web.Request) -> web.Response:
         ctx = self.ctx
         with self.infer_slots.slot():
-            batch = await self._read_message(
+            batch, session = await self._read_message(
                 request, config.MAX_INFER_BATCH_BODY, wire.decode_batch
             )
-            # One signature for every item; each item's own checks follow in _answer.
-            if not verify_signature(batch.requester_key, batch.signature, batch.signed_bytes()):
+            if session is not None:
+                if batch.requester_key != session.requester_key:
+                    self._refuse(_NOT_SESSION_OWNER)
+            # One signature (or the session MAC) for every item; each item's own checks
+            # follow in _answer.
+            elif not verify_signature(batch.requester_key, batch.signature, batch.signed_bytes()):
                 ctx.metrics.observe_rejection(wire.BAD_SIGNATURE)
                 log.info("infer_rejected", reason=wire.BAD_SIGNATURE, detail="batch")
                 raise _HttpFailure(
                     401, wire.BAD_SIGNATURE, "the batch signature does not verify"
                 ) from None
             with bound(requester=batch.items[0].requester_id, batch=len(batch.items)):
+                # Items are checked as covered by the batch's signature or session MAC.
                 items = await asyncio.gather(*(self._answer_item(r) for r in batch.items))
         reply = wire.sign_replies(ctx.identity, items)
         return web.Response(body=wire.encode_reply_batch(reply), content_type=JSON_TYPE)
@@ -207,9 +244,13 @@ class _Routes:
         except _HttpFailure as exc:
             return wire.ItemError(req.request_id, exc.code, exc.message[:_ITEM_MESSAGE_CHARS])
 
-    async def _answer(self, req: wire.InferRequest, *, batched: bool = False) -> wire.InferReply:
+    async def _answer(
+        self, req: wire.InferRequest, *, batched: bool = False, authenticated: bool = False
+    ) -> wire.InferReply:
         """Verify ``req``, run the model, and answer it: signed, or unsigned as an item of
-        a batch whose signature ``batched`` says was verified (the reply batch is signed)."""
+        a batch whose signature ``batched`` says was verified (the reply batch is signed).
+        ``authenticated``: a session MAC proved who sent ``req``; its signature is not
+        checked."""
         ctx = self.ctx
         try:
             wire.verify_request(
@@ -219,12 +260,10 @@ class _Routes:
                 now_ms=wire.unix_ms(),
                 freshness_s=ctx.timings.freshness_s,
                 seen=self.replays,
-                signature_verified=batched,
+                signature_verified=batched or authenticated,
             )
         except VerificationError as exc:
-            ctx.metrics.observe_rejection(exc.reason)
-            log.info("infer_rejected", reason=exc.reason, detail=exc.detail)
-            raise _HttpFailure(VERIFY_STATUS.get(exc.reason, 400), exc.reason, str(exc)) from None
+            self._refuse(exc)
         # The requester's budget counts from receipt: clocks of two devices may differ
         # by up to the freshness window, so issued_at_ms cannot anchor it.
         try:
@@ -383,9 +422,14 @@ class _Routes:
 
     async def _read_message(
         self, request: web.Request, limit: int, decode: Callable[[bytes], _M]
-    ) -> _M:
-        """The body read within ``limit`` and decoded; 413 or 400 when it cannot be."""
+    ) -> tuple[_M, sessions.PeerSession | None]:
+        """The body read within ``limit``, authenticated by its session MAC if it names a
+        session, and decoded; 413, 401 or 400 when it cannot be."""
         body = await self._read_body(request, limit)
+        session = self._authenticate(request, body)
+        return self._decode(body, decode), session
+
+    def _decode(self, body: bytes, decode: Callable[[bytes], _D]) -> _D:
         try:
             return decode(body)
         except MessageTooLargeError as exc:
@@ -393,6 +437,41 @@ class _Routes:
         except DecodeError as exc:
             self.ctx.metrics.observe_rejection("malformed")
             raise _HttpFailure(400, "malformed_request", str(exc)) from None
+
+    def _authenticate(self, request: web.Request, body: bytes) -> sessions.PeerSession | None:
+        """The session whose MAC ``body`` carries; None without a session header."""
+        session_id = request.headers.get(sessions.SESSION_HEADER)
+        if session_id is None:
+            return None
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise _HttpFailure(
+                401,
+                sessions.UNKNOWN_SESSION,
+                f"this peer holds no session {session_id[:40]!r} (it expired, was "
+                f"forgotten, or the peer restarted): open one with POST {sessions.SESSION_PATH}",
+            )
+        try:
+            mac = base64.b64decode(request.headers.get(sessions.MAC_HEADER, ""), validate=True)
+        except (binascii.Error, ValueError):
+            mac = b""
+        expected = session.keys.request_mac(request.path, body)
+        if len(mac) != sessions.MAC_LEN or not sessions.macs_equal(expected, mac):
+            self._refuse(
+                VerificationError(
+                    wire.BAD_SIGNATURE,
+                    f"the {sessions.MAC_HEADER} header is missing or is not the MAC of this "
+                    "body in this session",
+                )
+            )
+        request[_SEAL] = (session.keys, mac)
+        return session
+
+    def _refuse(self, exc: VerificationError) -> NoReturn:
+        """Count and log a failed check, and answer it with its status."""
+        self.ctx.metrics.observe_rejection(exc.reason)
+        log.info("infer_rejected", reason=exc.reason, detail=exc.detail)
+        raise _HttpFailure(VERIFY_STATUS.get(exc.reason, 400), exc.reason, str(exc)) from None
 
     async def _read_body(self, request: web.Request, limit: int) -> bytes:
         declared = request.content_length
@@ -459,6 +538,13 @@ def _middleware(metrics: Metrics) -> Middleware:
             response = error_response(
                 500, "internal_error", "an unexpected error occurred; it was logged"
             )
+        seal = request.get(_SEAL)
+        if seal is not None and isinstance(response, web.Response):
+            keys, request_mac = seal
+            body = response.body
+            if isinstance(body, bytes):
+                mac = keys.reply_mac(request_mac, response.status, body)
+                response.headers[sessions.MAC_HEADER] = base64.b64encode(mac).decode("ascii")
         endpoint = _endpoint(request)
         metrics.observe_request(endpoint, response.status)
         log.debug(
@@ -481,6 +567,7 @@ def create_app(ctx: ServerContext) -> web.Application:
     )
     app.router.add_post("/v1/infer", routes.infer)
     app.router.add_post("/v1/infer/batch", routes.infer_batch)
+    app.router.add_post(sessions.SESSION_PATH, routes.open_session)
     app.router.add_post("/v1/classify", routes.classify)
     app.router.add_get("/v1/info", routes.info)
     app.router.add_get("/healthz", routes.healthz)

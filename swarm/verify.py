@@ -180,6 +180,12 @@ def verify_reply(
     _check_topk(reply.topk, request.k)
 
 
+def verify_reply_signature(reply: InferReply, key: bytes) -> None:
+    """Raise ``VerificationError`` (bad_signature) unless ``key`` signed ``reply``."""
+    if not verify_signature(key, reply.signature, reply.signed_bytes()):
+        _reject(BAD_SIGNATURE, "the reply signature does not verify")
+
+
 def verify_reply_batch(batch: ReplyBatch, *, expected_peer_id: str, expected_key: bytes) -> None:
     """Accept the envelope of a reply batch from the peer we asked, or raise
     ``VerificationError``; its replies are then checked one by one with ``verify_reply``

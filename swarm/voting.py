@@ -195,6 +195,14 @@ def _check_rule(rule: str, trim: int | None) -> None:
             raise ConfigError(f"trim must be >= 0, got {trim}")
 
 
+def top_class(topk: Sequence[tuple[int, float]]) -> int:
+    """A ballot's top-1: its most probable listed class, ties to the lower index; -1 for
+    an empty top-k."""
+    if not topk:
+        return -1
+    return int(min(topk, key=lambda entry: (-entry[1], entry[0]))[0])
+
+
 def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -228,9 +236,7 @@ def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
         for column, value in zip(columns, row, strict=True):
             column.append(value)
         weights.append(float(ballot.weight))
-        # Top-1: the most probable listed class, ties to the lower index.
-        ranked = sorted(ballot.topk, key=lambda entry: (-entry[1], entry[0]))
-        top1.append(int(ranked[0][0]) if ranked else -1)
+        top1.append(top_class(ballot.topk))
         used.append(ballot.peer_id)
     keys = tuple(array.array("d", column).tobytes() for column in columns)
     return _Tally(columns, keys, weights, top1, tuple(used), tuple(excluded))

@@ -36,16 +36,22 @@ from swarm.messages import (
     PPM,
     REPLY_TAG,
     REQUEST_TAG,
+    SESSION_HELLO_TAG,
+    SESSION_WELCOME_TAG,
     InferBatch,
     InferReply,
     InferRequest,
     ItemError,
     ReplyBatch,
+    SessionHello,
+    SessionWelcome,
     _b64,
     _message_json,
     build_batch,
+    build_hello,
     build_reply,
     build_request,
+    build_welcome,
     canonical_json,
     input_sha256,
     is_valid_name,
@@ -73,6 +79,7 @@ from swarm.verify import (
     ReplayCache,
     verify_reply,
     verify_reply_batch,
+    verify_reply_signature,
     verify_request,
 )
 
@@ -90,6 +97,8 @@ __all__ = [
     "REPLAYED",
     "REPLY_TAG",
     "REQUEST_TAG",
+    "SESSION_HELLO_TAG",
+    "SESSION_WELCOME_TAG",
     "STALE",
     "TOPK_SUM_SLACK_PPM",
     "UNTRUSTED_KEY",
@@ -105,18 +114,26 @@ __all__ = [
     "ItemError",
     "ReplayCache",
     "ReplyBatch",
+    "SessionHello",
+    "SessionWelcome",
     "build_batch",
+    "build_hello",
     "build_reply",
     "build_request",
+    "build_welcome",
     "canonical_json",
     "decode_batch",
+    "decode_hello",
     "decode_reply",
     "decode_reply_batch",
     "decode_request",
+    "decode_welcome",
     "encode_batch",
+    "encode_hello",
     "encode_reply",
     "encode_reply_batch",
     "encode_request",
+    "encode_welcome",
     "input_sha256",
     "is_valid_name",
     "sign_replies",
@@ -125,11 +142,13 @@ __all__ = [
     "unix_ms",
     "verify_reply",
     "verify_reply_batch",
+    "verify_reply_signature",
     "verify_request",
 ]
 
 _PEER_ID = re.compile(rf"[0-9a-f]{{{PEER_ID_LEN}}}")
 _INPUT_LEN: Final = math.prod(config.INPUT_SHAPE) * 4
+EXCHANGE_KEY_LEN: Final = 32  # an X25519 public key (RFC 7748)
 _NAME_RULE: Final = (_NAME, "a name of 1-63 of A-Za-z0-9._-")
 _PEER_ID_RULE: Final = (_PEER_ID, "a peer id of 20 lowercase hex characters")
 _SHA256_RULE: Final = (_SHA256, "64 lowercase hex characters")
@@ -141,6 +160,8 @@ _STR_FIELDS: Final[dict[str, tuple[re.Pattern[str], str]]] = {
     "responder_id": _PEER_ID_RULE,
     "input_sha256": _SHA256_RULE,
     "model_sha256": _SHA256_RULE,
+    "hello_sha256": _SHA256_RULE,
+    "session_id": (_HEX_ID, "32 lowercase hex characters"),
 }
 _INT_FIELDS: Final[dict[str, tuple[int, int]]] = {
     "version": (0, MAX_SAFE_INT),
@@ -148,11 +169,13 @@ _INT_FIELDS: Final[dict[str, tuple[int, int]]] = {
     "issued_at_ms": (0, MAX_SAFE_INT),
     "deadline_ms": (1, MAX_DEADLINE_MS),
     "infer_us": (0, MAX_SAFE_INT),
+    "ttl_ms": (1, config.MAX_SESSION_TTL_MS),
 }
 _B64_FIELDS: Final[dict[str, int]] = {
     "requester_key": PUBLIC_KEY_LEN,
     "input": _INPUT_LEN,
     "signature": SIGNATURE_LEN,
+    "exchange_key": EXCHANGE_KEY_LEN,
 }
 
 # A batch item travels without a signature of its own: the batch's covers it.
@@ -168,7 +191,7 @@ _MAX_ERROR_MESSAGE: Final = 300
 # What the standard library raises on hostile input; anything else is a bug of ours.
 _DECODE_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, RecursionError)
 
-_Msg = TypeVar("_Msg", InferRequest, InferReply)
+_Msg = TypeVar("_Msg", InferRequest, InferReply, SessionHello, SessionWelcome)
 
 
 # --- encoding and decoding ------------------------------------------------------------
@@ -192,6 +215,26 @@ def decode_request(body: bytes) -> InferRequest:
 def decode_reply(body: bytes) -> InferReply:
     """Parse and validate an untrusted reply body; ``DecodeError`` says what is wrong."""
     return _decode(body, InferReply, config.MAX_REPLY_BODY, "reply")
+
+
+def encode_hello(hello: SessionHello) -> bytes:
+    """The HTTP body of ``hello`` (``POST /v1/session``)."""
+    return _message_json(hello)
+
+
+def encode_welcome(welcome: SessionWelcome) -> bytes:
+    """The HTTP body of ``welcome``."""
+    return _message_json(welcome)
+
+
+def decode_hello(body: bytes) -> SessionHello:
+    """Parse and validate an untrusted session offer; ``DecodeError`` says what is wrong."""
+    return _decode(body, SessionHello, config.MAX_SESSION_BODY, "session hello")
+
+
+def decode_welcome(body: bytes) -> SessionWelcome:
+    """Parse and validate an untrusted session acceptance; ``DecodeError`` says what is wrong."""
+    return _decode(body, SessionWelcome, config.MAX_SESSION_BODY, "session welcome")
 
 
 def encode_batch(batch: InferBatch) -> bytes:

@@ -29,6 +29,7 @@ from swarm.errors import SwarmError
 from swarm.identity import Identity
 from swarm.inference import ModelSpec
 from swarm.requester import DEFAULT_POLICY, Policy, Requester
+from swarm.session import SessionKeys
 
 FloatArray = npt.NDArray[np.float32]
 THROUGHPUT_BATCH: Final = 32
@@ -252,6 +253,18 @@ class Probe:
         stack.enter_context(patched(wire, "build_request", self._timed("encode", build)))
         stack.enter_context(patched(wire, "encode_request", self._timed("encode", encode)))
         stack.enter_context(patched(wire, "verify_reply", self._timed("verify", wire.verify_reply)))
+        stack.enter_context(
+            patched(
+                wire,
+                "verify_reply_signature",
+                self._timed("verify", wire.verify_reply_signature),
+            )
+        )
+        # Session MACs: computed for each request sent and checked for each reply.
+        for name in ("request_mac", "reply_mac"):
+            method = getattr(SessionKeys, name)
+            # A plain function set on the class is a method: ``self`` comes first.
+            stack.enter_context(patched(SessionKeys, name, self._timed("verify", method)))
         stack.enter_context(patched(wire, "decode_reply", self._decode_with(decode)))
         stack.enter_context(patched(voting, "can_change", self._timed("vote", voting.can_change)))
         stack.enter_context(patched(voting, "decide", self._timed("vote", voting.decide)))

@@ -35,6 +35,7 @@ from swarm import voting, wire
 from swarm.identity import Identity, verify_signature
 from swarm.inference import Manifest
 from swarm.requester import Policy, Requester
+from swarm.session import Offer, SessionTable, macs_equal
 
 CORES: Final = os.cpu_count() or 1
 # The wave the benchmark measures (``Policy.wave``): three ballots first, two in reserve.
@@ -201,31 +202,65 @@ async def overhead(
             "requester": round(cpu_req_wave * 1000 / max(1, len(waved)), 4),
             "peers_total": round(cpu_peers_wave * 1000 / max(1, len(waved)), 4),
         },
-        # The requester signs once and verifies every reply; on the critical path each
-        # peer verifies the request and signs its reply once more.
+        # The requester signs once and checks every reply (by its session MAC, and the
+        # signatures of dissenters); on the critical path each peer checks the request
+        # (its MAC in a session) and signs its reply once more (and MACs it).
         "crypto_share": ratio(requester_crypto + peer_crypto["verify"] + peer_crypto["sign"], p50),
     }
 
 
-def _peer_crypto_ms(req: Requester, runs: int = 200) -> dict[str, float]:
-    """A peer's share of the signatures: verify one request, sign one reply (ms, p50)."""
+def _peer_crypto_ms(req: Requester, runs: int = 200) -> dict[str, Any]:
+    """A peer's share of the crypto on a call's critical path (ms, p50): check one request,
+    sign one reply. In a session (``req.sessions``) the check is the request's MAC and
+    the reply is signed and MACed; without, both are Ed25519 alone."""
     tensor = np.zeros((1, 28, 28), np.float32)
     peer = Identity.generate()
     request = wire.build_request(req.identity, swarm=req.swarm, tensor=tensor, deadline_ms=1000)
     signed = request.signed_bytes()
+    body = wire.encode_request(request)
     reply = wire.build_reply(
         peer, request, variant="V1", model_sha256="0" * 64, probs=np.full(10, 0.1), infer_us=1
     )
     reply_bytes = reply.signed_bytes()
-    verify, sign = [], []
+    reply_body = wire.encode_reply(reply)
+    offer = Offer(req.identity, req.swarm)
+    table = SessionTable(peer, swarm=req.swarm, trust=req.trust, freshness_s=60)
+    welcome = table.open(offer.hello, now_ms=wire.unix_ms())
+    keys = offer.accept(
+        welcome,
+        expected_peer_id=peer.peer_id,
+        expected_key=peer.public_key,
+        now_ms=wire.unix_ms(),
+        freshness_s=60,
+    )
+    request_mac = keys.request_mac("/v1/infer", body)
+    samples: dict[str, list[float]] = {k: [] for k in ("verify", "sign", "mac_in", "mac_out")}
     for _ in range(runs):
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         verify_signature(request.requester_key, request.signature, signed)
-        mid = time.perf_counter()
+        t1 = time.perf_counter()
         peer.sign(reply_bytes)
-        verify.append((mid - start) * 1000)
-        sign.append((time.perf_counter() - mid) * 1000)
-    return {"verify": round(quantile(verify, 0.5), 4), "sign": round(quantile(sign, 0.5), 4)}
+        t2 = time.perf_counter()
+        macs_equal(keys.request_mac("/v1/infer", body), request_mac)
+        t3 = time.perf_counter()
+        keys.reply_mac(request_mac, 200, reply_body)
+        t4 = time.perf_counter()
+        for name, (a, b) in zip(samples, ((t0, t1), (t1, t2), (t2, t3), (t3, t4)), strict=True):
+            samples[name].append((b - a) * 1000)
+    p50 = {name: quantile(values, 0.5) for name, values in samples.items()}
+    if req.sessions:
+        verify, sign = p50["mac_in"], p50["sign"] + p50["mac_out"]
+    else:
+        verify, sign = p50["verify"], p50["sign"]
+    return {
+        "sessions": req.sessions,
+        "verify": round(verify, 4),
+        "sign": round(sign, 4),
+        "ed25519_verify": round(p50["verify"], 4),
+        "ed25519_sign": round(p50["sign"], 4),
+        "request_mac": round(p50["mac_in"], 4),
+        "reply_mac": round(p50["mac_out"], 4),
+    }
 
 
 # --- the fast path: each change against its old behaviour, same run -------------------
@@ -235,10 +270,16 @@ OLD_PEER_ROWS: Final = ("old_batch_wait_2ms", "old_engine_thread", "old_asyncio_
 
 
 async def _old_exchange(
-    self: Requester, session: Any, url: str, body: bytes, limit_s: float, max_reply: int
-) -> bytes:
+    self: Requester,
+    session: Any,
+    url: str,
+    body: bytes,
+    limit_s: float,
+    max_reply: int,
+    headers: dict[str, str] | None = None,
+) -> Any:
     # Before: the caller's cancellation (early exit, hedge) tore the connection down.
-    return await requester_module._post(session, url, body, limit_s, max_reply)
+    return await requester_module._post(session, url, body, limit_s, max_reply, headers)
 
 
 @contextlib.contextmanager
@@ -278,6 +319,7 @@ async def fast_path(
         "current": (req, _nothing),
         "old_vote_numpy": (req, _old_vote),
         "old_connection_closed_on_cancel": (req, _old_connection),
+        "old_signatures_no_sessions": (req, lambda: _no_sessions(req)),
         **{name: (old_peers.get(name), _nothing) for name in OLD_PEER_ROWS},
         "old_all": (old_peers.get("old_all"), _old_all),
     }
@@ -286,7 +328,7 @@ async def fast_path(
         for name, (target, context) in configs.items():
             if target is None:
                 continue
-            with context():
+            with context(), _no_sessions(target) if name == "old_all" else _nothing():
                 loop = await classify_loop(target, tensors, count=plan.per_round)
             samples[name] += loop.latencies_ms
     base = quantile(samples["current"], 0.5)
@@ -299,6 +341,13 @@ async def fast_path(
         out[name] = {"classify_ms": summary(values), "p50_vs_current": ratio(p50, base)}
     out["vote_cost_ms"] = _vote_cost(tensors)
     return out
+
+
+@contextlib.contextmanager
+def _no_sessions(req: Requester) -> Any:
+    # Before: every request and every reply checked by its Ed25519 signature.
+    with patched(req, "sessions", False):
+        yield
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ an event the test controls.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,7 @@ from swarm.inference import InferenceResult, Manifest, ModelSpec
 from swarm.metrics import Metrics
 from swarm.reputation import PRIOR_SCORE, ReputationBook
 from swarm.requester import ClassifyResult, LocalInfer, Policy, Requester
+from swarm.session import MAC_HEADER, SESSION_HEADER, SESSION_PATH, SessionTable
 from tests.swarm.conftest import CLASS_NAMES
 
 SWARM = "test-swarm"
@@ -172,6 +174,11 @@ class FakePeer:
             Callable[[FakePeer, wire.InferBatch], Awaitable[wire.ReplyBatch]] | None
         ) = None
         self.probed = 0  # GET /healthz calls
+        # With a table, the peer opens sessions and checks and seals MACs (swarm.session).
+        self.sessions: SessionTable | None = None
+        self.hellos = 0  # session offers received
+        self.in_session = 0  # requests that came with a valid session MAC
+        self.bad_mac = False  # seal replies with a wrong MAC
         self.received = asyncio.Event()  # set when the first request arrives
         self.release = asyncio.Event()
         self.port = 0
@@ -186,6 +193,8 @@ class FakePeer:
         app.router.add_post("/v1/infer", self._handle)
         app.router.add_post("/v1/infer/batch", self._handle_batch)
         app.router.add_get("/healthz", self._health)
+        if self.sessions is not None:
+            app.router.add_post(SESSION_PATH, self._session)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -196,11 +205,33 @@ class FakePeer:
         self.probed += 1
         return web.json_response({"status": "ok"})
 
+    async def _session(self, request: web.Request) -> web.Response:
+        assert self.sessions is not None
+        self.hellos += 1
+        hello = wire.decode_hello(await request.read())
+        welcome = self.sessions.open(hello, now_ms=wire.unix_ms())
+        return web.Response(body=wire.encode_welcome(welcome), content_type="application/json")
+
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.bodies.append(body)
         self.received.set()
-        return await self.behaviour(self, wire.decode_request(body))
+        session_id = request.headers.get(SESSION_HEADER)
+        if session_id is None:
+            return await self.behaviour(self, wire.decode_request(body))
+        held = None if self.sessions is None else self.sessions.get(session_id)
+        if held is None:
+            return web.json_response({"error": "unknown_session", "message": "?"}, status=401)
+        mac = base64.b64decode(request.headers[MAC_HEADER])
+        assert mac == held.keys.request_mac(request.path, body)
+        self.in_session += 1
+        response = await self.behaviour(self, wire.decode_request(body))
+        assert isinstance(response.body, bytes)
+        seal = held.keys.reply_mac(mac, response.status, response.body)
+        if self.bad_mac:
+            seal = bytes(len(seal))
+        response.headers[MAC_HEADER] = base64.b64encode(seal).decode()
+        return response
 
     async def _handle_batch(self, request: web.Request) -> web.Response:
         # Each item as its behaviour answers it alone; the replies signed as one batch.
@@ -263,9 +294,14 @@ class Rig:
         /,
         *,
         identity: Identity | None = None,
+        sessions: bool = False,
         **announced: object,
     ) -> FakePeer:
         peer = FakePeer(self.manifest.get(variant), behaviour, identity or Identity.generate())
+        if sessions:
+            peer.sessions = SessionTable(
+                peer.identity, swarm=SWARM, trust=TrustStore.open(), freshness_s=30.0
+            )
         self.peers.append(peer)
         await peer.start()
         announce(self.table, peer.identity, peer.spec, peer.port, **announced)
@@ -432,6 +468,100 @@ async def test_all_rejected_raises_with_the_reasons(rig: Rig) -> None:
         await classify(rig.requester(), deadline_ms=500)
     assert "bad_signature x1" in str(e.value)
     assert "1 missing" in str(e.value)
+
+
+# --- sessions ----------------------------------------------------------------------------
+
+
+async def test_session_opened_once_then_every_request_goes_by_mac(rig: Rig) -> None:
+    peers = [await rig.peer(v, says({3: 0.8}), sessions=True) for v in ("V1", "V2", "V3")]
+    requester = rig.requester()
+    for _ in range(3):
+        result = await classify(requester, quorum=3)
+        assert (result.label, len(result.replies), result.rejected) == (3, 3, ())
+    assert [(p.hellos, p.in_session) for p in peers] == [(1, 3)] * 3
+
+
+async def test_without_sessions_the_requester_signs_and_checks_signatures(rig: Rig) -> None:
+    """A peer without the session route, or a requester with sessions off: signatures."""
+    old = await rig.peer("V1", says({3: 0.8}))
+    new = await rig.peer("V2", says({3: 0.8}), sessions=True)
+    result = await classify(rig.requester(), quorum=2)
+    assert (len(result.replies), old.in_session, new.in_session) == (2, 0, 1)
+    await classify(rig.requester(sessions=False), quorum=2)
+    assert (new.hellos, new.in_session) == (1, 1)
+    second = await classify(rig.requester(), quorum=2)
+    assert len(second.replies) == 2
+    assert (new.hellos, new.in_session) == (2, 2)
+
+
+async def test_dissenting_reply_with_a_bad_signature_is_dropped_against_its_peer(
+    rig: Rig,
+) -> None:
+    """Its MAC proves the peer sent it; it dissents, so its signature is checked before
+    the answer, fails, and the ballot is dropped: evidence against that peer."""
+
+    async def forged_dissent(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+        reply = reply_for(peer, req, {7: 0.9})
+        return respond(dataclasses.replace(reply, signature=bytes(64)))
+
+    await rig.peer("V1", says({3: 0.5, 1: 0.3}), sessions=True)
+    await rig.peer("V2", says({3: 0.5, 1: 0.3}), sessions=True)
+    liar = await rig.peer("V3", forged_dissent, sessions=True)
+    result = await classify(rig.requester(), quorum=2)
+    assert result.label == 3
+    assert [(r.peer, r.reason) for r in result.rejected] == [(liar.peer_id, "bad_signature")]
+    assert liar.peer_id not in {r.peer for r in result.replies}
+    assert liar.in_session == 1
+    assert rig.reputation.score(liar.peer_id) < PRIOR_SCORE
+    record = rig.table.get(liar.peer_id)
+    assert record is not None
+    assert record.failures == 0
+
+
+async def test_agreeing_reply_with_a_bad_signature_is_found_by_the_sample(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agreeing reply counts on its MAC; the signature check after the answer (here
+    of every reply) finds the bad one and counts it against its peer."""
+    monkeypatch.setattr(config, "LATE_SIGNATURE_SAMPLE", 1.0)
+    await rig.peer("V1", says({3: 0.8}), sessions=True)
+    liar = await rig.peer("V2", bad_signature, sessions=True)  # says 3 with a bad signature
+    with capture_logs() as logs:
+        result = await classify(rig.requester(), quorum=2)
+        assert liar.peer_id in {r.peer for r in result.replies}
+        assert liar.peer_id not in rig.reputation
+        await asyncio.sleep(0)  # the check runs on the next turn of the loop
+    assert [e["peer"] for e in logs if e["event"] == "late_bad_signature"] == [liar.peer_id]
+    assert rig.reputation.score(liar.peer_id) < PRIOR_SCORE
+    assert rejections(rig, "bad_signature") == 1
+
+
+async def test_reply_with_a_wrong_mac_is_rejected_as_not_provably_the_peers(rig: Rig) -> None:
+    await rig.peer("V1", says({3: 0.5, 1: 0.3}), sessions=True)
+    await rig.peer("V2", says({3: 0.5, 1: 0.3}), sessions=True)
+    bad = await rig.peer("V3", says({3: 0.5, 1: 0.3}), sessions=True)
+    bad.bad_mac = True
+    result = await classify(rig.requester())
+    assert [(r.peer, r.reason) for r in result.rejected] == [(bad.peer_id, "bad_signature")]
+    assert bad.peer_id not in rig.reputation
+    record = rig.table.get(bad.peer_id)
+    assert record is not None
+    assert record.failures == 1
+
+
+async def test_forgotten_session_is_opened_again(rig: Rig) -> None:
+    """A peer that restarted answers unknown_session: the requester opens a new session
+    and the call goes through."""
+    peer = await rig.peer("V1", says({3: 0.8}), sessions=True)
+    requester = rig.requester()
+    await classify(requester)
+    peer.sessions = SessionTable(
+        peer.identity, swarm=SWARM, trust=TrustStore.open(), freshness_s=30.0
+    )
+    result = await classify(requester)
+    assert (result.label, len(result.replies)) == (3, 1)
+    assert (peer.hellos, peer.in_session) == (2, 2)
 
 
 # --- Byzantine peers ---------------------------------------------------------------------

@@ -35,6 +35,14 @@ from swarm.listener import HttpServer
 from swarm.metrics import Metrics
 from swarm.requester import Policy
 from swarm.server import ServerContext, create_app
+from swarm.session import (
+    MAC_HEADER,
+    SESSION_HEADER,
+    SESSION_PATH,
+    UNKNOWN_SESSION,
+    Offer,
+    SessionKeys,
+)
 
 SWARM = "test-swarm"
 FUZZ = settings(
@@ -402,6 +410,137 @@ async def test_infer_replay_is_409(harness: Harness) -> None:
     body = harness.request_body()
     assert (await harness.client.post("/v1/infer", data=body)).status == 200
     await assert_error(await harness.client.post("/v1/infer", data=body), 409, "replayed")
+
+
+# --- sessions ----------------------------------------------------------------------------
+
+
+async def open_session(h: Harness, requester: Identity | None = None) -> SessionKeys:
+    offer = Offer(requester or h.requester, SWARM)
+    resp = await h.client.post(SESSION_PATH, data=wire.encode_hello(offer.hello))
+    assert resp.status == 200, await resp.text()
+    return offer.accept(
+        wire.decode_welcome(await resp.read()),
+        expected_peer_id=h.server_identity.peer_id,
+        expected_key=h.server_identity.public_key,
+        now_ms=wire.unix_ms(),
+        freshness_s=30.0,
+    )
+
+
+def sealed(keys: SessionKeys, path: str, body: bytes) -> tuple[dict[str, str], bytes]:
+    mac = keys.request_mac(path, body)
+    headers = {SESSION_HEADER: keys.session_id, MAC_HEADER: base64.b64encode(mac).decode()}
+    return headers, mac
+
+
+async def assert_sealed(resp: Any, keys: SessionKeys, request_mac: bytes) -> bytes:
+    body = bytes(await resp.read())
+    mac = base64.b64decode(resp.headers[MAC_HEADER])
+    assert mac == keys.reply_mac(request_mac, resp.status, body)
+    return body
+
+
+def unsigned_body(h: Harness, **kw: Any) -> bytes:
+    """A request whose signature is garbage: only a session MAC can vouch for it."""
+    obj = json.loads(h.request_body(**kw))
+    obj["signature"] = base64.b64encode(bytes(64)).decode()
+    return json.dumps(obj).encode()
+
+
+async def test_session_request_is_served_by_its_mac_and_the_reply_is_sealed(
+    harness: Harness,
+) -> None:
+    """In a session the MAC stands for the request's signature; the reply is still
+    signed by the peer, and MACed for this request."""
+    keys = await open_session(harness)
+    body = unsigned_body(harness)
+    headers, mac = sealed(keys, "/v1/infer", body)
+    resp = await harness.client.post("/v1/infer", data=body, headers=headers)
+    assert resp.status == 200, await resp.text()
+    reply = wire.decode_reply(await assert_sealed(resp, keys, mac))
+    server = harness.server_identity
+    assert verify_signature(server.public_key, reply.signature, reply.signed_bytes())
+    # Without a session the same body is refused: its signature is garbage.
+    fresh = unsigned_body(harness)
+    await assert_error(await harness.client.post("/v1/infer", data=fresh), 401, "bad_signature")
+
+
+async def test_session_errors_after_the_mac_are_sealed_too(harness: Harness) -> None:
+    """A replay in a session is refused with 409, and the refusal carries the MAC."""
+    keys = await open_session(harness)
+    body = unsigned_body(harness)
+    headers, mac = sealed(keys, "/v1/infer", body)
+    assert (await harness.client.post("/v1/infer", data=body, headers=headers)).status == 200
+    resp = await harness.client.post("/v1/infer", data=body, headers=headers)
+    await assert_sealed(resp, keys, mac)
+    await assert_error(resp, 409, "replayed")
+
+
+async def test_session_wrong_mac_is_401_and_serves_nothing(harness: Harness) -> None:
+    keys = await open_session(harness)
+    body = unsigned_body(harness)
+    headers, _ = sealed(keys, "/v1/infer/batch", body)  # the MAC of another path
+    for bad in (headers, {**headers, MAC_HEADER: "not base64!"}, {SESSION_HEADER: keys.session_id}):
+        resp = await harness.client.post("/v1/infer", data=body, headers=bad)
+        await assert_error(resp, 401, "bad_signature")
+    headers, _ = sealed(keys, "/v1/infer", body)
+    assert (await harness.client.post("/v1/infer", data=body, headers=headers)).status == 200
+
+
+async def test_unknown_session_is_401_unknown_session(harness: Harness) -> None:
+    body = harness.request_body()
+    resp = await harness.client.post(
+        "/v1/infer", data=body, headers={SESSION_HEADER: "0" * 32, MAC_HEADER: ""}
+    )
+    message = (await assert_error(resp, 401, UNKNOWN_SESSION))["message"]
+    assert SESSION_PATH in message
+
+
+async def test_session_of_another_requester_is_401(harness: Harness) -> None:
+    """A session vouches for its own requester's requests only."""
+    keys = await open_session(harness, Identity.generate())
+    body = harness.request_body()  # harness.requester's, not the session owner's
+    headers, _ = sealed(keys, "/v1/infer", body)
+    resp = await harness.client.post("/v1/infer", data=body, headers=headers)
+    await assert_error(resp, 401, "wrong_key")
+
+
+async def test_session_batch_is_served_by_its_mac(harness: Harness) -> None:
+    keys = await open_session(harness)
+    reqs = [
+        wire.build_request(
+            harness.requester, swarm=SWARM, tensor=sample_tensor(i), deadline_ms=2000
+        )
+        for i in range(2)
+    ]
+    batch = wire.build_batch(harness.requester, reqs)
+    body = wire.encode_batch(dataclasses.replace(batch, signature=bytes(64)))
+    headers, mac = sealed(keys, "/v1/infer/batch", body)
+    resp = await harness.client.post("/v1/infer/batch", data=body, headers=headers)
+    assert resp.status == 200, await resp.text()
+    replies = wire.decode_reply_batch(await assert_sealed(resp, keys, mac))
+    assert all(isinstance(i, wire.InferReply) for i in replies.items)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{}", 400, "malformed_request"),
+        (b"x" * (config.MAX_SESSION_BODY + 1), 413, "body_too_large"),
+    ],
+)
+async def test_session_malformed_hello_is_refused(
+    harness: Harness, body: bytes, status: int, code: str
+) -> None:
+    await assert_error(await harness.client.post(SESSION_PATH, data=body), status, code)
+
+
+async def test_session_hello_of_an_untrusted_key_is_403(make_app: Factory) -> None:
+    h = await make_app(trust=TrustStore.from_keys([Identity.generate().public_key]))
+    offer = Offer(h.requester, SWARM)
+    resp = await h.client.post(SESSION_PATH, data=wire.encode_hello(offer.hello))
+    await assert_error(resp, 403, "untrusted_key")
 
 
 @pytest.mark.parametrize(
