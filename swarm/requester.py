@@ -54,13 +54,13 @@ from swarm.errors import (
     ConfigError,
     DecodeError,
     InferenceError,
-    MessageTooLargeError,
     NoDecisionError,
     PeerUnreachableError,
     SwarmError,
     VerificationError,
 )
 from swarm.fanout import MALFORMED, Answer, FanOut, Rejection, Replicas, ReplyInfo
+from swarm.httpclient import BadAnswer, ConnectFailed, HttpPool
 from swarm.identity import Identity, TrustStore
 from swarm.inference import InferenceResult, Manifest, ModelSpec
 from swarm.log import bound, get_logger
@@ -100,8 +100,7 @@ _HEADERS: Final = {
     "Accept-Encoding": "identity",  # a reply is small; nothing to inflate from a peer
     "User-Agent": f"vswarm/{PROTOCOL_VERSION}",
 }
-_CHUNK: Final = 8192
-_MAX_ERROR_BODY: Final = 4096  # an error answer is read this far, for its code and text
+_MAC_HEADER_KEY: Final = MAC_HEADER.lower()  # swarm.httpclient lower-cases header names
 # A session is renewed this long before the peer said it would forget it.
 _SESSION_MARGIN_S: Final = 30.0
 _SAMPLER: Final = secrets.SystemRandom()
@@ -301,7 +300,8 @@ class Requester(AsyncResource):
         self._plain: set[str] = set()  # peers that answered 404 to a session offer
         self._links: dict[str, _Link] = {}
         self._groups: set[asyncio.Task[None]] = set()  # batches and lone asks sent for queues
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # health probes
+        self._pool: HttpPool | None = None  # exchanges with peers (swarm.httpclient)
         self._closed = False
         self._probe: asyncio.Task[None] | None = None
         # HTTP exchanges whose caller gave up (early exit, hedge won), left to finish so
@@ -341,6 +341,9 @@ class Requester(AsyncResource):
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
 
     def latency_ms(self, peer_id: str) -> float | None:
         """This requester's round-trip estimate for ``peer_id``, if it has asked it."""
@@ -497,6 +500,11 @@ class Requester(AsyncResource):
                     total=None, sock_connect=self.timings.connect_timeout_s
                 ),
                 cookie_jar=aiohttp.DummyCookieJar(),
+                headers=_HEADERS,
+            )
+            self._pool = HttpPool(
+                per_host=config.REQUESTER_MAX_CONNECTIONS_PER_PEER,
+                connect_timeout_s=self.timings.connect_timeout_s,
                 headers=_HEADERS,
             )
         if self._probe is None:
@@ -755,19 +763,20 @@ class Requester(AsyncResource):
                 MAC_HEADER: base64.b64encode(request_mac).decode("ascii"),
             }
         )
-        session = self._open_session()
+        self._open_session()
         preferred = self._stats.get(record.peer_id, (None, None))[1]
         addresses = sorted(record.addresses, key=lambda a: a != preferred)
         last: Exception | None = None
         for address in addresses:
-            url = f"http://{address}:{record.port}{path}"
             try:
-                resp = await self._exchange(session, url, body, limit_s, max_reply, headers)
-            except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError) as exc:
+                resp = await self._exchange(
+                    address, record.port, path, body, limit_s, max_reply, headers
+                )
+            except ConnectFailed as exc:
                 last = exc  # this address does not reach the peer; try the next one
                 continue
-            except aiohttp.ClientError as exc:
-                raise PeerUnreachableError(f"{address}:{record.port}: {exc!r}") from exc
+            except (BadAnswer, aiohttp.ClientError) as exc:
+                raise PeerUnreachableError(f"{address}:{record.port}: {exc}") from exc
             if address != preferred:
                 self._stats[record.peer_id] = (self.latency_ms(record.peer_id), address)
             return resp
@@ -775,23 +784,42 @@ class Requester(AsyncResource):
 
     async def _exchange(
         self,
-        session: aiohttp.ClientSession,
-        url: str,
+        address: str,
+        port: int,
+        path: str,
         body: bytes,
         limit_s: float,
         max_reply: int = config.MAX_REPLY_BODY,
         headers: dict[str, str] | None = None,
     ) -> _Response:
-        # Cancelling an aiohttp request mid-response closes its connection, and the next
-        # call to that peer pays a new TCP handshake; early exit and hedging cancel the
-        # slowest ask of most calls. So the exchange runs in its own task, bounded by the
+        # Cancelling an exchange mid-answer closes its connection, and the next call to
+        # that peer pays a new TCP handshake; early exit and hedging cancel the slowest
+        # ask of most calls. So the exchange runs in its own task, bounded by the
         # request's budget, and a cancelled caller leaves it to finish in the background.
         task = asyncio.create_task(
-            _post(session, url, body, limit_s, max_reply, headers), name="vswarm-post"
+            self._post(address, port, path, body, limit_s, max_reply, headers),
+            name="vswarm-post",
         )
         self._exchanges.add(task)
         task.add_done_callback(_exchange_done(self._exchanges))
         return await asyncio.shield(task)
+
+    async def _post(
+        self,
+        address: str,
+        port: int,
+        path: str,
+        body: bytes,
+        limit_s: float,
+        max_reply: int,
+        headers: dict[str, str] | None,
+    ) -> _Response:
+        pool = self._pool
+        if pool is None:
+            raise ConfigError("the requester is closed")
+        async with asyncio.timeout(limit_s):
+            answer = await pool.post(address, port, path, body, headers=headers, max_body=max_reply)
+        return _Response(answer.status, answer.body, answer.headers.get(_MAC_HEADER_KEY))
 
     def _is_local(self, record: PeerRecord, spec: ModelSpec) -> bool:
         return record.peer_id == self.identity.peer_id and (
@@ -879,25 +907,6 @@ def _check_quorum(call: FanOut, budget_ms: int) -> None:
         raise NoDecisionError(message)
 
 
-async def _post(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    limit_s: float,
-    max_reply: int = config.MAX_REPLY_BODY,
-    headers: dict[str, str] | None = None,
-) -> _Response:
-    async with asyncio.timeout(limit_s), session.post(url, data=body, headers=headers) as resp:
-        limit = max_reply if resp.status == 200 else _MAX_ERROR_BODY
-        try:
-            raw = await _read_bounded(resp, limit)
-        except MessageTooLargeError:
-            if resp.status == 200:
-                raise
-            raw = b""  # an oversized error answer: its status says enough
-        return _Response(resp.status, raw, resp.headers.get(MAC_HEADER))
-
-
 def _copy_error(exc: SwarmError) -> SwarmError:
     """``exc`` for one more waiting caller: each task gets its own exception object, or
     every caller's traceback would pile onto one."""
@@ -921,14 +930,3 @@ def _exchange_done(
             task.exception()  # retrieved: a caller that gave up does not want it logged
 
     return done
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    if resp.content_length is not None and resp.content_length > limit:
-        raise MessageTooLargeError(f"reply is {resp.content_length} bytes; the limit is {limit}")
-    body = bytearray()
-    async for chunk in resp.content.iter_chunked(_CHUNK):
-        body += chunk
-        if len(body) > limit:
-            raise MessageTooLargeError(f"reply exceeds the limit of {limit} bytes")
-    return bytes(body)

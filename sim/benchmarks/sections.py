@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from sim.benchmarks import legacy_voting
+from sim.benchmarks import legacy_http, legacy_voting
 from sim.benchmarks.fleet import Peer, cpu_seconds
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
@@ -30,7 +30,6 @@ from sim.benchmarks.measure import (
     session,
     summary,
 )
-from swarm import requester as requester_module
 from swarm import voting, wire
 from swarm.identity import Identity, verify_signature
 from swarm.inference import Manifest
@@ -271,15 +270,16 @@ OLD_PEER_ROWS: Final = ("old_batch_wait_2ms", "old_engine_thread", "old_asyncio_
 
 async def _old_exchange(
     self: Requester,
-    session: Any,
-    url: str,
+    address: str,
+    port: int,
+    path: str,
     body: bytes,
     limit_s: float,
     max_reply: int,
     headers: dict[str, str] | None = None,
 ) -> Any:
     # Before: the caller's cancellation (early exit, hedge) tore the connection down.
-    return await requester_module._post(session, url, body, limit_s, max_reply, headers)
+    return await self._post(address, port, path, body, limit_s, max_reply, headers)
 
 
 @contextlib.contextmanager
@@ -294,6 +294,13 @@ def _old_vote() -> Any:
 @contextlib.contextmanager
 def _old_connection() -> Any:
     with patched(Requester, "_exchange", _old_exchange):
+        yield
+
+
+@contextlib.contextmanager
+def _old_http_client() -> Any:
+    # Before: every exchange with a peer went through aiohttp's client.
+    with patched(Requester, "_post", legacy_http.aiohttp_post):
         yield
 
 
@@ -320,6 +327,7 @@ async def fast_path(
         "old_vote_numpy": (req, _old_vote),
         "old_connection_closed_on_cancel": (req, _old_connection),
         "old_signatures_no_sessions": (req, lambda: _no_sessions(req)),
+        "old_aiohttp_client": (req, _old_http_client),
         **{name: (old_peers.get(name), _nothing) for name in OLD_PEER_ROWS},
         "old_all": (old_peers.get("old_all"), _old_all),
     }
@@ -352,7 +360,7 @@ def _no_sessions(req: Requester) -> Any:
 
 @contextlib.contextmanager
 def _old_all() -> Any:
-    with _old_vote(), _old_connection():
+    with _old_vote(), _old_connection(), _old_http_client():
         yield
 
 
