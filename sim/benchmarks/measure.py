@@ -24,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from swarm import voting, wire
+from swarm import verify, voting, wire
 from swarm.errors import SwarmError
-from swarm.identity import Identity
+from swarm.identity import Identity, verify_signature
 from swarm.inference import ModelSpec
 from swarm.requester import DEFAULT_POLICY, Policy, Requester
 from swarm.session import SessionKeys
@@ -226,7 +226,9 @@ class _TimedIdentity:
 class Probe:
     """Time spent per stage (ms, summed per classify call) while it is active."""
 
-    STAGES: Final = ("encode", "sign", "verify", "vote", "infer")
+    # verify: the crypto of checking replies (signatures, session MACs); check: the rest
+    # of checking a reply (bindings, freshness, top-k), without the crypto inside it.
+    STAGES: Final = ("encode", "sign", "verify", "check", "vote", "infer")
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
@@ -236,13 +238,21 @@ class Probe:
     def add(self, stage: str, seconds: float) -> None:
         self.current[stage] = self.current.get(stage, 0.0) + seconds * 1000
 
-    def _timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _timed(
+        self, stage: str, fn: Callable[..., Any], *, minus: str | None = None
+    ) -> Callable[..., Any]:
+        """``fn``, its time added to ``stage``; less what it spent in ``minus`` meanwhile."""
+
         def timed(*args: Any, **kwargs: Any) -> Any:
+            inner = self.current.get(minus, 0.0) if minus else 0.0
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.add(stage, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                if minus:
+                    seconds -= (self.current.get(minus, 0.0) - inner) / 1000
+                self.add(stage, seconds)
 
         return timed
 
@@ -252,13 +262,12 @@ class Probe:
         stack = self._stack
         stack.enter_context(patched(wire, "build_request", self._timed("encode", build)))
         stack.enter_context(patched(wire, "encode_request", self._timed("encode", encode)))
-        stack.enter_context(patched(wire, "verify_reply", self._timed("verify", wire.verify_reply)))
         stack.enter_context(
-            patched(
-                wire,
-                "verify_reply_signature",
-                self._timed("verify", wire.verify_reply_signature),
-            )
+            patched(wire, "verify_reply", self._timed("check", wire.verify_reply, minus="verify"))
+        )
+        # Every signature check of a reply or reply batch goes through this one name.
+        stack.enter_context(
+            patched(verify, "verify_signature", self._timed("verify", verify_signature))
         )
         # Session MACs: computed for each request sent and checked for each reply.
         for name in ("request_mac", "reply_mac"):

@@ -165,7 +165,7 @@ async def overhead(
     p50_wave = quantile(waved, 0.5)
     breakdown = {
         stage: round(quantile([c.get(stage, 0.0) for c in stages], 0.5), 4)
-        for stage in ("encode", "sign", "send", "infer", "verify", "vote")
+        for stage in ("encode", "sign", "send", "infer", "verify", "check", "vote")
     }
     peer_crypto = _peer_crypto_ms(req)
     requester_crypto = breakdown["sign"] + breakdown["verify"]
