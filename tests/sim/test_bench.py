@@ -69,11 +69,18 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     ):
         assert _finite(ov[key]), key
     assert _finite(ov["cpu_ms_per_call_wave"]["peers_total"])
-    assert set(ov["breakdown_p50_ms"]) == {"encode", "sign", "send", "infer", "verify", "vote"}
+    stages = {"encode", "sign", "send", "infer", "verify", "check", "vote"}
+    assert set(ov["breakdown_p50_ms"]) == stages
+    assert ov["peer_crypto_ms"]["sessions"] is True
     fp = out["fast_path"]
     assert _finite(fp["current"]["classify_ms"]["p50"])
     assert _finite(fp["old_vote_numpy"]["p50_vs_current"])
-    assert _finite(fp["old_connection_closed_on_cancel"]["p50_vs_current"])
+    for row in (
+        "old_connection_closed_on_cancel",
+        "old_signatures_no_sessions",
+        "old_aiohttp_client",
+    ):
+        assert _finite(fp[row]["p50_vs_current"]), row
     assert {
         "old_batch_wait_2ms",
         "old_engine_thread",
