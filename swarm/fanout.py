@@ -92,6 +92,27 @@ class Answer:
     # True when the reply's session MAC proved the peer sent it (``swarm.session``); its
     # own signature is left for ``FanOut.confirm_dissent`` and the requester's sample.
     mac_verified: bool = False
+    # The reply batch it came in, when that batch's signature is left unchecked too.
+    batch: wire.ReplyBatch | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Unchecked:
+    """A counted reply whose signature is not checked yet (its session MAC was)."""
+
+    record: PeerRecord
+    reply: wire.InferReply
+    batch: wire.ReplyBatch | None  # the batch whose one signature covers it, if any
+
+    def check(self) -> None:
+        """Raise ``VerificationError`` unless the peer's key signed the reply."""
+        key = self.record.public_key
+        if self.batch is None:
+            wire.verify_reply_signature(self.reply, key)
+        else:
+            wire.verify_reply_batch(
+                self.batch, expected_peer_id=self.record.peer_id, expected_key=key
+            )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,7 +198,7 @@ class FanOut:
         self.missing: list[str] = []
         self.skipped: list[str] = []
         # Counted replies whose signatures are not checked yet (their session MAC was).
-        self.unchecked: dict[str, tuple[PeerRecord, wire.InferReply]] = {}
+        self.unchecked: dict[str, Unchecked] = {}
         self.asked = 0
         self._asked_at: dict[str, float] = {}  # peer id -> time.monotonic() when asked
         self._group: asyncio.TaskGroup | None = None
@@ -318,7 +339,7 @@ class FanOut:
         self.ballots.append(Ballot(record.peer_id, record.variant, topk, weight))
         self.replies.append(ReplyInfo(record.peer_id, record.variant, topk, seconds * 1000, weight))
         if answer.mac_verified and not answer.batch_verified:
-            self.unchecked[record.peer_id] = (record, reply)
+            self.unchecked[record.peer_id] = Unchecked(record, reply, answer.batch)
         self._cancel(variant, skipped=True)
 
     def confirm_dissent(self, label: int) -> bool:
@@ -326,12 +347,13 @@ class FanOut:
         that only its session MAC vouched for; drop the ballots whose signature fails.
         True if one was dropped (the vote must be taken again)."""
         dropped = False
-        for peer_id, (record, reply) in list(self.unchecked.items()):
-            if voting.top_class(reply.topk_probabilities()) == label:
+        for peer_id, unchecked in list(self.unchecked.items()):
+            if voting.top_class(unchecked.reply.topk_probabilities()) == label:
                 continue
             del self.unchecked[peer_id]
+            record = unchecked.record
             try:
-                wire.verify_reply_signature(reply, record.public_key)
+                unchecked.check()
             except VerificationError as exc:
                 self.ballots = [b for b in self.ballots if b.peer_id != peer_id]
                 self.replies = [r for r in self.replies if r.peer != peer_id]

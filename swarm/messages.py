@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from swarm import PROTOCOL_VERSION, config
-from swarm.identity import Identity
+from swarm.identity import SIGNATURE_LEN, Identity
 
 REQUEST_TAG: Final = b"vswarm/request/v1\n"
 REPLY_TAG: Final = b"vswarm/reply/v1\n"
@@ -405,13 +405,18 @@ def build_request(
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 
 
-def build_batch(identity: Identity, requests: Sequence[InferRequest]) -> InferBatch:
-    """``requests`` (made by ``identity``) as one batch signed by ``identity``."""
+def build_batch(
+    identity: Identity, requests: Sequence[InferRequest], *, sign: bool = True
+) -> InferBatch:
+    """``requests`` (made by ``identity``) as one batch signed by ``identity`` (with
+    ``sign=False`` a zero signature: for a session, whose MAC authenticates it)."""
     if not 1 <= len(requests) <= config.MAX_BATCH_ITEMS:
         raise ValueError(f"a batch holds 1 to {config.MAX_BATCH_ITEMS} requests")
     if any(r.requester_key != identity.public_key for r in requests):
         raise ValueError("every request of a batch must be the batch signer's own")
     items = tuple(dataclasses.replace(r, signature=b"") for r in requests)
+    if not sign:
+        return InferBatch(identity.public_key, items, bytes(SIGNATURE_LEN))
     unsigned = InferBatch(identity.public_key, items, b"")
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 

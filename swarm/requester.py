@@ -59,7 +59,7 @@ from swarm.errors import (
     SwarmError,
     VerificationError,
 )
-from swarm.fanout import MALFORMED, Answer, FanOut, Rejection, Replicas, ReplyInfo
+from swarm.fanout import MALFORMED, Answer, FanOut, Rejection, Replicas, ReplyInfo, Unchecked
 from swarm.httpclient import BadAnswer, ConnectFailed, HttpPool
 from swarm.identity import Identity, TrustStore
 from swarm.inference import InferenceResult, Manifest, ModelSpec
@@ -621,10 +621,16 @@ class Requester(AsyncResource):
     async def _ask_batch(
         self, record: PeerRecord, requests: list[wire.InferRequest]
     ) -> list[Answer | SwarmError]:
-        """Ask ``requests`` as one batch; a whole-batch failure raises, an item's is listed."""
-        batch = wire.build_batch(self.identity, requests)
+        """Ask ``requests`` as one batch; a whole-batch failure raises, an item's is listed.
+
+        In a session the MACs authenticate both batches: the requester does not sign its
+        batch (the peer would not check it), and the reply batch's signature is checked
+        like a single reply's, for dissenters and a sample (``FanOut.confirm_dissent``).
+        """
         limit_s = max(r.deadline_ms for r in requests) / 1000
-        raw, _ = await self._call(
+        in_session = self.sessions and await self._session_for(record, limit_s) is not None
+        batch = wire.build_batch(self.identity, requests, sign=not in_session)
+        raw, authenticated = await self._call(
             record, BATCH_PATH, wire.encode_batch(batch), limit_s, config.MAX_REPLY_BATCH_BODY
         )
         replies = wire.decode_reply_batch(raw)
@@ -633,10 +639,18 @@ class Requester(AsyncResource):
                 f"reply batch has {len(replies.items)} items for {len(requests)} requests"
             )
         wire.verify_reply_batch(
-            replies, expected_peer_id=record.peer_id, expected_key=record.public_key
+            replies,
+            expected_peer_id=record.peer_id,
+            expected_key=record.public_key,
+            check_signature=not authenticated,
         )
         return [
-            Answer(item, batch_verified=True)
+            Answer(
+                item,
+                batch_verified=not authenticated,
+                mac_verified=authenticated,
+                batch=replies if authenticated else None,
+            )
             if isinstance(item, wire.InferReply)
             else PeerUnreachableError(f"batch item refused: {item.error}: {item.message}")
             for item in replies.items
@@ -841,10 +855,11 @@ class Requester(AsyncResource):
         if sample:
             asyncio.get_running_loop().call_soon(self._check_late, sample)
 
-    def _check_late(self, sample: list[tuple[PeerRecord, wire.InferReply]]) -> None:
-        for record, reply in sample:
+    def _check_late(self, sample: list[Unchecked]) -> None:
+        for unchecked in sample:
+            record, reply = unchecked.record, unchecked.reply
             try:
-                wire.verify_reply_signature(reply, record.public_key)
+                unchecked.check()
             except VerificationError as exc:
                 # The session MAC proved this peer sent it: provably its own bad reply.
                 self.reputation.record(record.peer_id, agreed=False)

@@ -172,9 +172,33 @@ def can_change(
     tally = _tally(ballots, num_classes)
     if not tally.used:
         return missing > 0
-    label = _winner(_scores(tally, rule, trim))
     heaviest = max(1.0, *tally.weights)
     weight = heaviest if missing_weight is None else missing_weight
+    if _outweighed(tally, rule, missing, weight):
+        return True
+    return _can_change(tally, rule, trim, missing, weight)
+
+
+def _outweighed(tally: _Tally, rule: str, missing: int, weight: float) -> bool:
+    """Whether the ballots still to come outweigh those in, so that they surely can
+    change the label: a cheap test that spares ``_can_change`` on most early replies.
+
+    Every missing ballot naming a contender at 1.0 and the winner at 0 (the extremes
+    ``_holds`` assumes) puts mass A = missing x weight at those values against the
+    present mass P. A rule cuts less than half of the total T from each tail, so at
+    least A - cut stays at 1.0 for the contender and at 0 for the winner: the
+    contender's score exceeds the winner's by at least (A - P) / T, and ``_leads``
+    gives way once that exceeds the tie tolerance. Not for ``vote``, which counts.
+    """
+    if rule == "vote":
+        return False
+    present = _sum(_rule_weights(tally, rule))
+    added = missing * (weight if rule == "robust" else 1.0)
+    return added - present > 4 * TIE_EPS * max(1.0, added + present)
+
+
+def _can_change(tally: _Tally, rule: str, trim: int | None, missing: int, weight: float) -> bool:
+    label = _winner(_scores(tally, rule, trim))
     shifts = None if rule == "vote" else _Shifts(tally, _rule_weights(tally, rule), label, 0)
     # Any number of the missing ballots may arrive: the trim depends on how many did.
     # The most of them is checked first: when the label can change, it usually breaks

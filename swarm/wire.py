@@ -355,7 +355,7 @@ def _values(obj: object, cls: type[_Msg], what: str, skip: frozenset[str] = froz
             pixels = np.frombuffer(values["input"], dtype="<f4")
             # NaN fails both comparisons, so two reductions check everything; which
             # rule failed is worked out only for the error message.
-            if not (0.0 <= float(pixels.min()) and float(pixels.max()) <= 1.0):
+            if not (float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0):
                 if not bool(np.all(np.isfinite(pixels))):
                     _bad("input", "finite float32 values", "NaN or infinity")
                 _bad("input", "values in [0, 1] (pixel / 255)", "values outside it")

@@ -27,7 +27,7 @@ from swarm import config, wire
 from swarm.config import Timings
 from swarm.discovery import Announcement, PeerTable
 from swarm.errors import ConfigError, NoDecisionError
-from swarm.identity import Identity, TrustStore
+from swarm.identity import Identity, TrustStore, verify_signature
 from swarm.inference import InferenceResult, Manifest, ModelSpec
 from swarm.metrics import Metrics
 from swarm.reputation import PRIOR_SCORE, ReputationBook
@@ -179,6 +179,7 @@ class FakePeer:
         self.hellos = 0  # session offers received
         self.in_session = 0  # requests that came with a valid session MAC
         self.bad_mac = False  # seal replies with a wrong MAC
+        self.batch_signatures: list[bytes] = []  # of the request batches received
         self.received = asyncio.Event()  # set when the first request arrives
         self.release = asyncio.Event()
         self.port = 0
@@ -212,20 +213,22 @@ class FakePeer:
         welcome = self.sessions.open(hello, now_ms=wire.unix_ms())
         return web.Response(body=wire.encode_welcome(welcome), content_type="application/json")
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _sealed(
+        self, request: web.Request, answer: Callable[[bytes], Awaitable[web.Response]]
+    ) -> web.Response:
+        """``answer`` to the body, with the session MAC checked and the answer sealed when
+        the request names a session (as ``swarm.server`` does)."""
         body = await request.read()
-        self.bodies.append(body)
-        self.received.set()
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is None:
-            return await self.behaviour(self, wire.decode_request(body))
+            return await answer(body)
         held = None if self.sessions is None else self.sessions.get(session_id)
         if held is None:
             return web.json_response({"error": "unknown_session", "message": "?"}, status=401)
         mac = base64.b64decode(request.headers[MAC_HEADER])
         assert mac == held.keys.request_mac(request.path, body)
         self.in_session += 1
-        response = await self.behaviour(self, wire.decode_request(body))
+        response = await answer(body)
         assert isinstance(response.body, bytes)
         seal = held.keys.reply_mac(mac, response.status, response.body)
         if self.bad_mac:
@@ -233,9 +236,24 @@ class FakePeer:
         response.headers[MAC_HEADER] = base64.b64encode(seal).decode()
         return response
 
+    async def _handle(self, request: web.Request) -> web.Response:
+        return await self._sealed(request, self._answer)
+
+    async def _answer(self, body: bytes) -> web.Response:
+        self.bodies.append(body)
+        self.received.set()
+        return await self.behaviour(self, wire.decode_request(body))
+
     async def _handle_batch(self, request: web.Request) -> web.Response:
+        return await self._sealed(request, self._answer_batch)
+
+    async def _answer_batch(self, body: bytes) -> web.Response:
         # Each item as its behaviour answers it alone; the replies signed as one batch.
-        batch = wire.decode_batch(await request.read())
+        batch = wire.decode_batch(body)
+        if self.sessions is None:  # outside a session a batch must be signed
+            signed = batch.requester_key, batch.signature, batch.signed_bytes()
+            assert verify_signature(*signed)
+        self.batch_signatures.append(batch.signature)
         self.batches.append(len(batch.items))
         self.received.set()
         if self.batch_behaviour is not None:
@@ -1052,6 +1070,28 @@ async def test_a_reply_batch_with_a_bad_signature_is_rejected_item_by_item(rig: 
     assert sum(forger.batches) == len(rejected)
     assert {(x.peer, x.reason) for x in rejected} == {(forger.peer_id, "bad_signature")}
     assert rejections(rig, "bad_signature") == len(rejected)
+
+
+async def test_batches_in_a_session_go_by_mac_and_dissenting_items_are_checked(
+    rig: Rig,
+) -> None:
+    """In a session the requester's batches carry no signature (the MAC stands for
+    it), and a reply batch's signature is checked only for a dissenting item: a forger
+    that agrees counts, one that dissents is caught."""
+    await rig.peer("V1", slow(0.1, {3: 0.9}), sessions=True)
+    await rig.peer("V2", slow(0.1, {3: 0.9}), sessions=True)
+    forger = await rig.peer("V3", slow(0.02, {7: 1.0}), sessions=True)
+    forger.batch_signer = Identity.generate()
+    requester = rig.requester()
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(*(requester.classify(TENSOR) for _ in range(12)))
+    assert forger.batches
+    assert set(forger.batch_signatures) == {bytes(64)}
+    assert all(r.label == 3 for r in results)
+    rejected = [x for r in results for x in r.rejected]
+    assert sum(forger.batches) == len(rejected)
+    assert {(x.peer, x.reason) for x in rejected} == {(forger.peer_id, "bad_signature")}
+    assert rig.reputation.score(forger.peer_id) < PRIOR_SCORE  # sent over its session
 
 
 async def test_a_refused_batch_item_fails_only_that_ask(rig: Rig) -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swarm import voting
 from swarm.errors import ConfigError, NoDecisionError
 from swarm.voting import (
     RULES,
@@ -406,6 +407,36 @@ def test_can_change_false_means_no_arrival_changes_the_label(
             assert decide(ballots + extra, rule, num_classes=num_classes).label == label
         extra = [_random_ballot(data.draw, f"new{i}", num_classes, weight) for i in range(j)]
         assert decide(ballots + extra, rule, num_classes=num_classes).label == label
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    num_classes=st.integers(2, 4),
+    rule=st.sampled_from(RULES),
+    missing=st.integers(1, 6),
+    missing_weight=st.floats(0.01, 2.0),
+)
+def test_outweighed_shortcut_agrees_with_the_full_check(
+    data: st.DataObject, num_classes: int, rule: str, missing: int, missing_weight: float
+) -> None:
+    """Whenever the cheap test says the ballots to come outweigh those in, the full
+    check also finds that they can change the label."""
+    ballots = data.draw(ballots_strategy(num_classes=num_classes))
+    tally = voting._tally(ballots, num_classes)
+    if not tally.used or not voting._outweighed(tally, rule, missing, missing_weight):
+        return
+    assert voting._can_change(tally, rule, None, missing, missing_weight)
+
+
+def test_outweighed_shortcut_is_taken_only_when_the_missing_outweigh() -> None:
+    ballots = [b("a", (1, 0.9), weight=0.9), b("b", (1, 0.8), weight=0.9)]
+    tally = voting._tally(ballots, 10)
+    assert voting._outweighed(tally, "robust", 3, 0.9)  # 2.7 against 1.8
+    assert not voting._outweighed(tally, "robust", 2, 0.9)  # 1.8 against 1.8
+    assert not voting._outweighed(tally, "robust", 3, 0.5)
+    assert voting._outweighed(tally, "median", 3, 0.5)  # unweighted: 3 against 2
+    assert not voting._outweighed(tally, "vote", 9, 1.0)
 
 
 # --- clean-case accuracy --------------------------------------------------------------
