@@ -93,7 +93,34 @@ class Answer:
     # own signature is left for ``FanOut.confirm_dissent`` and the requester's sample.
     mac_verified: bool = False
     # The reply batch it came in, when that batch's signature is left unchecked too.
-    batch: wire.ReplyBatch | None = None
+    batch: BatchCheck | None = None
+
+
+class BatchCheck:
+    """The signature check of one reply batch, made at most once for all its items."""
+
+    __slots__ = ("_failure", "_verified", "batch", "record")
+
+    def __init__(self, batch: wire.ReplyBatch, record: PeerRecord) -> None:
+        self.batch = batch
+        self.record = record
+        self._verified = False
+        self._failure: VerificationError | None = None
+
+    def check(self) -> None:
+        """Raise ``VerificationError`` unless the peer's key signed the batch."""
+        if not self._verified and self._failure is None:
+            try:
+                wire.verify_reply_batch(
+                    self.batch,
+                    expected_peer_id=self.record.peer_id,
+                    expected_key=self.record.public_key,
+                )
+                self._verified = True
+            except VerificationError as exc:
+                self._failure = exc
+        if self._failure is not None:
+            raise VerificationError(self._failure.reason, self._failure.detail)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,17 +129,14 @@ class Unchecked:
 
     record: PeerRecord
     reply: wire.InferReply
-    batch: wire.ReplyBatch | None  # the batch whose one signature covers it, if any
+    batch: BatchCheck | None  # the batch whose one signature covers it, if any
 
     def check(self) -> None:
         """Raise ``VerificationError`` unless the peer's key signed the reply."""
-        key = self.record.public_key
         if self.batch is None:
-            wire.verify_reply_signature(self.reply, key)
+            wire.verify_reply_signature(self.reply, self.record.public_key)
         else:
-            wire.verify_reply_batch(
-                self.batch, expected_peer_id=self.record.peer_id, expected_key=key
-            )
+            self.batch.check()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -59,7 +59,16 @@ from swarm.errors import (
     SwarmError,
     VerificationError,
 )
-from swarm.fanout import MALFORMED, Answer, FanOut, Rejection, Replicas, ReplyInfo, Unchecked
+from swarm.fanout import (
+    MALFORMED,
+    Answer,
+    BatchCheck,
+    FanOut,
+    Rejection,
+    Replicas,
+    ReplyInfo,
+    Unchecked,
+)
 from swarm.httpclient import BadAnswer, ConnectFailed, HttpPool
 from swarm.identity import Identity, TrustStore
 from swarm.inference import InferenceResult, Manifest, ModelSpec
@@ -644,13 +653,9 @@ class Requester(AsyncResource):
             expected_key=record.public_key,
             check_signature=not authenticated,
         )
+        shared = BatchCheck(replies, record) if authenticated else None
         return [
-            Answer(
-                item,
-                batch_verified=not authenticated,
-                mac_verified=authenticated,
-                batch=replies if authenticated else None,
-            )
+            Answer(item, batch_verified=not authenticated, mac_verified=authenticated, batch=shared)
             if isinstance(item, wire.InferReply)
             else PeerUnreachableError(f"batch item refused: {item.error}: {item.message}")
             for item in replies.items
