@@ -604,7 +604,7 @@ class Requester(AsyncResource):
                     await self._ask_one(record, only.request, only.body)
                 ]
             else:
-                answers = await self._ask_batch(record, [w.request for w in group])
+                answers = await self._ask_batch(record, group)
         except SwarmError as exc:
             answers = [exc] * len(group)
         except Exception as exc:  # a bug here must fail these asks, not hang them
@@ -628,7 +628,7 @@ class Requester(AsyncResource):
         return Answer(wire.decode_reply(raw), mac_verified=authenticated)
 
     async def _ask_batch(
-        self, record: PeerRecord, requests: list[wire.InferRequest]
+        self, record: PeerRecord, group: list[_Waiting]
     ) -> list[Answer | SwarmError]:
         """Ask ``requests`` as one batch; a whole-batch failure raises, an item's is listed.
 
@@ -636,11 +636,16 @@ class Requester(AsyncResource):
         batch (the peer would not check it), and the reply batch's signature is checked
         like a single reply's, for dissenters and a sample (``FanOut.confirm_dissent``).
         """
+        requests = [w.request for w in group]
         limit_s = max(r.deadline_ms for r in requests) / 1000
         in_session = self.sessions and await self._session_for(record, limit_s) is not None
         batch = wire.build_batch(self.identity, requests, sign=not in_session)
         raw, authenticated = await self._call(
-            record, BATCH_PATH, wire.encode_batch(batch), limit_s, config.MAX_REPLY_BATCH_BODY
+            record,
+            BATCH_PATH,
+            wire.encode_batch(batch, bodies=[w.body for w in group]),  # each encoded once
+            limit_s,
+            config.MAX_REPLY_BATCH_BODY,
         )
         replies = wire.decode_reply_batch(raw)
         if len(replies.items) != len(requests):

@@ -237,9 +237,14 @@ def decode_welcome(body: bytes) -> SessionWelcome:
     return _decode(body, SessionWelcome, config.MAX_SESSION_BODY, "session welcome")
 
 
-def encode_batch(batch: InferBatch) -> bytes:
-    """The HTTP body of ``batch`` (``POST /v1/infer/batch``)."""
-    return _batch_json({"requester_key": _b64(batch.requester_key)}, batch.items, batch.signature)
+def encode_batch(batch: InferBatch, *, bodies: Sequence[bytes] | None = None) -> bytes:
+    """The HTTP body of ``batch`` (``POST /v1/infer/batch``). ``bodies``: the items'
+    own request bodies (``encode_request``), spliced in as they are instead of encoding
+    each item again; an item may carry its own signature, which the batch's replaces."""
+    if bodies is not None and len(bodies) != len(batch.items):
+        raise ValueError(f"{len(bodies)} bodies for {len(batch.items)} items")
+    head = {"requester_key": _b64(batch.requester_key)}
+    return _batch_json(head, batch.items, batch.signature, bodies)
 
 
 def encode_reply_batch(batch: ReplyBatch) -> bytes:
@@ -251,14 +256,19 @@ def _batch_json(
     head: dict[str, str],
     items: Sequence[InferRequest | InferReply | ItemError],
     signature: bytes,
+    bodies: Sequence[bytes] | None = None,
 ) -> bytes:
     # Items are encoded one by one (each as canonical as a single message) and spliced.
-    parts = [
-        _message_json(i, _UNSIGNED)
-        if not isinstance(i, ItemError)
-        else canonical_json(dataclasses.asdict(i))
-        for i in items
-    ]
+    parts = (
+        list(bodies)
+        if bodies is not None
+        else [
+            _message_json(i, _UNSIGNED)
+            if not isinstance(i, ItemError)
+            else canonical_json(dataclasses.asdict(i))
+            for i in items
+        ]
+    )
     fields = {"version": PROTOCOL_VERSION, **head, "signature": _b64(signature)}
     text = json.dumps(fields, separators=(",", ":"))
     return text[:-1].encode() + b',"items":[' + b",".join(parts) + b"]}"
@@ -271,8 +281,11 @@ def decode_batch(body: bytes) -> InferBatch:
         _get_int(obj, "version", *_INT_FIELDS["version"])
         key = _get_b64(obj, "requester_key", PUBLIC_KEY_LEN)
         signature = _get_b64(obj, "signature", SIGNATURE_LEN)
+        # An item's own signature, if it has one, is ignored: the batch's covers it.
         items = tuple(
-            _values(item, InferRequest, f"batch item {i}", _UNSIGNED)
+            dataclasses.replace(_values(item, InferRequest, f"batch item {i}"), signature=b"")
+            if type(item) is dict and "signature" in item
+            else _values(item, InferRequest, f"batch item {i}", _UNSIGNED)
             for i, item in enumerate(_get_items(obj))
         )
     except _DECODE_ERRORS as exc:
