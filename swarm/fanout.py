@@ -68,6 +68,11 @@ log = get_logger(__name__)
 # Rejection reason of a reply body that does not decode (the server's token too).
 MALFORMED: Final = "malformed"
 _DETAIL_CHARS: Final = 200  # peer-supplied text quoted in a log line is cut to this
+# A peer cut off by early exit is a straggler (and backed off) when it was still silent
+# after the hedge delay and after this many times the median round trip of the replies
+# the call counted. Under load every reply is slow; one a little slower than the rest is
+# ranked lower by its latency estimate, not taken out of the swarm.
+STRAGGLER_RATIO: Final = 2.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -437,6 +442,10 @@ class FanOut:
 
     def _cancel(self, variant: Replicas, *, skipped: bool) -> None:
         now = time.monotonic()
+        straggler_s = self.owner.timings.hedge_after_s
+        if skipped and self.replies:
+            counted = sorted(r.latency_ms for r in self.replies)
+            straggler_s = max(straggler_s, STRAGGLER_RATIO * counted[len(counted) // 2] / 1000)
         for peer_id, task in variant.inflight.items():
             task.cancel()
             # Cut off, its round trip is at least this long: a slow replica loses rank.
@@ -445,9 +454,10 @@ class FanOut:
             )
             if skipped:
                 self.skipped.append(peer_id)
-                # Still silent after the hedge delay while the call was decided without
-                # it: a straggler. Backing it off keeps it from holding later calls.
-                if now - self._asked_at[peer_id] >= self.owner.timings.hedge_after_s:
+                # Still silent after the hedge delay, and well after the replies counted,
+                # while the call was decided without it: a straggler. Backing it off
+                # keeps it from holding later calls.
+                if now - self._asked_at[peer_id] >= straggler_s:
                     self.owner.table.report_failure(peer_id, now=now)
             else:
                 self.missing.append(peer_id)

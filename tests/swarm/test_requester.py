@@ -898,17 +898,35 @@ async def test_replicas_all_outvotes_liars_that_hold_most_variants(rig7: Rig) ->
 
 
 async def test_straggler_cut_off_by_early_exit_is_backed_off(rig: Rig) -> None:
-    """A peer still silent past the hedge delay when the call is decided gets backed off."""
+    """A peer still silent past the hedge delay, when its siblings and the replica the
+    hedge asked answered quickly, is backed off once the call is decided without it."""
     hung = await rig.peer("V1", hangs({3: 0.8}))
-    for v in ("V2", "V3"):
-        await rig.peer(v, slow(0.1, {3: 0.9}))
+    backup = await rig.peer("V1", slow(0.01, {3: 0.8}))  # the replica the hedge goes to
+    # A split vote: the call waits for V1, so the hedge fires.
+    await rig.peer("V2", slow(0.01, {3: 0.9}))
+    await rig.peer("V3", slow(0.01, {5: 0.9}))
     requester = rig.requester(timings=dataclasses.replace(TIMINGS, hedge_after_s=0.05))
+    requester.observe_latency(backup.peer_id, 500.0)  # ranked second: asked by the hedge
     result = await classify(requester)
     assert result.skipped == (hung.peer_id,)
     record = rig.table.get(hung.peer_id)
     assert record is not None
     assert record.failures == 1
     assert hung.peer_id not in {r.peer_id for r in rig.table.candidates()}
+
+
+async def test_peer_as_slow_as_its_siblings_is_not_backed_off(rig: Rig) -> None:
+    """Under load every reply is slow: a peer cut off past the hedge delay, but no slower
+    than the replies that were counted, is not taken for a straggler."""
+    await rig.peer("V1", slow(0.12, {3: 0.9}))
+    await rig.peer("V2", slow(0.12, {3: 0.9}))
+    await rig.peer("V3", slow(0.16, {3: 0.9}))  # a little slower: cut off by early exit
+    requester = rig.requester(timings=dataclasses.replace(TIMINGS, hedge_after_s=0.05))
+    result = await classify(requester)
+    assert len(result.skipped) == 1
+    record = rig.table.get(result.skipped[0])
+    assert record is not None
+    assert record.failures == 0
 
 
 async def test_fast_sibling_skipped_in_time_is_not_backed_off(rig: Rig) -> None:
