@@ -740,6 +740,8 @@ class Requester(AsyncResource):
             config.MAX_SESSION_BODY,
         )
         if resp.status == 404:  # a peer without sessions: signatures it is
+            if len(self._plain) >= config.MAX_PEERS:  # a bound: asking again is harmless
+                self._plain.clear()
             self._plain.add(record.peer_id)
             log.info("peer_without_sessions", peer=record.peer_id)
             return None
