@@ -36,6 +36,7 @@ from swarm.wire import (
     encode_reply_batch,
     encode_request,
     sign_replies,
+    tensor_bytes,
     topk_from_probs,
 )
 from tests.swarm.signed import MODEL_SHA, NOW
@@ -494,3 +495,11 @@ def test_decode_batch_random_bytes_raises_only_decode_error(raw: bytes) -> None:
     for decode in (decode_batch, decode_reply_batch):
         with contextlib.suppress(DecodeError):
             decode(raw)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1.5, -0.1])
+def test_tensor_bytes_refuses_non_finite_and_out_of_range_pixels(bad: float) -> None:
+    tensor = np.full(config.INPUT_SHAPE, 0.5, dtype=np.float32)
+    tensor[0, 3, 3] = bad
+    with pytest.raises(ValueError, match=r"finite values in \[0, 1\]"):
+        tensor_bytes(tensor)
