@@ -377,8 +377,11 @@ def build_request(
     deadline_ms: int,
     now_ms: int | None = None,
     request_id: str | None = None,
+    sign: bool = True,
 ) -> InferRequest:
-    """A request for ``tensor`` (shape ``config.INPUT_SHAPE``), signed by ``identity``."""
+    """A request for ``tensor`` (shape ``config.INPUT_SHAPE``), signed by ``identity``
+    (with ``sign=False`` a zero signature: for peers whose sessions' MACs authenticate it,
+    ``swarm.session``)."""
     if not is_valid_name(swarm):
         raise ValueError(f"invalid swarm name {swarm!r}: use 1-63 of A-Za-z0-9._-")
     if not 1 <= k <= config.MAX_TOP_K:
@@ -403,6 +406,8 @@ def build_request(
         deadline_ms=deadline_ms,
         signature=b"",
     )
+    if not sign:
+        return dataclasses.replace(unsigned, signature=bytes(SIGNATURE_LEN))
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 
 

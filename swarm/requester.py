@@ -400,7 +400,12 @@ class Requester(AsyncResource):
             )
         try:
             request = wire.build_request(
-                self.identity, swarm=self.swarm, tensor=tensor, k=k, deadline_ms=budget_ms
+                self.identity,
+                swarm=self.swarm,
+                tensor=tensor,
+                k=k,
+                deadline_ms=budget_ms,
+                sign=not self._all_in_session(plan),
             )
         except ValueError as exc:
             raise ConfigError(f"cannot build the request: {exc}") from exc
@@ -494,6 +499,23 @@ class Requester(AsyncResource):
             self._stats.popitem(last=False)
 
     # --- asking ---
+
+    def _all_in_session(self, plan: dict[str, Replicas]) -> bool:
+        """Whether every peer the call may ask (hedges included) holds a live session
+        with this requester, so that MACs authenticate the request and its signature
+        would go unchecked (its own peer's in-process model checks none either)."""
+        if not self.sessions:
+            return False
+        now = time.monotonic()
+        local = self.local
+        for variant in plan.values():
+            for record in variant.queue:
+                if local is not None and self._is_local(record, local.spec):
+                    continue
+                held = self._keys.get(record.peer_id)
+                if held is None or held[1] <= now:
+                    return False
+        return True
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._closed:

@@ -15,7 +15,9 @@ session pays for signatures once per requester and peer:
    path too; the reply MAC covers the request MAC (so a reply answers that one request),
    the status and the body. The peer checks the request MAC instead of the request's
    signature, then runs every other check of ``verify_request`` (freshness, replays,
-   the input hash). The requester checks the reply MAC before it reads the body.
+   the input hash). The requester checks the reply MAC before it reads the body. A call
+   whose every peer holds a live session, and a batch sent in one, carry a zero signature:
+   the MAC authenticates them, and no one would check it.
 
 Replies are still signed: a signature is evidence a third party can check, a MAC is
 not. Because the MAC proves which peer sent a reply, the requester checks the signature

@@ -500,6 +500,24 @@ async def test_session_opened_once_then_every_request_goes_by_mac(rig: Rig) -> N
     assert [(p.hellos, p.in_session) for p in peers] == [(1, 3)] * 3
 
 
+async def test_request_goes_unsigned_only_when_every_peer_is_in_session(rig: Rig) -> None:
+    """The first call opens the sessions and signs its request; later calls, whose every
+    peer holds a live session, leave it to the MACs. A peer without one brings the
+    signature back."""
+    peers = [await rig.peer(v, says({3: 0.8}), sessions=True) for v in ("V1", "V2")]
+    requester = rig.requester()
+    for _ in range(2):
+        await classify(requester, quorum=2)
+    first, second = (wire.decode_request(b) for b in peers[0].bodies)
+    key = rig.identity.public_key
+    assert verify_signature(key, first.signature, first.signed_bytes())
+    assert second.signature == bytes(64)
+    plain = await rig.peer("V3", says({3: 0.8}))
+    await classify(requester, quorum=3)
+    third = wire.decode_request(plain.bodies[0])
+    assert verify_signature(key, third.signature, third.signed_bytes())
+
+
 async def test_without_sessions_the_requester_signs_and_checks_signatures(rig: Rig) -> None:
     """A peer without the session route, or a requester with sessions off: signatures."""
     old = await rig.peer("V1", says({3: 0.8}))
