@@ -124,10 +124,7 @@ class HttpPool:
                 except _Stale:
                     pass  # the server had closed it: once more, on a new connection
             conn = await self._connect(host, port)
-            try:
-                return await self._exchange(key, conn, head + body, max_body, reused=False)
-            except _Stale as exc:  # pragma: no cover - only a reused connection is stale
-                raise BadAnswer("the connection closed before an answer") from exc
+            return await self._exchange(key, conn, head + body, max_body, reused=False)
 
     async def _connect(self, host: str, port: int) -> _Connection:
         try:

@@ -238,20 +238,24 @@ class _Response:
 
     def error(self) -> str:
         """The answer as an error message: its status and, if any, its JSON code and text."""
-        text = f"HTTP {self.status}"
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            obj = json.loads(self.body)
-            if isinstance(obj, dict):
-                code, message = str(obj.get("error", ""))[:40], str(obj.get("message", ""))
-                text += f" {code}: {message[:200]}"
-        return text
+        obj = self._json()
+        if obj is None:
+            return f"HTTP {self.status}"
+        code, message = str(obj.get("error", ""))[:40], str(obj.get("message", ""))
+        return f"HTTP {self.status} {code}: {message[:200]}"
 
     def code(self) -> str | None:
         """The JSON error code of an error answer, if it has one."""
+        obj = self._json()
+        code = None if obj is None else obj.get("error")
+        return code if isinstance(code, str) else None
+
+    def _json(self) -> dict[str, Any] | None:
+        # An error answer is the JSON object every route answers with, or anything at all.
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             obj = json.loads(self.body)
-            if isinstance(obj, dict) and isinstance(obj.get("error"), str):
-                return str(obj["error"])
+            if isinstance(obj, dict):
+                return obj
         return None
 
 
