@@ -35,7 +35,7 @@ import numpy.typing as npt
 
 from swarm import aio, config, voting, wire
 from swarm.discovery import Discovery, PeerRecord, PeerTable
-from swarm.errors import DecodeError, SwarmError, VerificationError
+from swarm.errors import DecodeError, DiscoveryTimeoutError, SwarmError, VerificationError
 from swarm.identity import Identity, TrustStore
 from swarm.inference import Manifest, load_manifest
 from swarm.log import configure_logging, get_logger
@@ -74,7 +74,10 @@ class Driver:
 
     async def wait(self, peers: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        await self.table.wait_for(peers, timeout=timeout_s)
+        try:
+            await self.table.wait_for(peers, timeout=timeout_s)
+        except DiscoveryTimeoutError as exc:
+            raise DiscoveryTimeoutError(f"{exc}; this driver's table: {self._state()}") from None
         while True:
             records = [r for r in self.table.candidates() if r.role == "peer"]
             seen = await asyncio.gather(*(self._sees(r) for r in records))
@@ -83,7 +86,8 @@ class Driver:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"peers did not find each other within {timeout_s} s: "
-                    f"{len(records)} peers, each seeing {seen}"
+                    f"{len(records)} peers, each seeing {seen}; this driver's table: "
+                    f"{self._state()}"
                 )
             await asyncio.sleep(POLL_S)
         _emit(
@@ -100,6 +104,23 @@ class Driver:
                 ],
             }
         )
+
+    def _state(self) -> str:
+        """Each peer of the table and why it is not a candidate, if it is not: what a
+        failed wait reports, so that a slow recovery says which peer and why."""
+        now = time.monotonic()
+        parts = []
+        for r in self.table.records():
+            if r.role != "peer":
+                continue
+            if r.suspected:
+                why = f"suspected after {r.failures} failures"
+            elif r.suspected_until > now:
+                why = f"backed off {r.suspected_until - now:.1f} s more ({r.failures} failures)"
+            else:
+                why = "candidate"
+            parts.append(f"{r.peer_id[:8]} {r.variant} {why}")
+        return "; ".join(parts) or "no peer"
 
     async def _sees(self, record: PeerRecord) -> int:
         url = f"http://{record.addresses[0]}:{record.port}/v1/info"

@@ -44,7 +44,7 @@ async def run(cluster: Cluster, scenario: Scenario, progress: Any = None) -> Rep
                 heal_s = round(time.monotonic() - started, 3)
             except (SimError, TimeoutError) as exc:
                 heal_s = None
-                heal_error = str(exc)[:300]
+                heal_error = str(exc)[:800]
         for side, driver in zip("AB", drivers, strict=True):
             cmd = {
                 "cmd": "classify",
@@ -74,7 +74,7 @@ async def run(cluster: Cluster, scenario: Scenario, progress: Any = None) -> Rep
             + (
                 f"; every peer a candidate again after {heal_s} s"
                 if heal_s is not None
-                else f"; not every peer a candidate again within {HEAL_WAIT_S} s"
+                else f"; not every peer a candidate again within {HEAL_WAIT_S} s: {heal_error}"
             ),
         ),
     ]

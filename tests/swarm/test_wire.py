@@ -269,6 +269,33 @@ def test_decode_request_names_the_wrong_field(
         decode_request(json.dumps(body).encode())
 
 
+def _spare_bits_set(text: str) -> str:
+    """``text`` (base64 ending in padding) with its last digit's unused bits set: the
+    same bytes under strict decoding, but not the canonical text (RFC 4648 3.5)."""
+    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    pos = len(text.rstrip("=")) - 1
+    mask = 0b1111 if text.endswith("==") else 0b11
+    return text[:pos] + digits[digits.index(text[pos]) | mask] + text[pos + 1 :]
+
+
+@pytest.mark.parametrize("field", ["requester_key", "signature"])
+def test_decode_request_refuses_non_canonical_base64(
+    request_msg: InferRequest, field: str
+) -> None:
+    """One value has one text: base64 whose unused bits are set decodes to the same bytes
+    but is refused, so a signed message cannot travel in two spellings."""
+    body = _body(encode_request(request_msg))
+    text = body[field]
+    assert text.endswith("=")  # 32 and 64 bytes leave spare bits
+    twin = _spare_bits_set(text)
+    assert base64.b64decode(twin, validate=True) == base64.b64decode(text)
+    body[field] = twin
+    with pytest.raises(DecodeError, match=f"'{field}'"):
+        decode_request(json.dumps(body).encode())
+    body[field] = text
+    assert decode_request(json.dumps(body).encode()) == request_msg
+
+
 @pytest.mark.parametrize(
     ("pixels", "match"),
     [(np.float32(np.nan), "finite"), (np.float32(1.5), r"\[0, 1\]"), (np.float32(-1), r"\[0, 1\]")],
