@@ -279,9 +279,7 @@ def _spare_bits_set(text: str) -> str:
 
 
 @pytest.mark.parametrize("field", ["requester_key", "signature"])
-def test_decode_request_refuses_non_canonical_base64(
-    request_msg: InferRequest, field: str
-) -> None:
+def test_decode_request_refuses_non_canonical_base64(request_msg: InferRequest, field: str) -> None:
     """One value has one text: base64 whose unused bits are set decodes to the same bytes
     but is refused, so a signed message cannot travel in two spellings."""
     body = _body(encode_request(request_msg))
