@@ -207,7 +207,7 @@ def markdown(out: dict[str, Any]) -> str:
         cpu = ov[key]
         lines.append(
             f"\nCPU per call ({label}): requester {cpu['requester']} ms, "
-            f"peers {cpu['peers_total']} ms"
+            f"peers {cpu['peers_total']} ms, of which their models ran {cpu['peers_models']} ms"
         )
     lines += ["", "| stage | p50 ms | share |", "|---|---|---|"]
     for stage, ms in ov["breakdown_p50_ms"].items():

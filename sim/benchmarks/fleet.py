@@ -22,11 +22,13 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.config import DEFAULT_TIMINGS, Timings
 from swarm.discovery import Discovery, PeerTable
 from swarm.identity import Identity, TrustStore
 from swarm.inference import Manifest
+from swarm.metrics import NAMESPACE
 from swarm.reputation import ReputationBook
 from swarm.requester import Requester
 
@@ -161,6 +163,38 @@ def cpu_seconds(peer: Peer) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def model_seconds(peers: Sequence[Peer]) -> float:
+    """Seconds the peers' models have run so far, all together: the sum of each peer's
+    ``inference_seconds`` histogram on its /metrics. With ``cpu_seconds`` it splits a
+    peer's CPU into its model and everything around it (HTTP, JSON, crypto, the loop).
+    Each run is timed by the wall clock, so on shared cores this bounds the models' CPU
+    from above."""
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        texts = await asyncio.gather(*(_metrics_text(session, p) for p in peers))
+    total = 0.0
+    for peer, text in zip(peers, texts, strict=True):
+        found = [
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == f"{NAMESPACE}_inference_seconds_sum"
+        ]
+        if len(found) != 1:
+            raise BenchError(f"{peer.name}'s /metrics has no {NAMESPACE}_inference_seconds_sum")
+        total += found[0]
+    return total
+
+
+async def _metrics_text(session: aiohttp.ClientSession, peer: Peer) -> str:
+    try:
+        async with session.get(peer.url + "/metrics") as resp:
+            resp.raise_for_status()
+            return await resp.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BenchError(f"{peer.name} did not serve /metrics: {exc!r}") from exc
 
 
 async def seen_by(session: aiohttp.ClientSession, peer: Peer) -> set[str]:

@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 
 from sim.benchmarks import legacy_http, legacy_voting
-from sim.benchmarks.fleet import Peer, cpu_seconds
+from sim.benchmarks.fleet import Peer, cpu_seconds, model_seconds
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
     FloatArray,
@@ -143,22 +143,26 @@ async def overhead(
     waved: list[float] = []
     stages: list[dict[str, float]] = []
     per_round = max(1, plan.classify_runs // plan.rounds)
-    cpu_req = cpu_peers = cpu_req_wave = cpu_peers_wave = 0.0
+    cpu_req = cpu_peers = cpu_req_wave = cpu_peers_wave = models = models_wave = 0.0
     wave = Policy(wave=WAVE)
     for _ in range(plan.rounds):
         req0, peers0 = time.process_time(), sum(cpu_seconds(p) for p in peers)
+        models0 = await model_seconds(peers)
         lat, calls = await probed_loop(req, tensors, per_round)
         cpu_req += time.process_time() - req0
         cpu_peers += sum(cpu_seconds(p) for p in peers) - peers0
+        models += await model_seconds(peers) - models0
         with_exit += lat
         stages += calls
         with patched(voting, "can_change", _no_early_exit):
             loop = await classify_loop(req, tensors, count=per_round)
         without += loop.latencies_ms
         peers0 = sum(cpu_seconds(p) for p in peers)
+        models0 = await model_seconds(peers)
         loop = await classify_loop(req, tensors, count=per_round, policy=wave)
         cpu_req_wave += loop.cpu_s
         cpu_peers_wave += sum(cpu_seconds(p) for p in peers) - peers0
+        models_wave += await model_seconds(peers) - models0
         waved += loop.latencies_ms
     p50 = quantile(with_exit, 0.5)
     p50_all = quantile(without, 0.5)
@@ -193,13 +197,17 @@ async def overhead(
         "peer_crypto_ms": peer_crypto,
         # CPU per call (early exit on): the floor counts the models' share of the cores,
         # and none of the HTTP, JSON and signatures of five servers and one client.
+        # peers_models: of peers_total, the time their models ran (their /metrics, wall
+        # clock: at most their CPU); the rest is what serving costs around the model.
         "cpu_ms_per_call": {
             "requester": round(cpu_req * 1000 / len(with_exit), 4),
             "peers_total": round(cpu_peers * 1000 / len(with_exit), 4),
+            "peers_models": round(models * 1000 / len(with_exit), 4),
         },
         "cpu_ms_per_call_wave": {
             "requester": round(cpu_req_wave * 1000 / max(1, len(waved)), 4),
             "peers_total": round(cpu_peers_wave * 1000 / max(1, len(waved)), 4),
+            "peers_models": round(models_wave * 1000 / max(1, len(waved)), 4),
         },
         # The requester signs once and checks every reply (by its session MAC, and the
         # signatures of dissenters); on the critical path each peer checks the request

@@ -69,6 +69,10 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     ):
         assert _finite(ov[key]), key
     assert _finite(ov["cpu_ms_per_call_wave"]["peers_total"])
+    for key in ("cpu_ms_per_call", "cpu_ms_per_call_wave"):
+        # The peers' /metrics were read: their models ran during the calls. (Against
+        # peers_total only loosely: /proc counts CPU in 10 ms ticks, a few calls here.)
+        assert _finite(ov[key]["peers_models"]) and ov[key]["peers_models"] > 0, ov[key]
     stages = {"encode", "sign", "send", "infer", "verify", "check", "vote"}
     assert set(ov["breakdown_p50_ms"]) == stages
     assert ov["peer_crypto_ms"]["sessions"] is True
