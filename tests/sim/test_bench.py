@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.bench import SECTIONS
+from sim.benchmarks import legacy_voting
 from sim.benchmarks.fleet import Fleet, requester
 from sim.benchmarks.measure import classify_loop, inputs, patched
-from swarm import wire
+from swarm import voting, wire
+from swarm.errors import NoDecisionError
 from swarm.inference import default_manifest_path, load_manifest
+from tests.swarm.test_voting import ballots_strategy
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_TIMEOUT_S = 240
@@ -155,3 +160,40 @@ async def test_classify_never_blocks_the_event_loop(
 
 def _slow_callbacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Executing")]
+
+
+# --- the old vote the fast-path table puts back ---------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    num_classes=st.integers(2, 10),
+    rule=st.sampled_from(voting.RULES),
+    missing=st.integers(0, 4),
+)
+def test_legacy_vote_gives_the_same_results(
+    data: st.DataObject, num_classes: int, rule: str, missing: int
+) -> None:
+    """The numpy vote kept for the fast-path row decides exactly as ``swarm.voting``:
+    label, scores, certificate and early exit, bit for bit, so the row compares cost
+    alone."""
+    ballots = data.draw(ballots_strategy(num_classes=num_classes))
+    old = [legacy_voting.Ballot(x.peer_id, x.variant, x.topk, x.weight) for x in ballots]
+    try:
+        new_d = voting.decide(ballots, rule, num_classes=num_classes)
+    except NoDecisionError:
+        with pytest.raises(NoDecisionError):
+            legacy_voting.decide(old, rule, num_classes=num_classes)
+        return
+    old_d = legacy_voting.decide(old, rule, num_classes=num_classes)
+    assert (new_d.label, new_d.certified_f, new_d.used) == (
+        old_d.label,
+        old_d.certified_f,
+        old_d.used,
+    )
+    assert new_d.scores == old_d.scores
+    assert (new_d.margin, new_d.confidence) == (old_d.margin, old_d.confidence)
+    assert voting.can_change(ballots, missing, rule, num_classes=num_classes) == (
+        legacy_voting.can_change(old, missing, rule, num_classes=num_classes)
+    )
