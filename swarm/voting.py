@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Final
@@ -230,7 +231,7 @@ def top_class(topk: Sequence[tuple[int, float]]) -> int:
 def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    columns: tuple[list[float], ...] = tuple([] for _ in range(num_classes))
+    rows: list[tuple[tuple[int, float], ...]] = []
     weights: list[float] = []
     top1: list[int] = []
     used: list[str] = []
@@ -242,28 +243,50 @@ def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
         seen.add(ballot.peer_id)
         if not (math.isfinite(ballot.weight) and ballot.weight >= 0):
             raise ValueError(f"ballot of {ballot.peer_id}: weight must be finite and >= 0")
-        classes = [cls for cls, _ in ballot.topk]
-        if len(set(classes)) != len(classes) or not all(
-            isinstance(cls, int | np.integer) and 0 <= cls < num_classes and 0.0 <= prob <= 1.0
-            for cls, prob in ballot.topk
+        _check_topk(ballot, num_classes)
+        if ballot.weight == 0:
+            excluded.append(ballot.peer_id)
+            continue
+        rows.append(ballot.topk)
+        weights.append(float(ballot.weight))
+        top1.append(top_class(ballot.topk))
+        used.append(ballot.peer_id)
+    # Classes no ballot names (most of them, with top-k ballots) share one column of
+    # zeros; the rules only read columns.
+    n = len(rows)
+    named: dict[int, list[float]] = {}
+    for i, topk in enumerate(rows):
+        for cls, prob in topk:
+            column = named.get(cls)
+            if column is None:
+                column = named[cls] = [0.0] * n
+            column[i] = float(prob)
+    zeros = [0.0] * n
+    zeros_key = array.array("d", zeros).tobytes()
+    columns = tuple([named.get(c, zeros) for c in range(num_classes)])
+    keys = tuple(
+        [
+            array.array("d", named[c]).tobytes() if c in named else zeros_key
+            for c in range(num_classes)
+        ]
+    )
+    return _Tally(columns, keys, weights, top1, tuple(used), tuple(excluded))
+
+
+def _check_topk(ballot: Ballot, num_classes: int) -> None:
+    classes: set[object] = set()
+    for cls, prob in ballot.topk:
+        if (
+            cls in classes
+            or not isinstance(cls, int | np.integer)
+            or not 0 <= cls < num_classes
+            or not 0.0 <= prob <= 1.0
         ):
             raise ValueError(
                 f"ballot of {ballot.peer_id}: classes must be distinct in [0, {num_classes}) "
                 f"with probabilities in [0, 1], got {ballot.topk}"
             )
-        if ballot.weight == 0:
-            excluded.append(ballot.peer_id)
-            continue
-        row = [0.0] * num_classes
-        for cls, prob in ballot.topk:
-            row[cls] = float(prob)
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
-        weights.append(float(ballot.weight))
-        top1.append(top_class(ballot.topk))
-        used.append(ballot.peer_id)
-    keys = tuple(array.array("d", column).tobytes() for column in columns)
-    return _Tally(columns, keys, weights, top1, tuple(used), tuple(excluded))
+        classes.add(cls)
 
 
 # The rules run on a handful of ballots and classes, where numpy's per-call overhead
@@ -273,6 +296,11 @@ def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
 
 def _sum(xs: Sequence[float]) -> float:
     """``float(numpy.sum(xs))`` of float64 values, in the same order of additions."""
+    if len(xs) < 8:  # _pairwise's first case, without the call
+        res = 0.0
+        for x in xs:
+            res += x
+        return res
     return _pairwise(xs, 0, len(xs))
 
 
@@ -300,12 +328,8 @@ def _pairwise(xs: Sequence[float], start: int, n: int) -> float:
 
 
 def _cumsum(xs: Sequence[float]) -> list[float]:
-    out: list[float] = []
-    acc = 0.0
-    for i, x in enumerate(xs):
-        acc = x if i == 0 else acc + x
-        out.append(acc)
-    return out
+    # numpy.cumsum's order: the first value as it is, then each partial sum plus the next.
+    return list(itertools.accumulate(xs))
 
 
 def _counts(top1: Sequence[int], num_classes: int) -> list[int]:
@@ -343,7 +367,14 @@ def _aggregate(values: Sequence[float], weights: Sequence[float], cut: float, ru
     w = [weights[i] for i in order]
     upper = _cumsum(w)
     top = upper[-1] - cut
-    kept = [max(min(u, top) - max(u - wi, cut), 0.0) for u, wi in zip(upper, w, strict=True)]
+    # max(min(u, top) - max(u - wi, cut), 0.0) for each value: the weight left between
+    # the two cuts. Written out with the very comparisons min and max of two make (the
+    # first argument wins a tie), so even the sign of a zero is theirs.
+    kept: list[float] = []
+    for u, wi in zip(upper, w, strict=True):
+        lo = u - wi
+        left = (top if top < u else u) - (cut if cut > lo else lo)
+        kept.append(0.0 if left < 0.0 else left)
     den = _sum(kept)
     num = _sum([k * x for k, x in zip(kept, v, strict=True)])
     return num / den if den else math.nan
@@ -375,7 +406,12 @@ def _shift(
         order.reverse()
     v = [values[i] for i in order]
     w = [weights[i] for i in order]
-    taken = [min(max(mass - (c - wi), 0.0), wi) for c, wi in zip(_cumsum(w), w, strict=True)]
+    # min(max(mass - (c - wi), 0.0), wi) for each, in min's and max's own comparisons.
+    taken: list[float] = []
+    for c, wi in zip(_cumsum(w), w, strict=True):
+        x = mass - (c - wi)
+        y = 0.0 if x < 0.0 else x
+        taken.append(wi if wi < y else y)
     v.append(to)
     rest = [wi - t for wi, t in zip(w, taken, strict=True)]
     rest.append(_sum(taken))
