@@ -1,5 +1,5 @@
 # Two entry points, each doing its own set-up on a fresh machine:
-#   make demo   a local swarm of five peers classifying held-out images, ending in a table
+#   make demo   a local swarm of six peers classifying held-out images, ending in a table
 #   make test   the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv

@@ -1,4 +1,4 @@
-"""The demo: a local swarm of five peers classifies held-out test images.
+"""The demo: a local swarm of peers, one per shipped variant, classifies held-out images.
 
     python -m sim.demo [--images N] [--rule robust] [--keep-dir DIR]
 
