@@ -31,22 +31,15 @@ Built-in scenarios (``BUILTIN``) and TOML files share one schema::
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from pathlib import Path
 from typing import Any, Final
 
-from variants import MANIFEST_PATH
+from swarm.manifest import load_manifest
 
-
-def _shipped_variants() -> tuple[str, ...]:
-    """The names of the shipped family's variants, V1 (the cheapest) first."""
-    manifest = json.loads(MANIFEST_PATH.read_text())
-    return tuple(m["name"] for m in manifest["models"] if m["role"] == "variant")
-
-
-# One peer of each shipped variant is what the paper, crash and churn scenarios run.
-VARIANTS: Final = _shipped_variants()
+# One peer of each shipped variant (V1, the cheapest, first) is what the paper, crash and
+# churn scenarios run.
+VARIANTS: Final = tuple(spec.name for spec in load_manifest().variants)
 KINDS: Final = ("paper", "byzantine", "crash", "straggler", "partition", "churn")
 ACTIONS: Final = ("kill", "restart", "pause", "resume", "stop", "partition", "heal")
 

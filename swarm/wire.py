@@ -447,14 +447,18 @@ def _get_b64(obj: dict[str, Any], field: str, length: int) -> bytes:
         or len(value) != 4 * ((length + 2) // 3)
         or not _canonical_tail(value, length)
     ):
-        _bad(field, f"standard base64 of {length} bytes", value)
+        _bad_b64(field, length, value)
     try:
         raw = base64.b64decode(value, validate=True)
     except ValueError:
-        _bad(field, f"standard base64 of {length} bytes", value)
+        _bad_b64(field, length, value)
     if len(raw) != length:
-        _bad(field, f"standard base64 of {length} bytes", value)
+        _bad_b64(field, length, value)
     return raw
+
+
+def _bad_b64(field: str, length: int, value: object) -> NoReturn:
+    _bad(field, f"standard base64 of {length} bytes", value)
 
 
 # The bits of the last base64 digit before the padding that no byte uses: 4 with "==",
