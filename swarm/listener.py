@@ -5,22 +5,32 @@ device that listens everywhere). With port 0 the first bind picks a free port an
 others reuse it, so a peer announces one port for all its addresses. Binding is done
 here rather than by aiohttp so that "port in use" becomes a ``ConfigError`` with a clear
 message before the peer announces anything.
+
+With ``lean=True`` (the peer's default) each socket is served by ``swarm.front``: the
+peer-to-peer POSTs are answered on its lean path, every other request by the same aiohttp
+application, to which the front hands the connection over.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from collections.abc import Sequence
+from typing import Final
 
 from aiohttp import web
 
 from swarm import config
 from swarm.errors import ConfigError
+from swarm.front import Front
 from swarm.log import get_logger
 from swarm.resource import AsyncResource
+from swarm.server import PEER_CALLS
 
 log = get_logger(__name__)
+
+_BACKLOG: Final = 128  # as aiohttp's sites
 
 
 class HttpServer(AsyncResource):
@@ -33,6 +43,7 @@ class HttpServer(AsyncResource):
         hosts: Sequence[str],
         port: int,
         timings: config.Timings = config.DEFAULT_TIMINGS,
+        lean: bool = True,
     ) -> None:
         if not hosts:
             raise ConfigError("the HTTP server needs at least one address to listen on")
@@ -44,11 +55,23 @@ class HttpServer(AsyncResource):
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=timings.http_shutdown_s
         )
+        self._timings = timings
+        # The lean front needs the app's peer-to-peer routes; an app without them (not
+        # a peer's) is served by aiohttp alone.
+        self._lean = lean and PEER_CALLS in app
+        self._app = app
+        self.front: Front | None = None
+        self._servers: list[asyncio.Server] = []
         self._started = False
         self._closed = False
 
     def __repr__(self) -> str:
         return f"<HttpServer hosts={self._hosts} port={self._port} closed={self._closed}>"
+
+    @property
+    def runner(self) -> web.AppRunner:
+        """The aiohttp runner of the app (it serves whatever the lean front does not)."""
+        return self._runner
 
     @property
     def port(self) -> int:
@@ -65,13 +88,27 @@ class HttpServer(AsyncResource):
             return
         self._started = True
         await self._runner.setup()
+        if self._lean:
+            assert self._runner.server is not None
+            self.front = Front(
+                self._app[PEER_CALLS],
+                self._runner.server,
+                self._app[PEER_CALLS].ctx.metrics,
+                body_timeout_s=self._timings.body_read_timeout_s,
+            )
         try:
             port = self._requested_port
             for host in self._hosts:
                 sock = _bind(host, port)
                 port = sock.getsockname()[1]
                 try:
-                    await web.SockSite(self._runner, sock).start()
+                    if self.front is not None:
+                        server = await asyncio.get_running_loop().create_server(
+                            self.front, sock=sock, backlog=_BACKLOG
+                        )
+                        self._servers.append(server)
+                    else:
+                        await web.SockSite(self._runner, sock).start()
                 except BaseException:
                     sock.close()
                     raise
@@ -79,14 +116,20 @@ class HttpServer(AsyncResource):
         except BaseException:
             await self.aclose()
             raise
-        log.info("http_listening", hosts=self._hosts, port=self._port)
+        log.info("http_listening", hosts=self._hosts, port=self._port, lean=self._lean)
 
     async def aclose(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), close; idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self._runner.cleanup()
+        for server in self._servers:
+            server.close()  # no new connections
+        if self.front is not None:
+            await self.front.shutdown(self._timings.http_shutdown_s)
+        await self._runner.cleanup()  # the connections handed over to aiohttp
+        for server in self._servers:
+            await server.wait_closed()
         log.info("http_closed")
 
 

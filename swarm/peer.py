@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="run every input alone (for comparison; batching is on by default)",
     )
+    p.add_argument(
+        "--http",
+        choices=("lean", "aiohttp"),
+        default="lean",
+        help="lean: the peer-to-peer POSTs are read and answered by the peer's own lean "
+        "HTTP/1.1 path, every other request by aiohttp; aiohttp: every request by aiohttp "
+        "(for comparison; default %(default)s)",
+    )
     p.add_argument("--log-format", choices=("json", "console"), default="console")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
@@ -321,7 +329,11 @@ async def _serve(
         )
         http = await stack.enter_async_context(
             HttpServer(
-                create_app(ctx), hosts=interfaces or [ANY_ADDRESS], port=args.port, timings=timings
+                create_app(ctx),
+                hosts=interfaces or [ANY_ADDRESS],
+                port=args.port,
+                timings=timings,
+                lean=args.http == "lean",
             )
         )
         await discovery.register(serving_announcement(args.swarm, identity, spec, http.port))

@@ -25,6 +25,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -80,9 +81,6 @@ _HTTP_CODES: Final[Mapping[int, str]] = {
     405: "method_not_allowed",
     413: "body_too_large",
 }
-# Where a route leaves the session keys and request MAC of a request it authenticated
-# that way; the middleware MACs the answer with them, whatever the answer is.
-_SEAL: Final = web.RequestKey("vswarm_seal", tuple[sessions.SessionKeys, bytes])
 _DIGITS: Final = re.compile(r"[0-9]{1,9}")
 _CHUNK: Final = 64 * 1024
 _ITEM_MESSAGE_CHARS: Final = 300  # an item error's text, as a reply batch allows
@@ -142,6 +140,10 @@ class _HttpFailure(Exception):
         self.headers = dict(headers or {})
 
 
+def _error_json(code: str, message: str) -> bytes:
+    return json.dumps({"error": code, "message": message}).encode()
+
+
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
@@ -181,62 +183,108 @@ class _InFlight:
             self.count -= 1
 
 
-class _Routes:
+@dataclasses.dataclass(frozen=True, slots=True)
+class PeerAnswer:
+    """What a peer-to-peer route answers: a status, a JSON body, and extra headers (the
+    session MAC, Retry-After); the HTTP server that carried the request writes it."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+
+# The routes peers call on each other, with each one's body limit. Whichever HTTP server
+# carries a request (the lean front of ``swarm.front`` or aiohttp), ``PeerCalls`` answers
+# it, so the two cannot differ in what they accept or answer.
+PEER_ROUTES: Final[Mapping[str, int]] = {
+    "/v1/infer": config.MAX_INFER_BODY,
+    "/v1/infer/batch": config.MAX_INFER_BATCH_BODY,
+    sessions.SESSION_PATH: config.MAX_SESSION_BODY,
+}
+_SESSION_HEADER: Final = sessions.SESSION_HEADER.lower()
+_MAC_HEADER: Final = sessions.MAC_HEADER.lower()
+
+
+class PeerCalls:
+    """The peer-to-peer POST routes, apart from any HTTP framework: ``answer`` takes the
+    path, the headers (looked up by lower-case name) and the body read within the
+    route's limit (``PEER_ROUTES``), and never raises but for a cancellation."""
+
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.replays = wire.ReplayCache()
         self.sessions = sessions.SessionTable(
             ctx.identity, swarm=ctx.swarm, trust=ctx.trust, freshness_s=ctx.timings.freshness_s
         )
-        self.infer_slots = _InFlight("/v1/infer", ctx.max_infer_in_flight)
-        self.classify_slots = _InFlight("/v1/classify", ctx.max_classify_in_flight)
-        self.variant_names = tuple(s.name for s in ctx.manifest.variants)
+        self.slots = _InFlight("/v1/infer", ctx.max_infer_in_flight)
+        self._routes: dict[str, Callable[[str, Mapping[str, str], bytes, list[Any]], Any]] = {
+            "/v1/infer": self._infer,
+            "/v1/infer/batch": self._infer_batch,
+            sessions.SESSION_PATH: self._open_session,
+        }
 
-    # --- peer to peer ---
+    async def answer(self, path: str, headers: Mapping[str, str], body: bytes) -> PeerAnswer:
+        """The answer to a POST of ``body`` to ``path`` (one of ``PEER_ROUTES``)."""
+        seal: list[tuple[sessions.SessionKeys, bytes]] = []
+        extra: dict[str, str] = {}
+        try:
+            with self.slots.slot():
+                out: bytes = await self._routes[path](path, headers, body, seal)
+            status = 200
+        except _HttpFailure as exc:
+            status, out, extra = exc.status, _error_json(exc.code, exc.message), exc.headers
+        except Exception:
+            log.exception("http_handler_crashed", endpoint=path)
+            status = 500
+            out = _error_json("internal_error", "an unexpected error occurred; it was logged")
+        if seal:  # authenticated by a session: its answer, whatever it is, carries a MAC
+            keys, request_mac = seal[0]
+            mac = keys.reply_mac(request_mac, status, out)
+            extra[sessions.MAC_HEADER] = base64.b64encode(mac).decode("ascii")
+        return PeerAnswer(status, out, extra)
 
-    async def open_session(self, request: web.Request) -> web.Response:
-        with self.infer_slots.slot():
-            body = await self._read_body(request, config.MAX_SESSION_BODY)
-            hello = self._decode(body, wire.decode_hello)
-            try:
-                welcome = self.sessions.open(hello, now_ms=wire.unix_ms())
-            except VerificationError as exc:
-                self._refuse(exc)
-        return web.Response(body=wire.encode_welcome(welcome), content_type=JSON_TYPE)
+    async def _open_session(
+        self, path: str, headers: Mapping[str, str], body: bytes, seal: list[Any]
+    ) -> bytes:
+        hello = self._decode(body, wire.decode_hello)
+        try:
+            welcome = self.sessions.open(hello, now_ms=wire.unix_ms())
+        except VerificationError as exc:
+            self._refuse(exc)
+        return wire.encode_welcome(welcome)
 
-    async def infer(self, request: web.Request) -> web.Response:
-        with self.infer_slots.slot():
-            req, session = await self._read_message(
-                request, config.MAX_INFER_BODY, wire.decode_request
-            )
-            with bound(request_id=req.request_id, requester=req.requester_id):
-                if session is not None and req.requester_key != session.requester_key:
-                    self._refuse(_NOT_SESSION_OWNER)
-                reply = await self._answer(req, authenticated=session is not None)
-        return web.Response(body=wire.encode_reply(reply), content_type=JSON_TYPE)
+    async def _infer(
+        self, path: str, headers: Mapping[str, str], body: bytes, seal: list[Any]
+    ) -> bytes:
+        session = self._authenticate(path, headers, body, seal)
+        req = self._decode(body, wire.decode_request)
+        with bound(request_id=req.request_id, requester=req.requester_id):
+            if session is not None and req.requester_key != session.requester_key:
+                self._refuse(_NOT_SESSION_OWNER)
+            reply = await self._answer(req, authenticated=session is not None)
+        return wire.encode_reply(reply)
 
-    async def infer_batch(self, request: web.Request) -> web.Response:
+    async def _infer_batch(
+        self, path: str, headers: Mapping[str, str], body: bytes, seal: list[Any]
+    ) -> bytes:
         ctx = self.ctx
-        with self.infer_slots.slot():
-            batch, session = await self._read_message(
-                request, config.MAX_INFER_BATCH_BODY, wire.decode_batch
-            )
-            if session is not None:
-                if batch.requester_key != session.requester_key:
-                    self._refuse(_NOT_SESSION_OWNER)
-            # One signature (or the session MAC) for every item; each item's own checks
-            # follow in _answer.
-            elif not verify_signature(batch.requester_key, batch.signature, batch.signed_bytes()):
-                ctx.metrics.observe_rejection(wire.BAD_SIGNATURE)
-                log.info("infer_rejected", reason=wire.BAD_SIGNATURE, detail="batch")
-                raise _HttpFailure(
-                    401, wire.BAD_SIGNATURE, "the batch signature does not verify"
-                ) from None
-            with bound(requester=batch.items[0].requester_id, batch=len(batch.items)):
-                # Items are checked as covered by the batch's signature or session MAC.
-                items = await asyncio.gather(*(self._answer_item(r) for r in batch.items))
-        reply = wire.sign_replies(ctx.identity, items)
-        return web.Response(body=wire.encode_reply_batch(reply), content_type=JSON_TYPE)
+        session = self._authenticate(path, headers, body, seal)
+        batch = self._decode(body, wire.decode_batch)
+        if session is not None:
+            if batch.requester_key != session.requester_key:
+                self._refuse(_NOT_SESSION_OWNER)
+        # One signature (or the session MAC) for every item; each item's own checks
+        # follow in _answer.
+        elif not verify_signature(batch.requester_key, batch.signature, batch.signed_bytes()):
+            ctx.metrics.observe_rejection(wire.BAD_SIGNATURE)
+            log.info("infer_rejected", reason=wire.BAD_SIGNATURE, detail="batch")
+            raise _HttpFailure(
+                401, wire.BAD_SIGNATURE, "the batch signature does not verify"
+            ) from None
+        with bound(requester=batch.items[0].requester_id, batch=len(batch.items)):
+            # Items are checked as covered by the batch's signature or session MAC.
+            items = await asyncio.gather(*(self._answer_item(r) for r in batch.items))
+        return wire.encode_reply_batch(wire.sign_replies(ctx.identity, items))
 
     async def _answer_item(self, req: wire.InferRequest) -> wire.InferReply | wire.ItemError:
         try:
@@ -285,6 +333,74 @@ class _Routes:
             probs=result.probs,
             infer_us=round(result.seconds * 1_000_000),
             sign=not batched,
+        )
+
+    def _decode(self, body: bytes, decode: Callable[[bytes], _D]) -> _D:
+        try:
+            return decode(body)
+        except MessageTooLargeError as exc:
+            raise _HttpFailure(413, "body_too_large", str(exc)) from None
+        except DecodeError as exc:
+            self.ctx.metrics.observe_rejection("malformed")
+            raise _HttpFailure(400, "malformed_request", str(exc)) from None
+
+    def _authenticate(
+        self, path: str, headers: Mapping[str, str], body: bytes, seal: list[Any]
+    ) -> sessions.PeerSession | None:
+        """The session whose MAC ``body`` carries; None without a session header."""
+        session_id = headers.get(_SESSION_HEADER)
+        if session_id is None:
+            return None
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise _HttpFailure(
+                401,
+                sessions.UNKNOWN_SESSION,
+                f"this peer holds no session {session_id[:40]!r} (it expired, was "
+                f"forgotten, or the peer restarted): open one with POST {sessions.SESSION_PATH}",
+            )
+        try:
+            mac = base64.b64decode(headers.get(_MAC_HEADER, ""), validate=True)
+        except (binascii.Error, ValueError):
+            mac = b""
+        expected = session.keys.request_mac(path, body)
+        if len(mac) != sessions.MAC_LEN or not sessions.macs_equal(expected, mac):
+            self._refuse(
+                VerificationError(
+                    wire.BAD_SIGNATURE,
+                    f"the {sessions.MAC_HEADER} header is missing or is not the MAC of this "
+                    "body in this session",
+                )
+            )
+        seal.append((session.keys, mac))
+        return session
+
+    def _refuse(self, exc: VerificationError) -> NoReturn:
+        """Count and log a failed check, and answer it with its status."""
+        self.ctx.metrics.observe_rejection(exc.reason)
+        log.info("infer_rejected", reason=exc.reason, detail=exc.detail)
+        raise _HttpFailure(VERIFY_STATUS.get(exc.reason, 400), exc.reason, str(exc)) from None
+
+
+# The app's peer-to-peer routes, for an HTTP server that answers them itself.
+PEER_CALLS: Final = web.AppKey("vswarm_peer_calls", PeerCalls)
+
+
+class _Routes:
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.calls = PeerCalls(ctx)
+        self.classify_slots = _InFlight("/v1/classify", ctx.max_classify_in_flight)
+        self.variant_names = tuple(s.name for s in ctx.manifest.variants)
+
+    # --- peer to peer (the lean front answers these itself; see swarm.front) ---
+
+    async def peer_call(self, request: web.Request) -> web.Response:
+        path = request.path
+        body = await self._read_body(request, PEER_ROUTES[path])
+        answer = await self.calls.answer(path, request.headers, body)
+        return web.Response(
+            status=answer.status, body=answer.body, headers=answer.headers, content_type=JSON_TYPE
         )
 
     # --- client to requester ---
@@ -420,59 +536,6 @@ class _Routes:
 
     # --- helpers ---
 
-    async def _read_message(
-        self, request: web.Request, limit: int, decode: Callable[[bytes], _M]
-    ) -> tuple[_M, sessions.PeerSession | None]:
-        """The body read within ``limit``, authenticated by its session MAC if it names a
-        session, and decoded; 413, 401 or 400 when it cannot be."""
-        body = await self._read_body(request, limit)
-        session = self._authenticate(request, body)
-        return self._decode(body, decode), session
-
-    def _decode(self, body: bytes, decode: Callable[[bytes], _D]) -> _D:
-        try:
-            return decode(body)
-        except MessageTooLargeError as exc:
-            raise _HttpFailure(413, "body_too_large", str(exc)) from None
-        except DecodeError as exc:
-            self.ctx.metrics.observe_rejection("malformed")
-            raise _HttpFailure(400, "malformed_request", str(exc)) from None
-
-    def _authenticate(self, request: web.Request, body: bytes) -> sessions.PeerSession | None:
-        """The session whose MAC ``body`` carries; None without a session header."""
-        session_id = request.headers.get(sessions.SESSION_HEADER)
-        if session_id is None:
-            return None
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise _HttpFailure(
-                401,
-                sessions.UNKNOWN_SESSION,
-                f"this peer holds no session {session_id[:40]!r} (it expired, was "
-                f"forgotten, or the peer restarted): open one with POST {sessions.SESSION_PATH}",
-            )
-        try:
-            mac = base64.b64decode(request.headers.get(sessions.MAC_HEADER, ""), validate=True)
-        except (binascii.Error, ValueError):
-            mac = b""
-        expected = session.keys.request_mac(request.path, body)
-        if len(mac) != sessions.MAC_LEN or not sessions.macs_equal(expected, mac):
-            self._refuse(
-                VerificationError(
-                    wire.BAD_SIGNATURE,
-                    f"the {sessions.MAC_HEADER} header is missing or is not the MAC of this "
-                    "body in this session",
-                )
-            )
-        request[_SEAL] = (session.keys, mac)
-        return session
-
-    def _refuse(self, exc: VerificationError) -> NoReturn:
-        """Count and log a failed check, and answer it with its status."""
-        self.ctx.metrics.observe_rejection(exc.reason)
-        log.info("infer_rejected", reason=exc.reason, detail=exc.detail)
-        raise _HttpFailure(VERIFY_STATUS.get(exc.reason, 400), exc.reason, str(exc)) from None
-
     async def _read_body(self, request: web.Request, limit: int) -> bytes:
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -538,13 +601,6 @@ def _middleware(metrics: Metrics) -> Middleware:
             response = error_response(
                 500, "internal_error", "an unexpected error occurred; it was logged"
             )
-        seal = request.get(_SEAL)
-        if seal is not None and isinstance(response, web.Response):
-            keys, request_mac = seal
-            body = response.body
-            if isinstance(body, bytes):
-                mac = keys.reply_mac(request_mac, response.status, body)
-                response.headers[sessions.MAC_HEADER] = base64.b64encode(mac).decode("ascii")
         endpoint = _endpoint(request)
         metrics.observe_request(endpoint, response.status)
         log.debug(
@@ -565,9 +621,9 @@ def create_app(ctx: ServerContext) -> web.Application:
     app = web.Application(
         middlewares=[_middleware(ctx.metrics)], client_max_size=config.MAX_CLASSIFY_BODY
     )
-    app.router.add_post("/v1/infer", routes.infer)
-    app.router.add_post("/v1/infer/batch", routes.infer_batch)
-    app.router.add_post(sessions.SESSION_PATH, routes.open_session)
+    for path in PEER_ROUTES:
+        app.router.add_post(path, routes.peer_call)
+    app[PEER_CALLS] = routes.calls  # the lean front answers these routes with it
     app.router.add_post("/v1/classify", routes.classify)
     app.router.add_get("/v1/info", routes.info)
     app.router.add_get("/healthz", routes.healthz)

@@ -3,6 +3,11 @@
 The app runs the real ONNX engine (a tiny model) and real signing and verification; the
 requester behind /v1/classify is a recording fake, since what is pinned here is the HTTP
 contract (status codes, JSON errors, parameter checks), not the fan-out.
+
+Every test that takes the harness runs twice: served by aiohttp alone, and by the peer's
+lean front (``swarm.front``, as ``python -m swarm.peer`` serves), which answers the
+peer-to-peer POSTs itself and hands every other request to aiohttp. The contract is the
+same either way.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from structlog.testing import capture_logs
+from yarl import URL
 
 from swarm import PROTOCOL_VERSION, config, wire
 from swarm.config import Timings
@@ -134,9 +140,35 @@ async def engine(tiny_manifest: Manifest) -> AsyncIterator[Engine]:
         yield eng
 
 
-@pytest.fixture
-async def make_app(tiny_manifest: Manifest, engine: Engine) -> AsyncIterator[Factory]:
-    """Builds an app and a test client around it; closes every client at teardown."""
+class LeanTestServer(TestServer):
+    """A test server that serves the app as a peer does: ``HttpServer`` with the lean
+    front. aiohttp's test client talks to it like to any server."""
+
+    def __init__(self, app: web.Application, *, timings: Timings) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self.timings = timings
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        if self.runner is not None:
+            return
+        self.http = HttpServer(self.app, hosts=[self.host], port=0, timings=self.timings)
+        await self.http.start()
+        self.runner = self.http.runner
+        self.port = self.http.port
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+    async def close(self) -> None:
+        if self.runner is not None and not self.closed:
+            await self.http.aclose()
+            self._closed = True
+
+
+@pytest.fixture(params=["aiohttp", "lean"])
+async def make_app(
+    request: pytest.FixtureRequest, tiny_manifest: Manifest, engine: Engine
+) -> AsyncIterator[Factory]:
+    """Builds an app and a test client around it (served by aiohttp alone, or by the lean
+    front); closes every client at teardown."""
     clients: list[TestClient[web.Request, web.Application]] = []
 
     async def make(
@@ -161,9 +193,12 @@ async def make_app(tiny_manifest: Manifest, engine: Engine) -> AsyncIterator[Fac
             classifier=fake if classifier is ... else classifier,
             **ctx_kw,
         )
-        client: TestClient[web.Request, web.Application] = TestClient(
-            TestServer(create_app(ctx), host="127.0.0.1")
-        )
+        server: TestServer
+        if request.param == "lean":
+            server = LeanTestServer(create_app(ctx), timings=ctx.timings)
+        else:
+            server = TestServer(create_app(ctx), host="127.0.0.1")
+        client: TestClient[web.Request, web.Application] = TestClient(server)
         await client.start_server()
         clients.append(client)
         return Harness(client, server_identity, Identity.generate(), fake, metrics, table)
