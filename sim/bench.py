@@ -44,12 +44,13 @@ DEFAULT_OUT: Final = Path("runs/bench")
 VARIANTS: Final = ("V1", "V2", "V3", "V4", "V5")
 # The peers' old behaviours, each put back alone (flags, environment) by the fast-path
 # section: a 2 ms micro-batch wait for every lone input, every batch handed to the
-# model's thread, the stock asyncio event loop.
+# model's thread, the stock asyncio event loop, aiohttp serving the peer-to-peer POSTs.
 OLD_LOOP_ENV: Final = {aio.ENV: "asyncio"}
 OLD_PEERS: Final[dict[str, tuple[list[str], dict[str, str]]]] = {
     "old_batch_wait_2ms": (["--batch-wait-ms", "2"], {}),
     "old_engine_thread": (["--inline-max-ms", "0"], {}),
     "old_asyncio_loop": ([], OLD_LOOP_ENV),
+    "old_aiohttp_server": (["--http", "aiohttp"], {}),
 }
 OLD_PEER_FLAGS: Final = [flag for flags, _ in OLD_PEERS.values() for flag in flags]
 SECTIONS: Final = ("variants", "overhead", "fast_path", "throughput", "scaling", "tails")

@@ -273,7 +273,12 @@ def _peer_crypto_ms(req: Requester, runs: int = 200) -> dict[str, Any]:
 # --- the fast path: each change against its old behaviour, same run -------------------
 
 # Old behaviours of the peers: each row runs against a fleet started with it.
-OLD_PEER_ROWS: Final = ("old_batch_wait_2ms", "old_engine_thread", "old_asyncio_loop")
+OLD_PEER_ROWS: Final = (
+    "old_batch_wait_2ms",
+    "old_engine_thread",
+    "old_asyncio_loop",
+    "old_aiohttp_server",
+)
 
 
 async def _old_exchange(

@@ -94,6 +94,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         "old_batch_wait_2ms",
         "old_engine_thread",
         "old_asyncio_loop",
+        "old_aiohttp_server",
         "old_all",
         "vote_cost_ms",
     } <= fp.keys()
