@@ -7,8 +7,8 @@ answers to a POST: a status line, headers, and a body sized by ``Content-Length`
 chunked (or, failing both, ended by closing the connection). It costs about 50 us.
 
 Connections are kept alive and pooled per host and port, at most ``per_host`` open at
-once (callers past that wait). Everything read is bounded: the status line and each
-header line by the reader's line limit, the header count, the body by the caller's
+once (callers past that wait). Everything read is bounded: the status line and the
+header lines together by the head limit, the header count, the body by the caller's
 limit. A connection whose exchange did not finish cleanly (an error, a cancellation, a
 timeout) is closed, never reused. A request on a kept-alive connection that the server
 had closed meanwhile is sent once more on a new connection, as HTTP/1.1 clients do
@@ -26,9 +26,10 @@ from typing import Final
 
 from swarm.errors import MessageTooLargeError, PeerUnreachableError
 
-_LINE_LIMIT: Final = 16 * 1024  # the longest status or header line read
+_HEAD_LIMIT: Final = 16 * 1024  # the longest answer head (status line and headers) read
 _MAX_HEADERS: Final = 100
 _CRLF: Final = b"\r\n"
+_END: Final = b"\r\n\r\n"  # the blank line that ends a head
 
 
 class ConnectFailed(PeerUnreachableError):
@@ -129,7 +130,7 @@ class HttpPool:
     async def _connect(self, host: str, port: int) -> _Connection:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port, limit=_LINE_LIMIT)
+                reader, writer = await asyncio.open_connection(host, port, limit=_HEAD_LIMIT)
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(f"cannot connect to {host}:{port}: {exc!r}") from exc
         return _Connection(reader, writer)
@@ -146,17 +147,24 @@ class HttpPool:
         done = False
         try:
             conn.writer.write(request)
-            status_line = await conn.reader.readline()
-            if not status_line:
-                if reused:
-                    raise _Stale
-                raise BadAnswer("the peer closed the connection without answering")
-            answer, keep_alive = await _read_answer(conn.reader, status_line, max_body)
+            try:
+                head = await conn.reader.readuntil(_END)
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial and reused:
+                    raise _Stale from exc
+                if not exc.partial:
+                    raise BadAnswer("the peer closed the connection without answering") from exc
+                raise BadAnswer("the connection closed inside the answer's head") from exc
+            except asyncio.LimitOverrunError as exc:
+                raise BadAnswer(f"the answer's head exceeds {_HEAD_LIMIT} bytes") from exc
+            answer, keep_alive = await _read_answer(conn.reader, head, max_body)
             done = True
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (OSError, ValueError) as exc:
             if reused and isinstance(exc, ConnectionResetError | BrokenPipeError):
                 raise _Stale from exc
             raise BadAnswer(f"the exchange broke: {exc!r}") from exc
+        except asyncio.IncompleteReadError as exc:
+            raise BadAnswer(f"the connection closed inside the answer: {exc!r}") from exc
         finally:
             if not done:
                 conn.close()
@@ -181,27 +189,26 @@ class HttpPool:
 
 
 async def _read_answer(
-    reader: asyncio.StreamReader, status_line: bytes, max_body: int
+    reader: asyncio.StreamReader, head: bytes, max_body: int
 ) -> tuple[HttpAnswer, bool]:
-    parts = status_line.rstrip(_CRLF).split(b" ", 2)
+    """The answer whose head (status line and headers, up to the blank line) is ``head``;
+    its body is read from ``reader``."""
+    lines = head[: -len(_END)].split(_CRLF)
+    status_line = lines[0]
+    parts = status_line.split(b" ", 2)
     if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[1].isdigit():
         raise BadAnswer(f"not an HTTP/1.1 status line: {status_line[:60]!r}")
     status = int(parts[1])
     if not 100 <= status <= 599:
         raise BadAnswer(f"status {status} is out of range")
+    if len(lines) - 1 > _MAX_HEADERS:
+        raise BadAnswer(f"more than {_MAX_HEADERS} headers")
     headers: dict[str, str] = {}
-    for _ in range(_MAX_HEADERS + 1):
-        line = await reader.readline()
-        if line in (_CRLF, b"\n"):
-            break
-        if not line.endswith(b"\n"):
-            raise BadAnswer("the connection closed inside the headers")
+    for line in lines[1:]:
         name, sep, value = line.decode("latin-1").partition(":")
         if not sep or not name or name != name.strip():
             raise BadAnswer(f"malformed header line {line[:60]!r}")
         headers[name.lower()] = value.strip()
-    else:
-        raise BadAnswer(f"more than {_MAX_HEADERS} headers")
     keep_alive = parts[0] == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
     length_text = headers.get("content-length")
     if "chunked" in headers.get("transfer-encoding", "").lower():
