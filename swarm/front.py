@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from http import HTTPStatus
 from typing import Final, cast
@@ -48,7 +49,18 @@ _CONTENT_TYPE: Final = f"{JSON_TYPE}; charset=utf-8".encode()
 # Header names after which the front leaves a request to aiohttp: each asks for something
 # the lean path does not do (chunked bodies, 100-continue, protocol switches).
 _HAND_OVER_HEADERS: Final = frozenset({"transfer-encoding", "expect", "upgrade"})
-_TOKEN: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+# The request line of a peer-to-peer POST, then at most MAX_HEADERS header lines: a token
+# name (RFC 9110 section 5.6.2), a colon, and a value of visible characters, spaces and
+# tabs (no other control character, no folded continuation line).
+_HEAD: Final = re.compile(
+    b"POST ("
+    + b"|".join(re.escape(path.encode()) for path in PEER_ROUTES)
+    + rb") HTTP/1\.1\r\n((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n){0,"
+    + str(MAX_HEADERS).encode()
+    + b"})"
+)
+# Status lines, made once: HTTPStatus(code).phrase is an enum lookup per answer.
+_STATUS_LINES: Final = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 class Front:
@@ -221,9 +233,8 @@ class FrontProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        reason = HTTPStatus(answer.status).phrase
         lines = [
-            f"HTTP/1.1 {answer.status} {reason}\r\n".encode("latin-1"),
+            _STATUS_LINES[answer.status],
             b"Content-Type: " + _CONTENT_TYPE + b"\r\n",
             b"Content-Length: %d\r\n" % len(answer.body),
         ]
@@ -286,15 +297,17 @@ def _timed_out(seconds: float) -> PeerAnswer:
 def _parse_head(head: bytes) -> tuple[str, dict[str, str], int, bool] | None:
     """(path, headers, body length, close after) of a request the front answers; None
     for any other request, which aiohttp answers instead."""
-    lines = head.decode("latin-1").split("\r\n")
-    method, _, rest = lines[0].partition(" ")
-    path, _, version = rest.partition(" ")
-    limit = PEER_ROUTES.get(path)
-    if method != "POST" or version != "HTTP/1.1" or limit is None:
-        return None
-    headers = _headers(lines[1:])
-    if headers is None:
-        return None
+    match = _HEAD.fullmatch(head + b"\r\n")
+    if match is None:
+        return None  # another method, path or version, or a malformed or folded header
+    path = match.group(1).decode("ascii")
+    lines = match.group(2).split(b"\r\n")[:-1]
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers[name.decode("ascii").lower()] = value.decode("latin-1").strip(" \t")
+    if len(headers) < len(lines) or not _HAND_OVER_HEADERS.isdisjoint(headers):
+        return None  # a repeated header, or one that asks for more than the front does
     if "host" not in headers:
         return None  # HTTP/1.1 requires it; aiohttp answers 400 without it
     length_text = headers.get("content-length", "")
@@ -302,32 +315,11 @@ def _parse_head(head: bytes) -> tuple[str, dict[str, str], int, bool] | None:
     if (
         not (length_text.isascii() and length_text.isdigit())  # absent, or not a count
         or len(length_text) > 9
-        or int(length_text) > limit  # aiohttp's route answers 413 with the limit
+        or int(length_text) > PEER_ROUTES[path]  # aiohttp's route answers 413 with the limit
         or connection not in ("", "keep-alive", "close")
     ):
         return None
     return path, headers, int(length_text), connection == "close"
-
-
-def _headers(lines: list[str]) -> dict[str, str] | None:
-    """Header lines by lower-case name; None if one is malformed, folded, repeated or
-    asks for more than the front does."""
-    if len(lines) > MAX_HEADERS:
-        return None
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        lower = name.lower()
-        if (
-            not sep
-            or not lower
-            or not all(c in _TOKEN for c in lower.encode("latin-1"))
-            or lower in headers
-            or lower in _HAND_OVER_HEADERS
-        ):
-            return None
-        headers[lower] = value.strip(" \t")
-    return headers
 
 
 __all__ = ["HEAD_LIMIT", "KEEPALIVE_S", "Front", "FrontProtocol"]

@@ -299,9 +299,27 @@ def _message_json(msg: _Signed, skip: frozenset[str] = frozenset()) -> bytes:
             ordered[name] = _b64(value)
         elif kind is int and -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
             ordered[name] = value
+        elif kind is tuple and (rows := _int_rows(value)) is not None:
+            ordered[name] = rows
         else:
             ordered[name] = _jcs_ordered(_jsonable(value), 1)
     return _utf8(_ENCODER.encode(ordered))
+
+
+def _int_rows(value: tuple[object, ...]) -> list[object] | None:
+    """A tuple of safe integers, or of tuples of them (``input_shape``, ``topk``), as
+    the lists ``_jcs_ordered`` would make of it; None for anything else."""
+    out: list[object] = []
+    for item in value:
+        if type(item) is int and -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
+            out.append(item)
+        elif type(item) is tuple and all(
+            type(x) is int and -MAX_SAFE_INT <= x <= MAX_SAFE_INT for x in item
+        ):
+            out.append(list(item))
+        else:
+            return None
+    return out
 
 
 def _jsonable(value: object) -> object:

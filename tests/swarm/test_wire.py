@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm import PROTOCOL_VERSION, config
+from swarm import PROTOCOL_VERSION, config, messages
 from swarm.errors import DecodeError, MessageTooLargeError
 from swarm.identity import Identity, verify_signature
 from swarm.wire import (
@@ -92,6 +92,49 @@ def test_canonical_json_refuses_unsafe_integers_and_lone_surrogates() -> None:
         canonical_json(2**53)
     with pytest.raises(ValueError, match="surrogate"):
         canonical_json("\ud800")
+
+
+_SIGNER = Identity.from_seed(b"\x05" * 32)
+REQUEST = build_request(
+    _SIGNER, swarm="lab", tensor=np.zeros(config.INPUT_SHAPE, np.float32), deadline_ms=9, now_ms=NOW
+)
+REPLY = build_reply(
+    _SIGNER,
+    REQUEST,
+    variant="V1",
+    model_sha256=MODEL_SHA,
+    probs=np.full(config.NUM_CLASSES, 0.1, np.float32),
+    infer_us=5,
+    now_ms=NOW,
+)
+_UNSAFE = st.one_of(st.integers(), st.booleans(), st.just(2**53), st.just(-(2**53)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topk=st.lists(st.tuples(_UNSAFE, _UNSAFE), max_size=4),
+    flat=st.lists(_UNSAFE, max_size=4),
+    signature=st.binary(max_size=64),
+)
+def test_message_json_is_the_canonical_json_of_the_payload(
+    topk: list[tuple[Any, Any]], flat: list[Any], signature: bytes
+) -> None:
+    """The messages' own encoder writes, or refuses, exactly what ``canonical_json`` of
+    the message's fields does: tuples of integers (top-k pairs, a shape) included, with
+    booleans and integers past 2**53 - 1 among them."""
+    reply = dataclasses.replace(REPLY, topk=tuple(topk), signature=signature)
+    request = dataclasses.replace(REQUEST, input_shape=tuple(flat))
+    for msg in (reply, request):
+        for skip in (frozenset(), frozenset({"signature"})):
+            try:
+                expected: bytes | type[Exception] = canonical_json(messages._payload(msg, skip))
+            except (TypeError, ValueError) as exc:
+                expected = type(exc)
+            if isinstance(expected, bytes):
+                assert messages._message_json(msg, skip) == expected
+            else:
+                with pytest.raises(expected):
+                    messages._message_json(msg, skip)
 
 
 # --- top-k ----------------------------------------------------------------------------
