@@ -210,8 +210,14 @@ def markdown(out: dict[str, Any]) -> str:
         cpu = ov[key]
         lines.append(
             f"\nCPU per call ({label}): requester {cpu['requester']} ms, "
-            f"peers {cpu['peers_total']} ms, of which their models ran {cpu['peers_models']} ms"
+            f"peers {cpu['peers_total']} ms, of which their models ran {cpu['peers_models']} ms "
+            f"({cpu['peers_models_cpu']} ms of the models' own CPU)"
         )
+    lines.append(
+        f"\nThe models' CPU per call, run as the swarm runs them, is {ov['models_cpu_vs_alone']}x "
+        f"the sum of their latencies alone (the floor's); with it the floor would be "
+        f"{ov['floor_with_swarm_models_cpu_ms']} ms."
+    )
     lines += ["", "| stage | p50 ms | share |", "|---|---|---|"]
     for stage, ms in ov["breakdown_p50_ms"].items():
         lines.append(f"| {stage} | {ms} | {ov['breakdown_share_of_p50'][stage]} |")

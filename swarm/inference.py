@@ -286,14 +286,14 @@ class Engine(AsyncResource):
         if self._executor is None:
             raise InferenceError("engine is not running")
         if self.inline(len(xs)):
-            probs, seconds = self._run(xs)
+            probs, seconds, cpu_s = self._run(xs)
         else:
             work = self._executor.submit(self._run, xs)
             self._in_thread.add(work)
             work.add_done_callback(self._in_thread.discard)
-            probs, seconds = await asyncio.wrap_future(work)
+            probs, seconds, cpu_s = await asyncio.wrap_future(work)
         if self._metrics is not None:
-            self._metrics.observe_batch(len(xs), seconds)
+            self._metrics.observe_batch(len(xs), seconds, cpu_s)
         return probs, seconds
 
     # -- in the engine's thread (or inline, see ``inline``) --
@@ -334,10 +334,14 @@ class Engine(AsyncResource):
             raise InferenceError(f"ONNX Runtime cannot load {path}: {exc}") from exc
         return session, _check_interface(session, path)
 
-    def _run(self, xs: FloatArray) -> tuple[FloatArray, float]:
+    def _run(self, xs: FloatArray) -> tuple[FloatArray, float, float]:
+        """Probabilities for ``xs``, the seconds the model took, and the CPU seconds of
+        this thread meanwhile: less than the seconds when the model waited for a core,
+        and all of its CPU with one ONNX Runtime thread (the default), which runs here."""
         session = self._session
         if session is None:
             raise InferenceError("engine is closed")
+        cpu = time.thread_time()
         start = time.perf_counter()
         try:
             outputs = session.run([self._output_name], {config.INPUT_NAME: xs})
@@ -346,13 +350,14 @@ class Engine(AsyncResource):
                 f"model {self.spec.name} failed on a batch of {len(xs)}: {exc}"
             ) from exc
         seconds = time.perf_counter() - start
+        cpu = time.thread_time() - cpu
         probs = np.asarray(outputs[0], dtype=np.float32)
         if probs.shape != (len(xs), config.NUM_CLASSES):
             raise InferenceError(
                 f"model {self.spec.name} returned shape {probs.shape}, "
                 f"expected ({len(xs)}, {config.NUM_CLASSES})"
             )
-        return probs, seconds
+        return probs, seconds, cpu
 
 
 def _check_interface(session: ort.InferenceSession, path: Path) -> str:

@@ -59,6 +59,13 @@ class Metrics:
             buckets=_INFERENCE_BUCKETS,
             registry=r,
         )
+        self.inference_cpu_seconds = Counter(
+            "inference_cpu_seconds",
+            "CPU time the local model's runs took (with one ONNX Runtime thread, all of it;"
+            " less than inference_seconds when a run waited for a core).",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "batch_size",
             "Inputs run together in one batch of the local model.",
@@ -106,10 +113,13 @@ class Metrics:
             self._request_children[(endpoint, status)] = child
         child.inc()
 
-    def observe_batch(self, size: int, seconds: float) -> None:
-        """Record one run of the local model over ``size`` inputs."""
+    def observe_batch(self, size: int, seconds: float, cpu_seconds: float | None = None) -> None:
+        """Record one run of the local model over ``size`` inputs: ``seconds`` of wall
+        clock, ``cpu_seconds`` of CPU when known."""
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)
+        if cpu_seconds is not None:
+            self.inference_cpu_seconds.inc(max(0.0, cpu_seconds))
 
     def observe_classify(self, seconds: float, rule: str) -> None:
         """Record one classify decision and the rule that took it."""

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import aiohttp
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.config import DEFAULT_TIMINGS, Timings
@@ -165,26 +166,27 @@ def cpu_seconds(peer: Peer) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def model_seconds(peers: Sequence[Peer]) -> float:
-    """Seconds the peers' models have run so far, all together: the sum of each peer's
-    ``inference_seconds`` histogram on its /metrics. With ``cpu_seconds`` it splits a
-    peer's CPU into its model and everything around it (HTTP, JSON, crypto, the loop).
-    Each run is timed by the wall clock, so on shared cores this bounds the models' CPU
-    from above."""
+async def model_seconds(peers: Sequence[Peer]) -> np.ndarray:
+    """Seconds the peers' models have run so far, all together, as [wall, cpu]: the sum
+    of each peer's ``inference_seconds`` histogram and ``inference_cpu_seconds`` counter
+    on its /metrics. With ``cpu_seconds`` they split a peer's CPU into its model and
+    everything around it (HTTP, JSON, crypto, the loop). The wall clock counts a run's
+    waits for a core too; the CPU is the model's own (one ONNX Runtime thread)."""
     timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         texts = await asyncio.gather(*(_metrics_text(session, p) for p in peers))
-    total = 0.0
+    total = np.zeros(2)
+    names = (f"{NAMESPACE}_inference_seconds_sum", f"{NAMESPACE}_inference_cpu_seconds_total")
     for peer, text in zip(peers, texts, strict=True):
-        found = [
-            sample.value
+        found = {
+            sample.name: sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == f"{NAMESPACE}_inference_seconds_sum"
-        ]
-        if len(found) != 1:
-            raise BenchError(f"{peer.name}'s /metrics has no {NAMESPACE}_inference_seconds_sum")
-        total += found[0]
+            if sample.name in names
+        }
+        if set(found) != set(names):
+            raise BenchError(f"{peer.name}'s /metrics lacks {', '.join(set(names) - set(found))}")
+        total += [found[name] for name in names]
     return total
 
 

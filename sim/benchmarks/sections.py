@@ -143,7 +143,9 @@ async def overhead(
     waved: list[float] = []
     stages: list[dict[str, float]] = []
     per_round = max(1, plan.classify_runs // plan.rounds)
-    cpu_req = cpu_peers = cpu_req_wave = cpu_peers_wave = models = models_wave = 0.0
+    cpu_req = cpu_peers = cpu_req_wave = cpu_peers_wave = 0.0
+    models = np.zeros(2)  # the peers' models: [wall clock, CPU] seconds
+    models_wave = np.zeros(2)
     wave = Policy(wave=WAVE)
     for _ in range(plan.rounds):
         req0, peers0 = time.process_time(), sum(cpu_seconds(p) for p in peers)
@@ -198,21 +200,39 @@ async def overhead(
         # CPU per call (early exit on): the floor counts the models' share of the cores,
         # and none of the HTTP, JSON and signatures of five servers and one client.
         # peers_models: of peers_total, the time their models ran (their /metrics, wall
-        # clock: at most their CPU); the rest is what serving costs around the model.
-        "cpu_ms_per_call": {
-            "requester": round(cpu_req * 1000 / len(with_exit), 4),
-            "peers_total": round(cpu_peers * 1000 / len(with_exit), 4),
-            "peers_models": round(models * 1000 / len(with_exit), 4),
-        },
-        "cpu_ms_per_call_wave": {
-            "requester": round(cpu_req_wave * 1000 / max(1, len(waved)), 4),
-            "peers_total": round(cpu_peers_wave * 1000 / max(1, len(waved)), 4),
-            "peers_models": round(models_wave * 1000 / max(1, len(waved)), 4),
-        },
+        # clock, waits for a core included); peers_models_cpu: their models' own CPU. The
+        # rest of peers_total is what serving costs around the model.
+        "cpu_ms_per_call": _cpu_per_call(cpu_req, cpu_peers, models, len(with_exit)),
+        "cpu_ms_per_call_wave": _cpu_per_call(
+            cpu_req_wave, cpu_peers_wave, models_wave, len(waved)
+        ),
+        # The floor takes each model's latency alone in one process. Run as the swarm
+        # runs them (five processes and a requester taking turns on the cores), the
+        # same models cost this much more CPU per call; and the floor with that CPU.
+        "models_cpu_vs_alone": ratio(
+            models[1] * 1000 / len(with_exit), sum(latencies[v] for v in chosen)
+        ),
+        "floor_with_swarm_models_cpu_ms": round(
+            max(*(latencies[v] for v in chosen), models[1] * 1000 / len(with_exit) / CORES)
+            + quantile(rtt, 0.5),
+            4,
+        ),
         # The requester signs once and checks every reply (by its session MAC, and the
         # signatures of dissenters); on the critical path each peer checks the request
         # (its MAC in a session) and signs its reply once more (and MACs it).
         "crypto_share": ratio(requester_crypto + peer_crypto["verify"] + peer_crypto["sign"], p50),
+    }
+
+
+def _cpu_per_call(
+    requester: float, peers: float, models: np.ndarray, calls: int
+) -> dict[str, float]:
+    calls = max(1, calls)
+    return {
+        "requester": round(requester * 1000 / calls, 4),
+        "peers_total": round(peers * 1000 / calls, 4),
+        "peers_models": round(float(models[0]) * 1000 / calls, 4),
+        "peers_models_cpu": round(float(models[1]) * 1000 / calls, 4),
     }
 
 

@@ -78,6 +78,11 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         # The peers' /metrics were read: their models ran during the calls. (Against
         # peers_total only loosely: /proc counts CPU in 10 ms ticks, a few calls here.)
         assert _finite(ov[key]["peers_models"]) and ov[key]["peers_models"] > 0, ov[key]
+        # The models' own CPU: at most the wall clock their runs took.
+        cpu = ov[key]["peers_models_cpu"]
+        assert _finite(cpu) and 0 < cpu <= ov[key]["peers_models"] * 1.01, ov[key]
+    assert _finite(ov["models_cpu_vs_alone"]) and ov["models_cpu_vs_alone"] > 0
+    assert ov["floor_with_swarm_models_cpu_ms"] >= ov["rtt_ms"]["p50"]
     stages = {"encode", "sign", "send", "infer", "verify", "check", "vote"}
     assert set(ov["breakdown_p50_ms"]) == stages
     assert ov["peer_crypto_ms"]["sessions"] is True

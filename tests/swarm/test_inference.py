@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -180,6 +181,34 @@ async def test_concurrent_calls_run_as_one_batch(tiny_manifest: Manifest) -> Non
     assert len({id(r.probs) for r in results}) == 8
     assert metrics.registry.get_sample_value("vswarm_batch_size_count") == 1
     assert metrics.registry.get_sample_value("vswarm_batch_size_sum") == 8
+
+
+@pytest.mark.parametrize("inline_max_s", [1.0, 0.0])
+async def test_model_cpu_is_counted_inline_and_in_the_thread(
+    tiny_manifest: Manifest, monkeypatch: pytest.MonkeyPatch, inline_max_s: float
+) -> None:
+    """The CPU a model's runs take is counted, on the loop and in the engine's thread: it
+    is the CPU of the thread that ran them, at most their wall-clock time."""
+    real_run = ort.InferenceSession.run
+
+    def busy_run(self: ort.InferenceSession, *args: Any, **kwargs: Any) -> Any:
+        end = time.thread_time() + 0.005  # 5 ms of this thread's CPU per run
+        while time.thread_time() < end:
+            pass
+        return real_run(self, *args, **kwargs)
+
+    metrics = Metrics()
+    async with Engine(
+        tiny_manifest.get("T1"), timings=Timings(inline_max_s=inline_max_s), metrics=metrics
+    ) as eng:
+        monkeypatch.setattr(ort.InferenceSession, "run", busy_run)
+        assert eng.inline(1) == (inline_max_s > 0)
+        for i in range(3):
+            await eng.infer(sample(i))
+    get = metrics.registry.get_sample_value
+    cpu, wall = get("vswarm_inference_cpu_seconds_total"), get("vswarm_inference_seconds_sum")
+    assert cpu is not None and wall is not None
+    assert 3 * 0.005 <= cpu <= wall + 1e-4
 
 
 async def test_batches_are_bounded_by_max_batch(tiny_manifest: Manifest) -> None:

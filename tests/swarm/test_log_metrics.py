@@ -145,13 +145,15 @@ def test_metrics_registries_are_independent() -> None:
 def test_metrics_record_every_series() -> None:
     """Each observe_* call lands in its series with its labels."""
     m = Metrics()
-    m.observe_batch(4, 0.002)
+    m.observe_batch(4, 0.002, 0.0015)
+    m.observe_batch(1, 0.001)  # CPU unknown: the wall clock alone
     m.observe_classify(0.05, rule="trimmed_mean")
     m.observe_rejection("bad_signature")
     m.set_peer_counts(usable=3, suspected=1, total=5)
     get = m.registry.get_sample_value
-    assert get("vswarm_batch_size_sum") == 4
-    assert get("vswarm_inference_seconds_count") == 1
+    assert get("vswarm_batch_size_sum") == 5
+    assert get("vswarm_inference_seconds_count") == 2
+    assert get("vswarm_inference_cpu_seconds_total") == 0.0015
     assert get("vswarm_classify_seconds_count") == 1
     assert get("vswarm_votes_total", {"rule": "trimmed_mean"}) == 1
     assert get("vswarm_rejections_total", {"reason": "bad_signature"}) == 1
