@@ -258,10 +258,11 @@ class PeerCalls:
     ) -> bytes:
         session = self._authenticate(path, headers, body, seal)
         req = self._decode(body, wire.decode_request)
-        with bound(request_id=req.request_id, requester=req.requester_id):
-            if session is not None and req.requester_key != session.requester_key:
-                self._refuse(_NOT_SESSION_OWNER)
-            reply = await self._answer(req, authenticated=session is not None)
+        # The request's ids go into the few events logged here by name, rather than being
+        # bound to the context of every request (which costs more than a log line).
+        if session is not None and req.requester_key != session.requester_key:
+            self._refuse(_NOT_SESSION_OWNER, **_ids(req))
+        reply = await self._answer(req, authenticated=session is not None)
         return wire.encode_reply(reply)
 
     async def _infer_batch(
@@ -311,7 +312,7 @@ class PeerCalls:
                 signature_verified=batched or authenticated,
             )
         except VerificationError as exc:
-            self._refuse(exc)
+            self._refuse(exc, **_ids(req))
         # The requester's budget counts from receipt: clocks of two devices may differ
         # by up to the freshness window, so issued_at_ms cannot anchor it.
         try:
@@ -322,7 +323,7 @@ class PeerCalls:
                 504, "deadline_exceeded", f"the model did not answer within {req.deadline_ms} ms"
             ) from None
         except InferenceError as exc:
-            log.warning("infer_failed", error=str(exc))
+            log.warning("infer_failed", error=str(exc), **_ids(req))
             raise _HttpFailure(503, "inference_failed", str(exc)) from None
         spec = ctx.model.spec
         return wire.build_reply(
@@ -375,10 +376,11 @@ class PeerCalls:
         seal.append((session.keys, mac))
         return session
 
-    def _refuse(self, exc: VerificationError) -> NoReturn:
-        """Count and log a failed check, and answer it with its status."""
+    def _refuse(self, exc: VerificationError, **context: str) -> NoReturn:
+        """Count and log a failed check (with ``context``, e.g. the request's ids), and
+        answer it with its status."""
         self.ctx.metrics.observe_rejection(exc.reason)
-        log.info("infer_rejected", reason=exc.reason, detail=exc.detail)
+        log.info("infer_rejected", reason=exc.reason, detail=exc.detail, **context)
         raise _HttpFailure(VERIFY_STATUS.get(exc.reason, 400), exc.reason, str(exc)) from None
 
 
@@ -558,6 +560,10 @@ class _Routes:
                 400, "incomplete_body", f"the body could not be read: {exc}"
             ) from None
         return b"".join(chunks)
+
+
+def _ids(req: wire.InferRequest) -> dict[str, str]:
+    return {"request_id": req.request_id, "requester": req.requester_id}
 
 
 def _bad_param(message: str) -> NoReturn:

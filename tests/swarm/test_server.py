@@ -441,10 +441,16 @@ async def test_infer_trusted_key_passes_allow_list(make_app: Factory) -> None:
 
 
 async def test_infer_replay_is_409(harness: Harness) -> None:
-    """The same signed request sent twice is served once, then refused with 409."""
+    """The same signed request sent twice is served once, then refused with 409; the
+    refusal is logged with the request's ids."""
     body = harness.request_body()
     assert (await harness.client.post("/v1/infer", data=body)).status == 200
-    await assert_error(await harness.client.post("/v1/infer", data=body), 409, "replayed")
+    with capture_logs() as logs:
+        await assert_error(await harness.client.post("/v1/infer", data=body), 409, "replayed")
+    [event] = [e for e in logs if e["event"] == "infer_rejected"]
+    assert event["reason"] == "replayed"
+    assert event["request_id"] == json.loads(body)["request_id"]
+    assert event["requester"] == harness.requester.peer_id
 
 
 # --- sessions ----------------------------------------------------------------------------
