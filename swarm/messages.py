@@ -447,11 +447,21 @@ def build_batch(
 
 def sign_replies(identity: Identity, items: Sequence[InferReply | ItemError]) -> ReplyBatch:
     """One signature of ``identity`` over the replies among ``items`` (theirs stripped)."""
+    return signed_reply_batch(identity, items)[0]
+
+
+def signed_reply_batch(
+    identity: Identity, items: Sequence[InferReply | ItemError]
+) -> tuple[ReplyBatch, list[bytes]]:
+    """``sign_replies``, and each reply's canonical JSON without its signature: what the
+    batch's signature covers (by digest) and what its body holds, made once for both."""
     bare = tuple(
-        dataclasses.replace(i, signature=b"") if isinstance(i, InferReply) else i for i in items
+        dataclasses.replace(i, signature=b"") if isinstance(i, InferReply) and i.signature else i
+        for i in items
     )
-    unsigned = ReplyBatch(identity.peer_id, bare, b"")
-    return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
+    texts = [_message_json(i, _REPLY_UNSIGNED) for i in bare if isinstance(i, InferReply)]
+    signed = BATCH_REPLY_TAG + b"".join(hashlib.sha256(REPLY_TAG + t).digest() for t in texts)
+    return ReplyBatch(identity.peer_id, bare, identity.sign(signed)), texts
 
 
 def build_reply(

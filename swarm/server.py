@@ -285,7 +285,8 @@ class PeerCalls:
         with bound(requester=batch.items[0].requester_id, batch=len(batch.items)):
             # Items are checked as covered by the batch's signature or session MAC.
             items = await asyncio.gather(*(self._answer_item(r) for r in batch.items))
-        return wire.encode_reply_batch(wire.sign_replies(ctx.identity, items))
+        replies, texts = wire.signed_reply_batch(ctx.identity, items)
+        return wire.encode_reply_batch(replies, texts=texts)
 
     async def _answer_item(self, req: wire.InferRequest) -> wire.InferReply | wire.ItemError:
         try:

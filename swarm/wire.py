@@ -56,6 +56,7 @@ from swarm.messages import (
     input_sha256,
     is_valid_name,
     sign_replies,
+    signed_reply_batch,
     tensor_bytes,
     topk_from_probs,
     unix_ms,
@@ -137,6 +138,7 @@ __all__ = [
     "input_sha256",
     "is_valid_name",
     "sign_replies",
+    "signed_reply_batch",
     "tensor_bytes",
     "topk_from_probs",
     "unix_ms",
@@ -247,9 +249,20 @@ def encode_batch(batch: InferBatch, *, bodies: Sequence[bytes] | None = None) ->
     return _batch_json(head, batch.items, batch.signature, bodies)
 
 
-def encode_reply_batch(batch: ReplyBatch) -> bytes:
-    """The HTTP body of ``batch``."""
-    return _batch_json({"responder_id": batch.responder_id}, batch.items, batch.signature)
+def encode_reply_batch(batch: ReplyBatch, *, texts: Sequence[bytes] | None = None) -> bytes:
+    """The HTTP body of ``batch``. ``texts``: its replies' canonical JSON as
+    ``signed_reply_batch`` made it for the signature, spliced in instead of encoding each
+    reply again."""
+    bodies = None
+    if texts is not None:
+        replies = iter(texts)
+        bodies = [
+            next(replies) if isinstance(i, InferReply) else canonical_json(dataclasses.asdict(i))
+            for i in batch.items
+        ]
+        if next(replies, None) is not None:
+            raise ValueError("more texts than replies in the batch")
+    return _batch_json({"responder_id": batch.responder_id}, batch.items, batch.signature, bodies)
 
 
 def _batch_json(
@@ -283,7 +296,7 @@ def decode_batch(body: bytes) -> InferBatch:
         signature = _get_b64(obj, "signature", SIGNATURE_LEN)
         # An item's own signature, if it has one, is ignored: the batch's covers it.
         items = tuple(
-            dataclasses.replace(_values(item, InferRequest, f"batch item {i}"), signature=b"")
+            _values(item, InferRequest, f"batch item {i}", ignore=_UNSIGNED)
             if type(item) is dict and "signature" in item
             else _values(item, InferRequest, f"batch item {i}", _UNSIGNED)
             for i, item in enumerate(_get_items(obj))
@@ -340,9 +353,17 @@ def _decode(body: bytes, cls: type[_Msg], limit: int, what: str) -> _Msg:
     return _values(obj, cls, what)
 
 
-def _values(obj: object, cls: type[_Msg], what: str, skip: frozenset[str] = frozenset()) -> _Msg:
+def _values(
+    obj: object,
+    cls: type[_Msg],
+    what: str,
+    skip: frozenset[str] = frozenset(),
+    *,
+    ignore: frozenset[str] = frozenset(),
+) -> _Msg:
     """The message ``cls`` from a parsed JSON object; fields in ``skip`` are absent and
-    left empty (a batch item's signature)."""
+    left empty (a batch item's signature); fields in ``ignore`` are checked, then left
+    empty too (a batch item's own signature, which the batch's replaces)."""
     if type(obj) is not dict:
         raise DecodeError(f"{what} must be a JSON object, got {type(obj).__name__}")
     names = [n for n in _FIELD_NAMES[cls] if n not in skip]
@@ -372,6 +393,8 @@ def _values(obj: object, cls: type[_Msg], what: str, skip: frozenset[str] = froz
                 if not bool(np.all(np.isfinite(pixels))):
                     _bad("input", "finite float32 values", "NaN or infinity")
                 _bad("input", "values in [0, 1] (pixel / 255)", "values outside it")
+        for name in ignore:
+            values[name] = b""
         return cls(**values)
     except _DECODE_ERRORS as exc:
         raise DecodeError(f"malformed {what}: {exc}") from exc

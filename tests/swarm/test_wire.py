@@ -36,6 +36,7 @@ from swarm.wire import (
     encode_reply_batch,
     encode_request,
     sign_replies,
+    signed_reply_batch,
     tensor_bytes,
     topk_from_probs,
 )
@@ -476,11 +477,16 @@ def test_batches_roundtrip_under_one_signature_each_way() -> None:
         )
         for r in reqs[:2]
     ]
-    signed = sign_replies(
-        responder, [replies[0], ItemError(reqs[1].request_id, "stale", "old"), replies[1]]
-    )
+    items = [replies[0], ItemError(reqs[1].request_id, "stale", "old"), replies[1]]
+    signed = sign_replies(responder, items)
     out = decode_reply_batch(encode_reply_batch(signed))
     assert out == signed
+    # The server's path: the replies encoded once, for the signature and the body alike.
+    once, texts = signed_reply_batch(responder, items)
+    assert once == signed
+    assert encode_reply_batch(once, texts=texts) == encode_reply_batch(signed)
+    with pytest.raises(ValueError, match="more texts"):
+        encode_reply_batch(once, texts=[*texts, texts[0]])
     assert isinstance(out.items[1], ItemError)
     assert verify_signature(responder.public_key, out.signature, out.signed_bytes())
     # An error entry is not evidence and is not signed; a reply changed is caught.
