@@ -247,19 +247,20 @@ def markdown(out: dict[str, Any]) -> str:
                 f"| {mode} | {level} | {row['per_s']} | {row['vs_floor']} | {lat['p50']} "
                 f"| {lat['p99']} | {row['mean_batch']} |"
             )
-    lines += ["", "## Scaling", "", "| peers | all see all s | join s | p50 ms | p99 ms | cpu ms |"]
-    lines += ["|---|---|---|---|---|---|"]
+    lines += ["", "## Scaling", ""]
+    lines += ["| peers | all see all s | join s | p50 ms | p99 ms | cpu ms | failed |"]
+    lines += ["|---|---|---|---|---|---|---|"]
     for lv in out["scaling"]["levels"]:
         s = lv["classify_ms"]
         lines.append(
             f"| {lv['peers']} | {lv['all_see_all_s']} | {lv['join_seen_by_all_s']} | {s['p50']} "
-            f"| {s['p99']} | {lv['requester_cpu_ms_per_call']} |"
+            f"| {s['p99']} | {lv['requester_cpu_ms_per_call']} | {lv['failures']} |"
         )
     tl = out["tails"]
     lines += ["", f"## Tails (hedge after {tl['hedge_after_ms']} ms)", ""]
-    lines += ["| config | p50 ms | p99 ms |", "|---|---|---|"]
+    lines += ["| config | p50 ms | p99 ms | failed |", "|---|---|---|---|"]
     for name in ("no_straggler_ms", "plain", "hedging", "early_exit", "hedging_and_early_exit"):
-        lines.append(f"| {name} | {tl[name]['p50']} | {tl[name]['p99']} |")
+        lines.append(f"| {name} | {tl[name]['p50']} | {tl[name]['p99']} | {tl['failures'][name]} |")
     lines += ["", "## Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
     for name, t in out["targets"].items():
         lines.append(f"| {name} | {t['value']} | {t['limit']} | {t['met']} |")

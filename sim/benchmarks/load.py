@@ -149,6 +149,7 @@ async def scaling_level(
         "classify_ms": summary(loop.latencies_ms),
         "requester_cpu_ms_per_call": round(loop.cpu_s * 1000 / max(1, plan.scale_runs), 4),
         "join_seen_by_all_s": round(join_s, 3),
+        "failures": loop.failures,  # calls that ended without a decision
     }
 
 
@@ -208,10 +209,13 @@ async def tails(
         "hedging_and_early_exit": (hedge, True),
     }
     samples: dict[str, list[float]] = {name: [] for name in configs}
+    failures = dict.fromkeys(["no_straggler_ms", *configs], 0)  # calls without a decision
     baseline: list[float] = []
     for _ in range(plan.rounds):
         with patched(req, "timings", hedge):
-            baseline += (await classify_loop(req, tensors, count=plan.tail_runs)).latencies_ms
+            loop = await classify_loop(req, tensors, count=plan.tail_runs)
+        baseline += loop.latencies_ms
+        failures["no_straggler_ms"] += loop.failures
         async with straggling(stragglers):
             for name, (timings, early) in configs.items():
                 with patched(req, "timings", timings), contextlib.ExitStack() as stack:
@@ -219,6 +223,7 @@ async def tails(
                         stack.enter_context(patched(voting, "can_change", _no_early_exit))
                     loop = await classify_loop(req, tensors, count=plan.tail_runs)
                 samples[name] += loop.latencies_ms
+                failures[name] += loop.failures
     return {
         "straggler": {
             "replicas": [p.ready["variant"] for p in stragglers],
@@ -228,4 +233,5 @@ async def tails(
         "hedge_after_ms": round(hedge_after_s * 1000, 3),
         "no_straggler_ms": summary(baseline),
         **{name: summary(values) for name, values in samples.items()},
+        "failures": failures,
     }

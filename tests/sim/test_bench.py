@@ -111,8 +111,10 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     level = out["scaling"]["levels"][0]
     assert level["peers"] == 5
     assert _finite(level["join_seen_by_all_s"])
+    assert level["failures"] == 0  # five live peers on loopback decide every call
     for name in ("no_straggler_ms", "plain", "hedging", "early_exit", "hedging_and_early_exit"):
         assert _finite(out["tails"][name]["p99"]), name
+        assert type(out["tails"]["failures"][name]) is int, name
     assert set(out["targets"]) == {
         "overhead_ratio_p50",
         "overhead_ratio_p50_no_early_exit",
