@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import time
 from http import HTTPStatus
@@ -36,8 +35,7 @@ from aiohttp import web
 
 from swarm import config
 from swarm.log import get_logger
-from swarm.metrics import Metrics
-from swarm.server import JSON_TYPE, PEER_ROUTES, PeerAnswer, PeerCalls
+from swarm.server import JSON_TYPE, PEER_ROUTES, PeerAnswer, PeerCalls, error_json
 
 log = get_logger(__name__)
 
@@ -70,18 +68,17 @@ class Front:
         self,
         calls: PeerCalls,
         aiohttp_server: web.Server,
-        metrics: Metrics,
         *,
         body_timeout_s: float = config.DEFAULT_TIMINGS.body_read_timeout_s,
         keepalive_s: float = KEEPALIVE_S,
     ) -> None:
         self.calls = calls
         self.aiohttp_server = aiohttp_server
-        self.metrics = metrics
+        self.metrics = calls.ctx.metrics
         self.body_timeout_s = body_timeout_s
         self.keepalive_s = keepalive_s
         self.connections: set[FrontProtocol] = set()
-        self.handed_over = 0  # connections given to aiohttp, for the tests and /metrics
+        self.handed_over = 0  # connections given to aiohttp (the tests read it)
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
@@ -180,8 +177,8 @@ class FrontProtocol(asyncio.Protocol):
             if end < 0:
                 if len(self.buffer) > HEAD_LIMIT:
                     self._hand_over()  # aiohttp answers a head too long as it does
-                elif self._timer is None or self._timer_kind != "request":
-                    self._arm(self.front.body_timeout_s, kind="request")
+                else:
+                    self._arm_request()
                 return
             head = _parse_head(bytes(self.buffer[:end]))
             if head is None:
@@ -191,8 +188,7 @@ class FrontProtocol(asyncio.Protocol):
             self._head = head
         path, headers, length, close = self._head
         if len(self.buffer) < length:
-            if self._timer is None or self._timer_kind != "request":
-                self._arm(self.front.body_timeout_s, kind="request")
+            self._arm_request()
             return
         body = bytes(self.buffer[:length])
         del self.buffer[:length]
@@ -270,6 +266,11 @@ class FrontProtocol(asyncio.Protocol):
         self._timer_kind = kind
         self._timer = asyncio.get_running_loop().call_later(seconds, self._expired)
 
+    def _arm_request(self) -> None:
+        # Once, at a request's first byte: its head and body must all arrive in time.
+        if self._timer is None or self._timer_kind != "request":
+            self._arm(self.front.body_timeout_s, kind="request")
+
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -291,7 +292,7 @@ class FrontProtocol(asyncio.Protocol):
 
 def _timed_out(seconds: float) -> PeerAnswer:
     message = f"the request body did not arrive within {seconds:g} s"
-    return PeerAnswer(408, json.dumps({"error": "body_timeout", "message": message}).encode(), {})
+    return PeerAnswer(408, error_json("body_timeout", message), {})
 
 
 def _parse_head(head: bytes) -> tuple[str, dict[str, str], int, bool] | None:

@@ -93,7 +93,6 @@ class HttpServer(AsyncResource):
             self.front = Front(
                 self._app[PEER_CALLS],
                 self._runner.server,
-                self._app[PEER_CALLS].ctx.metrics,
                 body_timeout_s=self._timings.body_read_timeout_s,
             )
         try:

@@ -213,8 +213,8 @@ class ReplyBatch:
 
     def signed_bytes(self) -> bytes:
         """The exact bytes the responder's batch signature covers: its replies, in order."""
-        return BATCH_REPLY_TAG + b"".join(
-            _digest(item) for item in self.items if isinstance(item, InferReply)
+        return _reply_batch_bytes(
+            [_message_json(i, _REPLY_UNSIGNED) for i in self.items if isinstance(i, InferReply)]
         )
 
 
@@ -460,8 +460,13 @@ def signed_reply_batch(
         for i in items
     )
     texts = [_message_json(i, _REPLY_UNSIGNED) for i in bare if isinstance(i, InferReply)]
-    signed = BATCH_REPLY_TAG + b"".join(hashlib.sha256(REPLY_TAG + t).digest() for t in texts)
-    return ReplyBatch(identity.peer_id, bare, identity.sign(signed)), texts
+    return ReplyBatch(identity.peer_id, bare, identity.sign(_reply_batch_bytes(texts))), texts
+
+
+def _reply_batch_bytes(texts: Sequence[bytes]) -> bytes:
+    # A reply batch's signed bytes from its replies' canonical JSON (without signatures):
+    # the digest of each as a single reply would be signed (REPLY_TAG + its JSON), in order.
+    return BATCH_REPLY_TAG + b"".join(hashlib.sha256(REPLY_TAG + t).digest() for t in texts)
 
 
 def build_reply(

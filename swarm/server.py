@@ -140,7 +140,8 @@ class _HttpFailure(Exception):
         self.headers = dict(headers or {})
 
 
-def _error_json(code: str, message: str) -> bytes:
+def error_json(code: str, message: str) -> bytes:
+    """The JSON error body every failing route answers with, as bytes."""
     return json.dumps({"error": code, "message": message}).encode()
 
 
@@ -232,11 +233,11 @@ class PeerCalls:
                 out: bytes = await self._routes[path](path, headers, body, seal)
             status = 200
         except _HttpFailure as exc:
-            status, out, extra = exc.status, _error_json(exc.code, exc.message), exc.headers
+            status, out, extra = exc.status, error_json(exc.code, exc.message), exc.headers
         except Exception:
             log.exception("http_handler_crashed", endpoint=path)
             status = 500
-            out = _error_json("internal_error", "an unexpected error occurred; it was logged")
+            out = error_json("internal_error", "an unexpected error occurred; it was logged")
         if seal:  # authenticated by a session: its answer, whatever it is, carries a MAC
             keys, request_mac = seal[0]
             mac = keys.reply_mac(request_mac, status, out)

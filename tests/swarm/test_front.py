@@ -82,7 +82,11 @@ class Peer:
 
 @contextlib.asynccontextmanager
 async def serve(
-    tiny_manifest: Manifest, model: Any, timings: Timings = config.DEFAULT_TIMINGS
+    tiny_manifest: Manifest,
+    model: Any,
+    timings: Timings = config.DEFAULT_TIMINGS,
+    *,
+    lean: bool = True,
 ) -> AsyncIterator[Peer]:
     metrics = Metrics()
     ctx = ServerContext(
@@ -95,7 +99,8 @@ async def serve(
         metrics=metrics,
         timings=timings,
     )
-    async with HttpServer(create_app(ctx), hosts=["127.0.0.1"], port=0, timings=timings) as http:
+    app = create_app(ctx)
+    async with HttpServer(app, hosts=["127.0.0.1"], port=0, timings=timings, lean=lean) as http:
         yield Peer(http, metrics)
 
 
@@ -306,16 +311,8 @@ async def test_shutdown_lets_the_request_in_flight_finish(tiny_manifest: Manifes
 
 async def test_aiohttp_only_server_has_no_front(tiny_manifest: Manifest, engine: Engine) -> None:
     """``lean=False`` serves every request by aiohttp (what ``--http aiohttp`` does)."""
-    ctx = ServerContext(
-        identity=Identity.generate(),
-        swarm=SWARM,
-        trust=TrustStore.open(),
-        model=engine,
-        manifest=tiny_manifest,
-        table=PeerTable(SWARM),
-        metrics=Metrics(),
-    )
-    async with HttpServer(create_app(ctx), hosts=["127.0.0.1"], port=0, lean=False) as http:
+    async with serve(tiny_manifest, engine, lean=False) as peer:
+        http = peer.server
         assert http.front is None
         reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
