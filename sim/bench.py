@@ -232,7 +232,10 @@ def markdown(out: dict[str, Any]) -> str:
             s = row["classify_ms"]
             lines.append(f"| {name} | {s['p50']} | {s['p99']} | {row['p50_vs_current']} |")
     vc = out["fast_path"]["vote_cost_ms"]
-    lines.append(f"\nvoting per call: old {vc['old_p50']} ms, new {vc['new_p50']} ms")
+    lines.append(
+        f"\nvoting per call ({vc['calls']} calls' replies): numpy {vc['old_p50']} ms, "
+        f"class by class {vc['class_by_class_p50']} ms, now {vc['new_p50']} ms"
+    )
     tp = out["throughput"]
     lines += ["", f"## Throughput (floor {tp['floor']['per_s']}/s)", ""]
     lines += ["| batching | concurrency | /s | / floor | p50 ms | p99 ms | batch |"]

@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from swarm import verify, voting, wire
 from swarm.errors import SwarmError
+from swarm.fanout import ReplyInfo
 from swarm.identity import Identity, verify_signature
 from swarm.inference import ModelSpec
 from swarm.requester import DEFAULT_POLICY, Policy, Requester
@@ -125,6 +126,8 @@ class Loop:
     cpu_s: float  # this process's CPU time: the requester's
     early: int  # calls that skipped a peer (early exit or a hedge)
     failures: int
+    # Each decided call's counted replies, in the order they arrived: real ballots.
+    replies: list[tuple[ReplyInfo, ...]] = dataclasses.field(default_factory=list)
 
 
 async def classify_loop(
@@ -138,6 +141,7 @@ async def classify_loop(
 ) -> Loop:
     """``count`` classify calls, ``concurrency`` at a time; latencies of those decided."""
     latencies: list[float] = []
+    replies: list[tuple[ReplyInfo, ...]] = []
     early = failures = 0
     next_index = 0
 
@@ -155,13 +159,15 @@ async def classify_loop(
                 failures += 1
                 continue
             latencies.append((time.perf_counter() - start) * 1000)
+            replies.append(result.replies)
             early += bool(result.skipped)
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for _ in range(concurrency):
             group.create_task(worker())
-    return Loop(latencies, time.perf_counter() - wall0, time.process_time() - cpu0, early, failures)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return Loop(latencies, wall, cpu, early, failures, replies)
 
 
 # --- summaries ------------------------------------------------------------------------

@@ -353,6 +353,88 @@ def test_permuting_ballots_does_not_change_the_decision(
     assert second.scores == pytest.approx(first.scores)
 
 
+@st.composite
+def _contested_ballots(draw: st.DrawFn, *, num_classes: int) -> list[Ballot]:
+    """3 to 7 ballots, each naming two classes with any probabilities and weights: many
+    contenders per class, the case the ceiling shortcut must not get wrong."""
+    out = []
+    for i in range(draw(st.integers(3, 7))):
+        first, second = draw(
+            st.lists(st.integers(0, num_classes - 1), min_size=2, max_size=2, unique=True)
+        )
+        p = draw(st.floats(0.0, 1.0))
+        q = draw(st.floats(0.0, 1.0 - p))
+        out.append(Ballot(f"p{i}", "v", ((first, p), (second, q)), draw(st.floats(0.05, 1.0))))
+    return out
+
+
+@PROPERTY
+@given(
+    data=st.data(),
+    num_classes=st.integers(3, 4),
+    rule=st.sampled_from([r for r in RULES if r != "vote"]),
+    replaced=st.integers(0, 3),
+    added=st.integers(0, 3),
+    added_weight=st.sampled_from([0.3, 1.0, 1.7]),
+    contested=st.booleans(),
+)
+def test_ceiling_shortcut_answers_as_the_check_class_by_class(
+    data: st.DataObject,
+    num_classes: int,
+    rule: str,
+    replaced: int,
+    added: int,
+    added_weight: float,
+    contested: bool,
+) -> None:
+    """Bounding every contender at once by the ballot-wise ceiling of their columns never
+    changes whether the label holds: the certificate and early exit rest on it."""
+    strategy = _contested_ballots if contested else ballots_strategy
+    ballots = data.draw(strategy(num_classes=num_classes))
+    tally = voting._tally(ballots, num_classes)
+    if not tally.used:
+        return
+    label = voting._winner(voting._scores(tally, rule, None))
+    replaced = min(replaced, len(tally.used))
+    kwargs: dict[str, Any] = {"replaced": replaced, "added": added, "added_weight": added_weight}
+    fast = voting._holds(tally, rule, None, label, **kwargs)
+    assert fast == voting._holds(tally, rule, None, label, **kwargs, shortcut=False)
+
+
+def test_ceiling_shortcut_spares_the_contenders_on_a_clear_lead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Five confident ballots for class 3: one replaced cannot overturn them, and that is
+    known from the label's bound and the ceiling alone, no contender bounded on its own."""
+    ballots = [
+        b("a", (3, 0.91), (5, 0.05)),
+        b("b", (3, 0.85), (2, 0.10)),
+        b("c", (3, 0.97), (5, 0.02)),
+        b("d", (3, 0.60), (7, 0.30)),
+        b("e", (3, 0.99), (1, 0.01)),
+    ]
+    tally = voting._tally(ballots, 10)
+    bounded: list[int] = []
+    get = voting._Shifts.get
+
+    def counting(self: voting._Shifts, c: int) -> tuple[bytes, list[float], list[float]]:
+        bounded.append(c)
+        return get(self, c)
+
+    monkeypatch.setattr(voting._Shifts, "get", counting)
+    assert voting._holds(tally, "robust", None, 3, replaced=1)
+    assert bounded == [3]
+    bounded.clear()
+    assert voting._holds(tally, "robust", None, 3, replaced=1, shortcut=False)
+    assert sorted(bounded) == list(range(10))
+    bounded.clear()
+    # Three of five replaced do overturn them: the runner-up (class 7, then 5) is
+    # bounded first and the check stops there.
+    assert not voting._holds(tally, "robust", None, 3, replaced=3)
+    assert bounded[:2] == [3, 7]
+    assert len(bounded) == 2
+
+
 # --- early exit -----------------------------------------------------------------------
 
 
