@@ -226,7 +226,11 @@ def top_class(topk: Sequence[tuple[int, float]]) -> int:
     an empty top-k."""
     if not topk:
         return -1
-    return int(min(topk, key=lambda entry: (-entry[1], entry[0]))[0])
+    best, high = topk[0]
+    for cls, prob in topk:  # a plain loop: a key function costs more than k comparisons
+        if prob > high or (prob == high and cls < best):
+            best, high = cls, prob
+    return int(best)
 
 
 def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
@@ -274,12 +278,15 @@ def _tally(ballots: Sequence[Ballot], num_classes: int) -> _Tally:
     return _Tally(columns, keys, weights, top1, tuple(sorted(named)), tuple(used), tuple(excluded))
 
 
+_INTEGERS: Final = (int, np.integer)
+
+
 def _check_topk(ballot: Ballot, num_classes: int) -> None:
     classes: set[object] = set()
     for cls, prob in ballot.topk:
         if (
             cls in classes
-            or not isinstance(cls, int | np.integer)
+            or (type(cls) is not int and not isinstance(cls, _INTEGERS))
             or not 0 <= cls < num_classes
             or not 0.0 <= prob <= 1.0
         ):

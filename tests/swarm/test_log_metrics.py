@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from swarm.errors import ConfigError
 from swarm.log import (
@@ -70,6 +71,30 @@ async def test_context_is_bound_per_task(stream: io.StringIO) -> None:
     log.info("outside")
     got = {(line["event"], line.get("request_id"), line["peer_id"]) for line in lines(stream)}
     assert got == {("handled", "a", "me"), ("handled", "b", "me"), ("outside", None, "me")}
+
+
+def test_module_loggers_follow_every_reconfiguration(stream: io.StringIO) -> None:
+    """A module logger keeps the logger it assembled only until the next configuration:
+    a new level, format or stream applies to it at once, and capture_logs sees it."""
+    configure_logging("json", level="warning", stream=stream)
+    log.info("hidden")
+    log.warning("first")
+    configure_logging("json", level="info", stream=stream)
+    log.info("second")
+    assert [line["event"] for line in lines(stream)] == ["first", "second"]
+    with capture_logs() as captured:
+        log.info("captured", n=1)
+    assert captured == [{"event": "captured", "n": 1, "log_level": "info"}]
+    log.info("third")
+    other = io.StringIO()
+    configure_logging("console", stream=other)
+    log.info("fourth")
+    assert [line["event"] for line in lines(stream)] == ["first", "second", "third"]
+    assert "fourth" in other.getvalue()
+    reset_logging()
+    with capture_logs() as captured:
+        log.debug("after_reset")
+    assert [entry["event"] for entry in captured] == ["after_reset"]
 
 
 def test_bound_restores_previous_context(stream: io.StringIO) -> None:
