@@ -422,10 +422,10 @@ def build_request(
         k=k,
         issued_at_ms=unix_ms() if now_ms is None else now_ms,
         deadline_ms=deadline_ms,
-        signature=b"",
+        signature=b"" if sign else bytes(SIGNATURE_LEN),
     )
     if not sign:
-        return dataclasses.replace(unsigned, signature=bytes(SIGNATURE_LEN))
+        return unsigned
     return dataclasses.replace(unsigned, signature=identity.sign(unsigned.signed_bytes()))
 
 
