@@ -48,9 +48,12 @@ worse: moving the top mass down gives the lowest possible distribution of w's va
 every threshold. Taking different ballots per class only makes the bound more
 conservative. ``certified_f`` is the largest r for which the lower bound of w beats the
 upper bound of every c (respecting the tie rule, with a float margin); it is sound, never
-overstated, and often tight. ``vote`` uses counts: r ballots take r votes from w and give
-them to c. ``can_change`` applies the same bounds to ``missing`` ballots still to come,
-for every number of them that may arrive, at the largest weight they may carry.
+overstated, and often tight. The contenders are first bounded all at once, by the column
+of each ballot's largest value for any of them: a score is monotone in its column, so if
+w clearly beats that bound it beats each contender, and only otherwise is each bounded on
+its own (the same answer either way). ``vote`` uses counts: r ballots take r votes from w
+and give them to c. ``can_change`` applies the same bounds to ``missing`` ballots still to
+come, for every number of them that may arrive, at the largest weight they may carry.
 """
 
 from __future__ import annotations
