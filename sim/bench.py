@@ -91,11 +91,10 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         old_peers = dict(zip([*OLD_PEERS, "old_all"], side, strict=False))
         out["fast_path"] = await sections.fast_path(req, tensors, plan, old_peers=old_peers)
         chosen = out["overhead"]["variants"]
-        floor = load.batched_floor(manifest, chosen, plan.batch_runs)
         out["throughput"] = await load.throughput(
             tensors,
             plan,
-            floor,
+            lambda: load.batched_floor(manifest, chosen, plan.batch_runs),
             (req, main.peers),
             (side[-1], others[-1].peers) if side else None,
         )
@@ -237,18 +236,20 @@ def markdown(out: dict[str, Any]) -> str:
         f"class by class {vc['class_by_class_p50']} ms, now {vc['new_p50']} ms"
     )
     tp = out["throughput"]
-    lines += ["", f"## Throughput (floor {tp['floor']['per_s']}/s)", ""]
-    lines += ["| batching | concurrency | /s | / floor | p50 ms | p99 ms | batch |"]
-    lines += ["|---|---|---|---|---|---|---|"]
+    low, high = tp["floor_per_s_range"]
+    lines += ["", f"## Throughput (floor {tp['floor']['per_s']}/s; {low} to {high} in the section)"]
+    lines += ["", "Each row against the floor measured just before and after it (their mean).", ""]
+    lines += ["| batching | concurrency | /s | floor /s | / floor | p50 ms | p99 ms | batch |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
     for mode, rows in tp["levels"].items():
         for level, row in rows.items():
             if row is None:
-                lines.append(f"| {mode} | {level} | - | - | - | - | - |")
+                lines.append(f"| {mode} | {level} | - | - | - | - | - | - |")
                 continue
             lat = row["latency_ms"]
             lines.append(
-                f"| {mode} | {level} | {row['per_s']} | {row['vs_floor']} | {lat['p50']} "
-                f"| {lat['p99']} | {row['mean_batch']} |"
+                f"| {mode} | {level} | {row['per_s']} | {row['floor_per_s']} | {row['vs_floor']} "
+                f"| {lat['p50']} | {lat['p99']} | {row['mean_batch']} |"
             )
     lines += ["", "## Scaling", ""]
     lines += ["| peers | all see all s | join s | p50 ms | p99 ms | cpu ms | failed |"]

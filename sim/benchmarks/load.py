@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -68,13 +68,20 @@ def batched_floor(manifest: Manifest, chosen: Sequence[str], runs: int) -> dict[
 async def throughput(
     tensors: Sequence[FloatArray],
     plan: Plan,
-    floor: dict[str, Any],
+    measure_floor: Callable[[], dict[str, Any]],
     batching: tuple[Requester, Sequence[Peer]],
     unbatched: tuple[Requester, Sequence[Peer]] | None,
 ) -> dict[str, Any]:
     """classify/s at each concurrency against the floor: micro-batching on and off (the
     peers'), the requester's coalescing of asks into batches off, and waves of ``WAVE``
-    (fewer peers asked per call)."""
+    (fewer peers asked per call).
+
+    The floor (``measure_floor``) is measured before the first row and again after every
+    row; each row is compared with the mean of the two floors around it, so that the
+    machine's drift in speed over the section moves both sides of the ratio alike.
+    ``floor`` is the first of them; ``vs_section_floor`` compares a row with it."""
+    floor = previous = measure_floor()
+    floors = [floor["per_s"]]
     out: dict[str, Any] = {"floor": floor, "levels": {}}
     modes = (
         ("batching_on", batching, DEFAULT_POLICY, True),
@@ -97,15 +104,22 @@ async def throughput(
                 )
             sum1, n1 = await batch_sizes(peers)
             rate = len(loop.latencies_ms) / loop.wall_s
+            after = measure_floor()
+            floors.append(after["per_s"])
+            around = (previous["per_s"] + after["per_s"]) / 2
+            previous = after
             rows[str(level)] = {
                 "per_s": round(rate, 1),
-                "vs_floor": ratio(rate, floor["per_s"]),
+                "vs_floor": ratio(rate, around),
+                "floor_per_s": round(around, 1),
+                "vs_section_floor": ratio(rate, floor["per_s"]),
                 "latency_ms": summary(loop.latencies_ms),
                 "failures": loop.failures,
                 "mean_batch": round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None,
                 "requester_cpu_ms_per_call": round(loop.cpu_s * 1000 / max(1, count), 4),
             }
         out["levels"][mode] = rows
+    out["floor_per_s_range"] = [min(floors), max(floors)]
     return out
 
 

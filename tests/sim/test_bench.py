@@ -105,6 +105,14 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     } <= fp.keys()
     tp = out["throughput"]
     assert _finite(tp["floor"]["per_s"])
+    low, high = tp["floor_per_s_range"]
+    assert 0 < low <= tp["floor"]["per_s"] <= high
+    for rows in tp["levels"].values():  # each row against the floor measured around it
+        for row in (r for r in rows.values() if r is not None):
+            assert low <= row["floor_per_s"] <= high
+            want = row["per_s"] / row["floor_per_s"]
+            assert row["vs_floor"] == pytest.approx(want, rel=0.01, abs=0.001)
+            assert _finite(row["vs_section_floor"])
     assert _finite(tp["levels"]["batching_on"]["1"]["per_s"])
     assert "batching_off" in tp["levels"]
     assert _finite(tp["levels"]["batching_on_wave3"]["1"]["per_s"])
