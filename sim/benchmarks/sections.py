@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -110,6 +110,15 @@ def variants(manifest: Manifest, plan: Plan) -> dict[str, Any]:
     return {"threads": 1, "batch": THROUGHPUT_BATCH, "models": models}
 
 
+def model_latencies(manifest: Manifest, names: Sequence[str], runs: int) -> dict[str, float]:
+    """Each named model's p50 latency (ms; 1 thread, batch 1), as ``variants`` measures it."""
+    x1 = np.zeros((1, 1, 28, 28), np.float32)
+    return {
+        name: quantile(run_ms(session(manifest.get(name), threads=1), x1, runs), 0.5)
+        for name in names
+    }
+
+
 def floor_ms(latencies: dict[str, float], chosen: Sequence[str], rtt_ms: float) -> float:
     """The issue's floor: the models' time on the shared cores, plus one round trip."""
     lat = [latencies[name] for name in chosen]
@@ -131,14 +140,18 @@ async def overhead(
     fanout: list[float],
     plan: Plan,
     peers: Sequence[Peer],
+    floor_again: Callable[[Sequence[str]], Awaitable[float]] | None = None,
 ) -> dict[str, Any]:
     """classify p50 against the floor, with and without early exit, and its stages.
 
     ``fanout`` is a reference: one POST of a request-sized body to each of five trivial
-    aiohttp handlers at once, what the transport alone costs on these cores.
+    aiohttp handlers at once, what the transport alone costs on these cores. The floor
+    is the mean of the one from ``latencies`` and ``rtt`` (measured before) and, when
+    given, ``floor_again`` of the chosen variants after the calls: the machine's speed
+    drifts over minutes, and the calls sit between the two.
     """
     chosen = sorted(req.available_variants())
-    floor = floor_ms(latencies, chosen, quantile(rtt, 0.5))
+    floor_before = floor_ms(latencies, chosen, quantile(rtt, 0.5))
     with_exit: list[float] = []
     without: list[float] = []
     waved: list[float] = []
@@ -167,6 +180,8 @@ async def overhead(
         cpu_peers_wave += sum(cpu_seconds(p) for p in peers) - peers0
         models_wave += await model_seconds(peers) - models0
         waved += loop.latencies_ms
+    floor_after = floor_before if floor_again is None else await floor_again(chosen)
+    floor = (floor_before + floor_after) / 2
     p50 = quantile(with_exit, 0.5)
     p50_all = quantile(without, 0.5)
     p50_wave = quantile(waved, 0.5)
@@ -182,6 +197,8 @@ async def overhead(
         "cores": CORES,
         "rtt_ms": summary(rtt),
         "floor_ms": round(floor, 4),
+        "floor_before_ms": round(floor_before, 4),
+        "floor_after_ms": round(floor_after, 4),
         "unsigned_fanout_ms": summary(fanout),
         "unsigned_fanout_vs_floor": ratio(quantile(fanout, 0.5), floor),
         "classify_ms": summary(with_exit),

@@ -73,6 +73,10 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         "crypto_share",
     ):
         assert _finite(ov[key]), key
+    # The floor is measured again after the calls; the ratios use the mean of the two.
+    before, after = ov["floor_before_ms"], ov["floor_after_ms"]
+    assert _finite(before) and _finite(after)
+    assert ov["floor_ms"] == pytest.approx((before + after) / 2, abs=1e-3)
     assert _finite(ov["cpu_ms_per_call_wave"]["peers_total"])
     for key in ("cpu_ms_per_call", "cpu_ms_per_call_wave"):
         # The peers' /metrics were read: their models ran during the calls. (Against
