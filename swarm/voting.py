@@ -501,24 +501,25 @@ def _holds(
     cut = _cut(rule, trim, len(weights) + added, _sum(weights) + extra)
     memo: dict[bytes, float] = {}
 
+    def worst(v: list[float], w: list[float]) -> float:
+        # Added ballots sit at the same extreme as the moved mass (the last value).
+        return _aggregate(v, [*w[:-1], w[-1] + extra], cut, rule)
+
     def bound(c: int) -> float:
-        # Added ballots sit at the same extreme as the moved mass.
         key, v, w = shifts.get(c)
         if key not in memo:
-            memo[key] = _aggregate(v, [*w[:-1], w[-1] + extra], cut, rule)
+            memo[key] = worst(v, w)
         return memo[key]
 
-    low = bound(label)
     if num_classes == 1:
         return True
-    if shortcut:
-        # A contender's score is monotone in its values, so a column at least every
-        # contender's, ballot by ballot (``_Shifts.ceiling``), bounds them all at once.
-        # If the label clearly beats that bound, by more than any tie rule or float
-        # error needs, it beats each contender: no check class by class.
-        v, w = shifts.ceiling()
-        if low - _aggregate(v, [*w[:-1], w[-1] + extra], cut, rule) > _CLEAR_LEAD:
-            return True
+    low = bound(label)
+    # Shortcut: a contender's score is monotone in its values, so a column at least every
+    # contender's, ballot by ballot (``_Shifts.ceiling``), bounds them all at once. If the
+    # label clearly beats that bound, by more than any tie rule or float error needs, it
+    # beats each contender: no check class by class.
+    if shortcut and low - worst(*shifts.ceiling()) > _CLEAR_LEAD:
+        return True
     # Class by class, the listed contenders strongest first: when the label falls, it is
     # usually to the runner-up, and the other checks are spared.
     rivals = sorted(
