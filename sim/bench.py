@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from sim.benchmarks import load, sections
+from sim.benchmarks.bare import BareSwarm
 from sim.benchmarks.fleet import Fleet, requester
 from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_rtt, quantile
 from sim.benchmarks.sections import Plan
@@ -79,6 +80,8 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         ]
         await asyncio.gather(*(f.start(VARIANTS) for f in [main, *others]))
         req = await stack.enter_async_context(requester(main, manifest, peers=len(VARIANTS)))
+        bare = await stack.enter_async_context(BareSwarm(VARIANTS))
+        await bare.loop(tensors, count=20)  # connections warm, models warm
         side = [
             await stack.enter_async_context(requester(f, manifest, peers=len(VARIANTS)))
             for f in others
@@ -92,7 +95,7 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
             return sections.floor_ms(again, chosen, rtt_again)
 
         out["overhead"] = await sections.overhead(
-            req, tensors, latencies, rtt, fanout, plan, main.peers, floor_again
+            req, tensors, latencies, rtt, fanout, plan, main.peers, bare, floor_again
         )
         old_peers = dict(zip([*OLD_PEERS, "old_all"], side, strict=False))
         out["fast_path"] = await sections.fast_path(req, tensors, plan, old_peers=old_peers)
@@ -103,7 +106,9 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
             lambda: load.batched_floor(manifest, chosen, plan.batch_runs),
             (req, main.peers),
             (side[-1], others[-1].peers) if side else None,
+            bare,
         )
+        await bare.aclose()  # its processes idle from here, but need not stay
         for fleet in others:  # their CPU is not part of what follows
             await fleet.aclose()
         levels = [await load.scaling_level(main, req, tensors, plan.scale[0], plan)]
@@ -206,6 +211,11 @@ def markdown(out: dict[str, Any]) -> str:
     lines.append(
         f"| unsigned fan-out x5, no model | {fan['p50']} | {fan['p99']} "
         f"| {ov['unsigned_fanout_vs_floor']} |"
+    )
+    bare = ov["bare_swarm_ms"]
+    lines.append(
+        f"| bare swarm x5: the same models, raw TCP, no protocol | {bare['p50']} "
+        f"| {bare['p99']} | {ov['bare_swarm_vs_floor']} |"
     )
     for key, label, r in (
         ("classify_ms", "classify", ov["overhead_ratio"]),

@@ -15,6 +15,7 @@ from typing import Any, Final
 import aiohttp
 import numpy as np
 
+from sim.benchmarks.bare import BareSwarm
 from sim.benchmarks.fleet import HTTP_TIMEOUT_S, Fleet, Peer, batch_sizes, seen_by, wait_all_see
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
@@ -38,6 +39,8 @@ from swarm import voting
 from swarm.inference import Manifest
 from swarm.requester import DEFAULT_POLICY, Policy, Requester
 
+# The throughput section's row of the bare swarm (``sim.benchmarks.bare``).
+BARE: Final = "bare_swarm"
 VARIANT_CYCLE: Final = ("V1", "V2", "V3", "V4", "V5")
 SEE_TIMEOUT_S: Final = 60.0
 TARGET_SEE_S: Final = 3.0
@@ -71,10 +74,12 @@ async def throughput(
     measure_floor: Callable[[], dict[str, Any]],
     batching: tuple[Requester, Sequence[Peer]],
     unbatched: tuple[Requester, Sequence[Peer]] | None,
+    bare: BareSwarm,
 ) -> dict[str, Any]:
     """classify/s at each concurrency against the floor: micro-batching on and off (the
     peers'), the requester's coalescing of asks into batches off, and waves of ``WAVE``
-    (fewer peers asked per call).
+    (fewer peers asked per call); and the bare swarm's calls/s (``sim.benchmarks.bare``:
+    the same models with no protocol around them), the most such a swarm sustains here.
 
     The floor (``measure_floor``) is measured before the first row and again after every
     row; each row is compared with the mean of the two floors around it, so that the
@@ -88,22 +93,40 @@ async def throughput(
         ("batching_off", unbatched, DEFAULT_POLICY, True),
         ("no_coalescing", batching, DEFAULT_POLICY, False),
         (f"batching_on_wave{WAVE}", batching, Policy(wave=WAVE), True),
+        (BARE, None, DEFAULT_POLICY, True),
     )
     for mode, target, policy, coalesce in modes:
         rows: dict[str, Any] = {}
         for level in plan.concurrency:
-            if target is None:
+            if target is None and mode != BARE:
                 rows[str(level)] = None
                 continue
-            req, peers = target
             count = max(plan.per_level, 4 * level)
-            sum0, n0 = await batch_sizes(peers)
-            with patched(req, "coalesce", coalesce):
-                loop = await classify_loop(
-                    req, tensors, count=count, concurrency=level, policy=policy
-                )
-            sum1, n1 = await batch_sizes(peers)
-            rate = len(loop.latencies_ms) / loop.wall_s
+            if target is None:
+                cpu0 = time.process_time()
+                latencies, wall_s = await bare.loop(tensors, count=count, concurrency=level)
+                row: dict[str, Any] = {
+                    "failures": 0,  # a failed bare call fails the benchmark
+                    "mean_batch": None,
+                    "requester_cpu_ms_per_call": round(
+                        (time.process_time() - cpu0) * 1000 / count, 4
+                    ),
+                }
+            else:
+                req, peers = target
+                sum0, n0 = await batch_sizes(peers)
+                with patched(req, "coalesce", coalesce):
+                    loop = await classify_loop(
+                        req, tensors, count=count, concurrency=level, policy=policy
+                    )
+                sum1, n1 = await batch_sizes(peers)
+                latencies, wall_s = loop.latencies_ms, loop.wall_s
+                row = {
+                    "failures": loop.failures,
+                    "mean_batch": round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None,
+                    "requester_cpu_ms_per_call": round(loop.cpu_s * 1000 / max(1, count), 4),
+                }
+            rate = len(latencies) / wall_s
             after = measure_floor()
             floors.append(after["per_s"])
             around = (previous["per_s"] + after["per_s"]) / 2
@@ -113,10 +136,8 @@ async def throughput(
                 "vs_floor": ratio(rate, around),
                 "floor_per_s": round(around, 1),
                 "vs_section_floor": ratio(rate, floor["per_s"]),
-                "latency_ms": summary(loop.latencies_ms),
-                "failures": loop.failures,
-                "mean_batch": round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None,
-                "requester_cpu_ms_per_call": round(loop.cpu_s * 1000 / max(1, count), 4),
+                "latency_ms": summary(latencies),
+                **row,
             }
         out["levels"][mode] = rows
     out["floor_per_s_range"] = [min(floors), max(floors)]

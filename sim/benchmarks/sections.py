@@ -17,6 +17,7 @@ from typing import Any, Final
 import numpy as np
 
 from sim.benchmarks import legacy_http, legacy_voting
+from sim.benchmarks.bare import BareSwarm
 from sim.benchmarks.fleet import Peer, cpu_seconds, model_seconds
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
@@ -140,12 +141,15 @@ async def overhead(
     fanout: list[float],
     plan: Plan,
     peers: Sequence[Peer],
+    bare: BareSwarm,
     floor_again: Callable[[Sequence[str]], Awaitable[float]] | None = None,
 ) -> dict[str, Any]:
     """classify p50 against the floor, with and without early exit, and its stages.
 
     ``fanout`` is a reference: one POST of a request-sized body to each of five trivial
-    aiohttp handlers at once, what the transport alone costs on these cores. The floor
+    aiohttp handlers at once, what the transport alone costs on these cores. ``bare``
+    runs the same models as processes with nothing around them (``sim.benchmarks.bare``),
+    its calls interleaved with classify's: the least such a swarm costs here. The floor
     is the mean of the one from ``latencies`` and ``rtt`` (measured before) and, when
     given, ``floor_again`` of the chosen variants after the calls: the machine's speed
     drifts over minutes, and the calls sit between the two.
@@ -155,6 +159,7 @@ async def overhead(
     with_exit: list[float] = []
     without: list[float] = []
     waved: list[float] = []
+    bare_ms: list[float] = []
     stages: list[dict[str, float]] = []
     per_round = max(1, plan.classify_runs // plan.rounds)
     cpu_req = cpu_peers = cpu_req_wave = cpu_peers_wave = 0.0
@@ -180,6 +185,7 @@ async def overhead(
         cpu_peers_wave += sum(cpu_seconds(p) for p in peers) - peers0
         models_wave += await model_seconds(peers) - models0
         waved += loop.latencies_ms
+        bare_ms += (await bare.loop(tensors, count=per_round))[0]
     floor_after = floor_before if floor_again is None else await floor_again(chosen)
     floor = (floor_before + floor_after) / 2
     p50 = quantile(with_exit, 0.5)
@@ -201,6 +207,9 @@ async def overhead(
         "floor_after_ms": round(floor_after, 4),
         "unsigned_fanout_ms": summary(fanout),
         "unsigned_fanout_vs_floor": ratio(quantile(fanout, 0.5), floor),
+        # The same models behind a raw fan-out, no protocol: what no protocol work removes.
+        "bare_swarm_ms": summary(bare_ms),
+        "bare_swarm_vs_floor": ratio(quantile(bare_ms, 0.5), floor),
         "classify_ms": summary(with_exit),
         "classify_no_early_exit_ms": summary(without),
         "overhead_ratio": ratio(p50, floor),

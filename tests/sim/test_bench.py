@@ -78,6 +78,11 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert _finite(before) and _finite(after)
     assert ov["floor_ms"] == pytest.approx((before + after) / 2, abs=1e-3)
     assert _finite(ov["cpu_ms_per_call_wave"]["peers_total"])
+    # The bare swarm ran beside classify, against the same floor.
+    assert ov["bare_swarm_ms"]["n"] > 0
+    assert ov["bare_swarm_vs_floor"] == pytest.approx(
+        ov["bare_swarm_ms"]["p50"] / ov["floor_ms"], rel=0.01
+    )
     for key in ("cpu_ms_per_call", "cpu_ms_per_call_wave"):
         # The peers' /metrics were read: their models ran during the calls. (Against
         # peers_total only loosely: /proc counts CPU in 10 ms ticks, a few calls here.)
@@ -120,6 +125,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert _finite(tp["levels"]["batching_on"]["1"]["per_s"])
     assert "batching_off" in tp["levels"]
     assert _finite(tp["levels"]["batching_on_wave3"]["1"]["per_s"])
+    assert _finite(tp["levels"]["bare_swarm"]["8"]["per_s"])
     level = out["scaling"]["levels"][0]
     assert level["peers"] == 5
     assert _finite(level["join_seen_by_all_s"])
