@@ -4,6 +4,9 @@ Writes ``DIR/bench.json`` and ``DIR/bench.md`` (also printed): the variants agai
 reference model; classify's overhead over the floor with where its time goes; the fast
 path, each change against its old behaviour put back in the same run; throughput under
 concurrency against one batched process; scaling with peers; tails with stragglers.
+Beside classify, in the overhead and throughput sections, runs the bare swarm
+(``sim.benchmarks.bare``): the same models with no protocol around them, the least a
+swarm of one process per variant costs on these cores.
 Every figure is a median (p50) over many runs, with its p99; every ratio compares two
 things measured in this run. ``--quick`` is the CI smoke run: the same JSON keys, a few
 runs each, and the sections that need extra fleets of peers left ``null``.
