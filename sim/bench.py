@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from sim.benchmarks import load, sections
 from sim.benchmarks.bare import BareSwarm
-from sim.benchmarks.fleet import Fleet, requester
+from sim.benchmarks.fleet import BenchError, Fleet, requester
 from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_rtt, quantile
 from sim.benchmarks.sections import Plan
 from swarm import aio, wire
@@ -303,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # As the classify CLI: warnings only, so the requester here logs what a user's would.
     configure_logging("json", "warning")
     with tempfile.TemporaryDirectory(prefix="vswarm-bench-") as tmp:
-        out = aio.run(_until_signal(run(plan, Path(tmp))))
+        try:
+            out = aio.run(_until_signal(run(plan, Path(tmp))))
+        except BenchError as exc:  # a peer or worker that failed: said, not a traceback
+            sys.stderr.write(f"sim.bench: error: {exc}\n")
+            return 1
     (args.out / "bench.json").write_text(json.dumps(out, indent=2) + "\n")
     text = markdown(out)
     (args.out / "bench.md").write_text(text)

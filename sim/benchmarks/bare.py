@@ -26,11 +26,12 @@ import signal
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Final, Self
 
 import numpy as np
 
+from sim.benchmarks.fleet import BenchError
 from sim.benchmarks.measure import FloatArray, session
 from swarm import aio, config
 from swarm.errors import SwarmError
@@ -135,7 +136,9 @@ class _Link(asyncio.Protocol):
         self.transport = None
         for future in self.waiting.values():
             if not future.done():
-                future.set_exception(ConnectionError(f"bare worker {self.name} closed"))
+                future.set_exception(
+                    BenchError(f"bare worker {self.name} closed its connection (see its stderr)")
+                )
         self.waiting.clear()
 
 
@@ -174,18 +177,26 @@ class BareSwarm:
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 )
             )
-        async with asyncio.timeout(START_TIMEOUT_S):
+        async with _timeout(START_TIMEOUT_S, "start"):
             for name, proc in zip(self.variants, self._procs, strict=True):
                 assert proc.stdout is not None
                 line = await proc.stdout.readline()
                 if not line.strip().isdigit():
-                    raise RuntimeError(f"bare worker {name} did not start (it printed {line!r})")
+                    raise BenchError(
+                        f"bare worker {name} did not start (it printed {line[:80]!r}; "
+                        "its error is on stderr above)"
+                    )
                 port = int(line)
                 _, link = await loop.create_connection(
                     functools.partial(_Link, name), LOOPBACK, port
                 )
                 self.ports.append(port)
                 self._links.append(link)
+
+    @property
+    def processes(self) -> tuple[asyncio.subprocess.Process, ...]:
+        """The workers' processes, in the order of ``variants``."""
+        return tuple(self._procs)
 
     async def classify(self, x: FloatArray) -> int:
         """The class with the largest of ``scores(x)``, ties to the lower index."""
@@ -200,13 +211,13 @@ class BareSwarm:
         futures = []
         for link in self._links:
             if link.transport is None:
-                raise ConnectionError(f"bare worker {link.name} is not connected")
+                raise BenchError(f"bare worker {link.name} is not connected")
             future: asyncio.Future[tuple[int, float, int, float]] = loop.create_future()
             link.waiting[request_id] = future
             link.transport.write(frame)
             futures.append(future)
         scores = [0.0] * config.NUM_CLASSES
-        async with asyncio.timeout(CALL_TIMEOUT_S):
+        async with _timeout(CALL_TIMEOUT_S, "answer a call"):
             for future in futures:
                 a, pa, b, pb = await future
                 scores[a] += pa
@@ -249,6 +260,15 @@ class BareSwarm:
                     proc.kill()
                 await proc.wait()
         self._procs.clear()
+
+
+@contextlib.asynccontextmanager
+async def _timeout(seconds: float, what: str) -> AsyncIterator[None]:
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise BenchError(f"the bare workers did not {what} within {seconds:g} s") from None
 
 
 def main(argv: Sequence[str]) -> int:

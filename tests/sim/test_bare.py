@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sim.benchmarks.bare import LOOPBACK, PIXELS, REQUEST, BareSwarm
+from sim.benchmarks.fleet import BenchError
 from sim.benchmarks.measure import inputs, session
 from swarm import aio
 from swarm.inference import default_manifest_path, load_manifest
@@ -70,6 +72,20 @@ def test_bare_worker_closes_a_connection_that_sends_a_bad_frame() -> None:
     data, label = aio.run(exchange())
     assert data == b""
     assert 0 <= label < 10
+
+
+def test_a_bare_worker_that_dies_fails_the_call_with_its_name() -> None:
+    async def call_after_kill() -> str:
+        async with BareSwarm(("V1",)) as bare:
+            bare.processes[0].kill()
+            await bare.processes[0].wait()
+            # Closed before the call or during it: either way the call fails, naming it.
+            with pytest.raises(BenchError) as caught:
+                await bare.classify(inputs(1)[0])
+            return str(caught.value)
+
+    message = aio.run(call_after_kill())
+    assert "bare worker V1" in message
 
 
 def test_bare_worker_names_an_unknown_variant() -> None:
