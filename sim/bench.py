@@ -261,17 +261,24 @@ def markdown(out: dict[str, Any]) -> str:
     low, high = tp["floor_per_s_range"]
     lines += ["", f"## Throughput (floor {tp['floor']['per_s']}/s; {low} to {high} in the section)"]
     lines += ["", "Each row against the floor measured just before and after it (their mean).", ""]
-    lines += ["| batching | concurrency | /s | floor /s | / floor | p50 ms | p99 ms | batch |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
+    lines += ["CPU per call (ms): the requester's, the peers' (or bare workers') in all, and of"]
+    lines += ["that the models' own.", ""]
+    lines += [
+        "| batching | concurrency | /s | floor /s | / floor | p50 ms | p99 ms | batch "
+        "| requester cpu | peers cpu | models cpu |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, rows in tp["levels"].items():
         for level, row in rows.items():
             if row is None:
-                lines.append(f"| {mode} | {level} | - | - | - | - | - | - |")
+                lines.append(f"| {mode} | {level} |" + " - |" * 9)
                 continue
             lat = row["latency_ms"]
             lines.append(
                 f"| {mode} | {level} | {row['per_s']} | {row['floor_per_s']} | {row['vs_floor']} "
-                f"| {lat['p50']} | {lat['p99']} | {row['mean_batch']} |"
+                f"| {lat['p50']} | {lat['p99']} | {row['mean_batch']} "
+                f"| {row['requester_cpu_ms_per_call']} | {row['peers_cpu_ms_per_call']} "
+                f"| {row['models_cpu_ms_per_call']} |"
             )
     lines += ["", "## Scaling", ""]
     lines += ["| peers | all see all s | join s | p50 ms | p99 ms | cpu ms | failed |"]

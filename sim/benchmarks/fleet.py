@@ -159,8 +159,13 @@ class Fleet:
 
 def cpu_seconds(peer: Peer) -> float:
     """CPU time (user + system) ``peer``'s process has used so far, from /proc."""
+    return process_cpu_seconds(peer.proc.pid)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far, from /proc; 0 once gone."""
     try:
-        fields = Path(f"/proc/{peer.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -16,7 +16,16 @@ import aiohttp
 import numpy as np
 
 from sim.benchmarks.bare import BareSwarm
-from sim.benchmarks.fleet import HTTP_TIMEOUT_S, Fleet, Peer, batch_sizes, seen_by, wait_all_see
+from sim.benchmarks.fleet import (
+    HTTP_TIMEOUT_S,
+    Fleet,
+    Peer,
+    batch_sizes,
+    model_seconds,
+    process_cpu_seconds,
+    seen_by,
+    wait_all_see,
+)
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
     FloatArray,
@@ -103,28 +112,35 @@ async def throughput(
                 continue
             count = max(plan.per_level, 4 * level)
             if target is None:
-                cpu0 = time.process_time()
+                pids = [p.pid for p in bare.processes]
+                cpu0, workers0 = time.process_time(), _cpu(pids)
                 latencies, wall_s = await bare.loop(tensors, count=count, concurrency=level)
                 row: dict[str, Any] = {
                     "failures": 0,  # a failed bare call fails the benchmark
                     "mean_batch": None,
-                    "requester_cpu_ms_per_call": round(
-                        (time.process_time() - cpu0) * 1000 / count, 4
-                    ),
+                    "requester_cpu_ms_per_call": _per_call(time.process_time() - cpu0, count),
+                    "peers_cpu_ms_per_call": _per_call(_cpu(pids) - workers0, count),
+                    "models_cpu_ms_per_call": None,  # not split from the workers' own
                 }
             else:
                 req, peers = target
+                pids = [p.proc.pid for p in peers]
                 sum0, n0 = await batch_sizes(peers)
+                peers0, models0 = _cpu(pids), await model_seconds(peers)
                 with patched(req, "coalesce", coalesce):
                     loop = await classify_loop(
                         req, tensors, count=count, concurrency=level, policy=policy
                     )
+                peers1, models1 = _cpu(pids), await model_seconds(peers)
                 sum1, n1 = await batch_sizes(peers)
                 latencies, wall_s = loop.latencies_ms, loop.wall_s
                 row = {
                     "failures": loop.failures,
                     "mean_batch": round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None,
-                    "requester_cpu_ms_per_call": round(loop.cpu_s * 1000 / max(1, count), 4),
+                    "requester_cpu_ms_per_call": _per_call(loop.cpu_s, count),
+                    # The peers' CPU, all of it, and of it their models' own (/metrics).
+                    "peers_cpu_ms_per_call": _per_call(peers1 - peers0, count),
+                    "models_cpu_ms_per_call": _per_call(float(models1[1] - models0[1]), count),
                 }
             rate = len(latencies) / wall_s
             after = measure_floor()
@@ -142,6 +158,14 @@ async def throughput(
         out["levels"][mode] = rows
     out["floor_per_s_range"] = [min(floors), max(floors)]
     return out
+
+
+def _cpu(pids: Sequence[int]) -> float:
+    return sum(process_cpu_seconds(pid) for pid in pids)
+
+
+def _per_call(seconds: float, calls: int) -> float:
+    return round(seconds * 1000 / max(1, calls), 4)
 
 
 # --- 4. scaling ----------------------------------------------------------------------

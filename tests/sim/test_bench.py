@@ -122,10 +122,15 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
             want = row["per_s"] / row["floor_per_s"]
             assert row["vs_floor"] == pytest.approx(want, rel=0.01, abs=0.001)
             assert _finite(row["vs_section_floor"])
+            assert row["peers_cpu_ms_per_call"] >= 0
+            assert row["models_cpu_ms_per_call"] is None or row["models_cpu_ms_per_call"] > 0
     assert _finite(tp["levels"]["batching_on"]["1"]["per_s"])
     assert "batching_off" in tp["levels"]
     assert _finite(tp["levels"]["batching_on_wave3"]["1"]["per_s"])
     assert _finite(tp["levels"]["bare_swarm"]["8"]["per_s"])
+    # The peers' CPU per call around each row, and their models' share of it (/metrics).
+    on = tp["levels"]["batching_on"]["8"]
+    assert _finite(on["models_cpu_ms_per_call"]) and _finite(on["peers_cpu_ms_per_call"])
     level = out["scaling"]["levels"][0]
     assert level["peers"] == 5
     assert _finite(level["join_seen_by_all_s"])
