@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
 import signal
 import sys
@@ -37,7 +36,6 @@ LOOPBACK: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 90.0  # imports and mDNS probing of many peers on two cores
 STOP_TIMEOUT_S: Final = 10.0
 HTTP_TIMEOUT_S: Final = 5.0
-_METRIC: Final = re.compile(r"^(vswarm_batch_size_(?:sum|count))\s+([0-9.e+-]+)$", re.MULTILINE)
 
 
 class BenchError(RuntimeError):
@@ -171,17 +169,30 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# The /metrics samples ``model_seconds`` sums: the models' wall clock and their own CPU.
+MODEL_SECONDS: Final = (
+    f"{NAMESPACE}_inference_seconds_sum",
+    f"{NAMESPACE}_inference_cpu_seconds_total",
+)
+# The batch size histogram's sum and count: their ratio is the mean batch.
+BATCH_SIZES: Final = (f"{NAMESPACE}_batch_size_sum", f"{NAMESPACE}_batch_size_count")
+
+
 async def model_seconds(peers: Sequence[Peer]) -> np.ndarray:
     """Seconds the peers' models have run so far, all together, as [wall, cpu]: the sum
     of each peer's ``inference_seconds`` histogram and ``inference_cpu_seconds`` counter
     on its /metrics. With ``cpu_seconds`` they split a peer's CPU into its model and
     everything around it (HTTP, JSON, crypto, the loop). The wall clock counts a run's
     waits for a core too; the CPU is the model's own (one ONNX Runtime thread)."""
+    return await metric_sums(peers, MODEL_SECONDS)
+
+
+async def metric_sums(peers: Sequence[Peer], names: Sequence[str]) -> np.ndarray:
+    """Each of the samples ``names``, summed over the peers' /metrics (each read once)."""
     timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         texts = await asyncio.gather(*(_metrics_text(session, p) for p in peers))
-    total = np.zeros(2)
-    names = (f"{NAMESPACE}_inference_seconds_sum", f"{NAMESPACE}_inference_cpu_seconds_total")
+    total = np.zeros(len(names))
     for peer, text in zip(peers, texts, strict=True):
         found = {
             sample.name: sample.value
@@ -226,21 +237,6 @@ async def wait_all_see(peers: Sequence[Peer], timeout_s: float, interval_s: floa
                 return time.monotonic() - start
             await asyncio.sleep(interval_s)
     return float("inf")
-
-
-async def batch_sizes(peers: Sequence[Peer]) -> tuple[float, float]:
-    """Summed (batch size sum, batch count) over the peers' /metrics."""
-    total = count = 0.0
-    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for peer in peers:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(peer.url + "/metrics") as resp:
-                    text = await resp.text()
-                values = dict(_METRIC.findall(text))
-                total += float(values.get("vswarm_batch_size_sum", 0.0))
-                count += float(values.get("vswarm_batch_size_count", 0.0))
-    return total, count
 
 
 @contextlib.asynccontextmanager

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -17,11 +18,12 @@ import numpy as np
 
 from sim.benchmarks.bare import BareSwarm
 from sim.benchmarks.fleet import (
+    BATCH_SIZES,
     HTTP_TIMEOUT_S,
+    MODEL_SECONDS,
     Fleet,
     Peer,
-    batch_sizes,
-    model_seconds,
+    metric_sums,
     process_cpu_seconds,
     seen_by,
     wait_all_see,
@@ -97,51 +99,23 @@ async def throughput(
     floor = previous = measure_floor()
     floors = [floor["per_s"]]
     out: dict[str, Any] = {"floor": floor, "levels": {}}
-    modes = (
-        ("batching_on", batching, DEFAULT_POLICY, True),
-        ("batching_off", unbatched, DEFAULT_POLICY, True),
-        ("no_coalescing", batching, DEFAULT_POLICY, False),
-        (f"batching_on_wave{WAVE}", batching, Policy(wave=WAVE), True),
-        (BARE, None, DEFAULT_POLICY, True),
+    modes: tuple[tuple[str, _Row | None], ...] = (
+        ("batching_on", _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=True)),
+        ("batching_off", _classify_row(tensors, unbatched, DEFAULT_POLICY, coalesce=True)),
+        ("no_coalescing", _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=False)),
+        (
+            f"batching_on_wave{WAVE}",
+            _classify_row(tensors, batching, Policy(wave=WAVE), coalesce=True),
+        ),
+        (BARE, functools.partial(_bare_row, tensors, bare)),
     )
-    for mode, target, policy, coalesce in modes:
+    for mode, measure in modes:
         rows: dict[str, Any] = {}
         for level in plan.concurrency:
-            if target is None and mode != BARE:
+            if measure is None:
                 rows[str(level)] = None
                 continue
-            count = max(plan.per_level, 4 * level)
-            if target is None:
-                pids = [p.pid for p in bare.processes]
-                cpu0, workers0 = time.process_time(), _cpu(pids)
-                latencies, wall_s = await bare.loop(tensors, count=count, concurrency=level)
-                row: dict[str, Any] = {
-                    "failures": 0,  # a failed bare call fails the benchmark
-                    "mean_batch": None,
-                    "requester_cpu_ms_per_call": _per_call(time.process_time() - cpu0, count),
-                    "peers_cpu_ms_per_call": _per_call(_cpu(pids) - workers0, count),
-                    "models_cpu_ms_per_call": None,  # not split from the workers' own
-                }
-            else:
-                req, peers = target
-                pids = [p.proc.pid for p in peers]
-                sum0, n0 = await batch_sizes(peers)
-                peers0, models0 = _cpu(pids), await model_seconds(peers)
-                with patched(req, "coalesce", coalesce):
-                    loop = await classify_loop(
-                        req, tensors, count=count, concurrency=level, policy=policy
-                    )
-                peers1, models1 = _cpu(pids), await model_seconds(peers)
-                sum1, n1 = await batch_sizes(peers)
-                latencies, wall_s = loop.latencies_ms, loop.wall_s
-                row = {
-                    "failures": loop.failures,
-                    "mean_batch": round((sum1 - sum0) / (n1 - n0), 2) if n1 > n0 else None,
-                    "requester_cpu_ms_per_call": _per_call(loop.cpu_s, count),
-                    # The peers' CPU, all of it, and of it their models' own (/metrics).
-                    "peers_cpu_ms_per_call": _per_call(peers1 - peers0, count),
-                    "models_cpu_ms_per_call": _per_call(float(models1[1] - models0[1]), count),
-                }
+            latencies, wall_s, row = await measure(level, max(plan.per_level, 4 * level))
             rate = len(latencies) / wall_s
             after = measure_floor()
             floors.append(after["per_s"])
@@ -158,6 +132,68 @@ async def throughput(
         out["levels"][mode] = rows
     out["floor_per_s_range"] = [min(floors), max(floors)]
     return out
+
+
+# One row's measure, given the concurrency and the number of calls: the calls'
+# latencies (ms), the wall clock (s), and the row's other figures.
+_Row = Callable[[int, int], Awaitable[tuple[list[float], float, dict[str, Any]]]]
+
+
+def _classify_row(
+    tensors: Sequence[FloatArray],
+    target: tuple[Requester, Sequence[Peer]] | None,
+    policy: Policy,
+    *,
+    coalesce: bool,
+) -> _Row | None:
+    """The measure of classify rows against ``target``'s peers; None without a target."""
+    if target is None:
+        return None
+    req, peers = target
+    pids = [p.proc.pid for p in peers]
+    # One read of each peer's /metrics gives its models' seconds and its batch sizes.
+    names = (*MODEL_SECONDS, *BATCH_SIZES)
+
+    async def measure(level: int, count: int) -> tuple[list[float], float, dict[str, Any]]:
+        peers0, metrics0 = _cpu(pids), await metric_sums(peers, names)
+        with patched(req, "coalesce", coalesce):
+            loop = await classify_loop(req, tensors, count=count, concurrency=level, policy=policy)
+        peers1, metrics1 = _cpu(pids), await metric_sums(peers, names)
+        _, model_cpu, batch_sum, batches = metrics1 - metrics0
+        return (
+            loop.latencies_ms,
+            loop.wall_s,
+            {
+                "failures": loop.failures,
+                "mean_batch": round(batch_sum / batches, 2) if batches > 0 else None,
+                "requester_cpu_ms_per_call": _per_call(loop.cpu_s, count),
+                # The peers' CPU, all of it, and of it their models' own (/metrics).
+                "peers_cpu_ms_per_call": _per_call(peers1 - peers0, count),
+                "models_cpu_ms_per_call": _per_call(float(model_cpu), count),
+            },
+        )
+
+    return measure
+
+
+async def _bare_row(
+    tensors: Sequence[FloatArray], bare: BareSwarm, level: int, count: int
+) -> tuple[list[float], float, dict[str, Any]]:
+    """The bare swarm's row: its workers' CPU in all (their models' not split out)."""
+    pids = [p.pid for p in bare.processes]
+    cpu0, workers0 = time.process_time(), _cpu(pids)
+    latencies, wall_s = await bare.loop(tensors, count=count, concurrency=level)
+    return (
+        latencies,
+        wall_s,
+        {
+            "failures": 0,  # a failed bare call fails the benchmark
+            "mean_batch": None,
+            "requester_cpu_ms_per_call": _per_call(time.process_time() - cpu0, count),
+            "peers_cpu_ms_per_call": _per_call(_cpu(pids) - workers0, count),
+            "models_cpu_ms_per_call": None,
+        },
+    )
 
 
 def _cpu(pids: Sequence[int]) -> float:
