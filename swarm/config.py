@@ -63,7 +63,8 @@ RETRY_AFTER_S = 1
 # is forgotten first; its requester opens a new one), the longest lifetime a peer may
 # announce, and the share of replies whose signatures a requester checks after the
 # answer when their session MAC already proved who sent them (dissenting replies are
-# all checked before the answer).
+# all checked before the answer). A reply batch is drawn once: its one signature covers
+# all its replies, so they are checked together or not at all.
 SESSION_TTL_S = 600.0
 MAX_SESSIONS = 4096
 MAX_SESSION_TTL_MS = 86_400_000

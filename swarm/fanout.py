@@ -42,7 +42,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 from swarm import voting, wire
@@ -104,13 +104,23 @@ class Answer:
 class BatchCheck:
     """The signature check of one reply batch, made at most once for all its items."""
 
-    __slots__ = ("_failure", "_verified", "batch", "record")
+    __slots__ = ("_failure", "_sampled", "_verified", "batch", "record")
 
     def __init__(self, batch: wire.ReplyBatch, record: PeerRecord) -> None:
         self.batch = batch
         self.record = record
         self._verified = False
         self._failure: VerificationError | None = None
+        self._sampled: bool | None = None
+
+    def sampled(self, draw: Callable[[], bool]) -> bool:
+        """Whether this batch is in the sample of late signature checks: ``draw`` is
+        asked once, by its first item, and every item of the batch gets that answer.
+        Its one signature covers them all, so they are checked together or not at all,
+        and the share of replies checked is the rate ``draw`` samples at."""
+        if self._sampled is None:
+            self._sampled = draw()
+        return self._sampled
 
     def check(self) -> None:
         """Raise ``VerificationError`` unless the peer's key signed the batch."""
@@ -135,6 +145,11 @@ class Unchecked:
     record: PeerRecord
     reply: wire.InferReply
     batch: BatchCheck | None  # the batch whose one signature covers it, if any
+
+    def sampled(self, draw: Callable[[], bool]) -> bool:
+        """Whether this reply is in the sample of late signature checks: its own draw,
+        or its batch's (``BatchCheck.sampled``)."""
+        return draw() if self.batch is None else self.batch.sampled(draw)
 
     def check(self) -> None:
         """Raise ``VerificationError`` unless the peer's key signed the reply."""

@@ -116,6 +116,11 @@ _SAMPLER: Final = secrets.SystemRandom()
 _MAX_PROBES: Final = 16  # suspected peers probed per round, a bound on the work
 
 
+def _draw_late_check() -> bool:
+    """One draw of the late signature checks' sample (``config.LATE_SIGNATURE_SAMPLE``)."""
+    return _SAMPLER.random() < config.LATE_SIGNATURE_SAMPLE
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Policy:
     """Which variants a classify call asks."""
@@ -884,12 +889,9 @@ class Requester(AsyncResource):
     def _sample_signatures(self, call: FanOut) -> None:
         """Check, after the answer, the signatures of a sample of the replies that only
         their session vouched for: a peer that signs garbage is found out and loses
-        reputation, at a fraction of the cost of checking every reply."""
-        sample = [
-            unchecked
-            for unchecked in call.unchecked.values()
-            if _SAMPLER.random() < config.LATE_SIGNATURE_SAMPLE
-        ]
+        reputation, at a fraction of the cost of checking every reply. The replies of one
+        batch share its draw: one check covers them all."""
+        sample = [u for u in call.unchecked.values() if u.sampled(_draw_late_check)]
         if sample:
             asyncio.get_running_loop().call_soon(self._check_late, sample)
 

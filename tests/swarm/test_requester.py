@@ -13,6 +13,7 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+import swarm.requester as requester_module
 from swarm import config, wire
 from swarm.config import Timings
 from swarm.discovery import Announcement, PeerTable
@@ -168,6 +170,7 @@ class FakePeer:
         self.identity = identity
         self.bodies: list[bytes] = []
         self.batches: list[int] = []  # sizes of the batches received
+        self.batch_ids: list[list[str]] = []  # the request ids of each batch received
         self.batch_signer: Identity | None = None  # sign reply batches with another key
         # Answers a whole batch itself instead of item by item through ``behaviour``.
         self.batch_behaviour: (
@@ -255,6 +258,7 @@ class FakePeer:
             assert verify_signature(*signed)
         self.batch_signatures.append(batch.signature)
         self.batches.append(len(batch.items))
+        self.batch_ids.append([r.request_id for r in batch.items])
         self.received.set()
         if self.batch_behaviour is not None:
             own = await self.batch_behaviour(self, batch)
@@ -1128,6 +1132,42 @@ async def test_batches_in_a_session_go_by_mac_and_dissenting_items_are_checked(
     assert sum(forger.batches) == len(rejected)
     assert {(x.peer, x.reason) for x in rejected} == {(forger.peer_id, "bad_signature")}
     assert rig.reputation.score(forger.peer_id) < PRIOR_SCORE  # sent over its session
+
+
+async def test_late_checks_draw_once_per_reply_batch_and_check_it_whole(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply batch's one signature covers all its replies, so the sample after the
+    answer draws once per batch: a batch drawn has every reply checked, one not drawn
+    none, and the share checked is the rate drawn at, not one draw per reply."""
+    draws = itertools.cycle([0.0, 0.99])  # in the sample, out of it, in, ...
+    drawn: list[int] = []
+
+    class Alternating:
+        def random(self) -> float:
+            drawn.append(1)
+            return next(draws)
+
+    monkeypatch.setattr(requester_module, "_SAMPLER", Alternating())
+    monkeypatch.setattr(config, "LATE_SIGNATURE_SAMPLE", 0.5)
+    await rig.peer("V1", slow(0.1, {3: 0.9}))  # outside a session: checked on arrival
+    await rig.peer("V2", slow(0.1, {3: 0.9}))
+    # Agrees, so its replies count on their session MAC; its batches' signatures are bad.
+    forger = await rig.peer("V3", slow(0.02, {3: 0.9}), sessions=True)
+    forger.batch_signer = Identity.generate()
+    requester = rig.requester()
+    with capture_logs() as logs:
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(*(requester.classify(TENSOR) for _ in range(12)))
+        await asyncio.sleep(0)  # the checks run on the next turn of the loop
+    assert all(r.label == 3 and forger.peer_id in {b.peer for b in r.replies} for r in results)
+    assert [n for n in forger.batches if n > 1], "the forger's asks went as batches"
+    found = {e["request"] for e in logs if e["event"] == "late_bad_signature"}
+    assert found, "the first draw samples, and only the forger's batches fail"
+    for ids in forger.batch_ids:
+        assert set(ids) <= found or not found & set(ids), "a batch is checked whole or not"
+    # One draw per single reply and per batch, not per reply.
+    assert len(drawn) == len(forger.bodies) + len(forger.batches) < 12
 
 
 async def test_a_refused_batch_item_fails_only_that_ask(rig: Rig) -> None:
