@@ -337,6 +337,7 @@ async def _serve(
             )
         )
         await discovery.register(serving_announcement(args.swarm, identity, spec, http.port))
+        aio.serving_gc()  # after startup: what it built is kept for the peer's life
         life.ready = True
         on_ready(
             {

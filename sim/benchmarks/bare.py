@@ -275,6 +275,7 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
         sys.stderr.write("usage: python -m sim.benchmarks.bare VARIANT\n")
         return 2
+    aio.serving_gc()  # as a peer's
     try:
         aio.run(serve(argv[0]))
     except SwarmError as exc:  # an unknown variant, a model that does not load

@@ -32,6 +32,7 @@ from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
     FloatArray,
     classify_loop,
+    gc_time,
     patched,
     quantile,
     ratio,
@@ -167,6 +168,7 @@ def _classify_row(
                 "failures": loop.failures,
                 "mean_batch": round(batch_sum / batches, 2) if batches > 0 else None,
                 "requester_cpu_ms_per_call": _per_call(loop.cpu_s, count),
+                "requester_gc_ms_per_call": _per_call(loop.gc_s, count),
                 # The peers' CPU, all of it, and of it their models' own (/metrics).
                 "peers_cpu_ms_per_call": _per_call(peers1 - peers0, count),
                 "models_cpu_ms_per_call": _per_call(float(model_cpu), count),
@@ -182,7 +184,8 @@ async def _bare_row(
     """The bare swarm's row: its workers' CPU in all (their models' not split out)."""
     pids = [p.pid for p in bare.processes]
     cpu0, workers0 = time.process_time(), _cpu(pids)
-    latencies, wall_s = await bare.loop(tensors, count=count, concurrency=level)
+    with gc_time() as collector:
+        latencies, wall_s = await bare.loop(tensors, count=count, concurrency=level)
     return (
         latencies,
         wall_s,
@@ -190,6 +193,7 @@ async def _bare_row(
             "failures": 0,  # a failed bare call fails the benchmark
             "mean_batch": None,
             "requester_cpu_ms_per_call": _per_call(time.process_time() - cpu0, count),
+            "requester_gc_ms_per_call": _per_call(collector.seconds, count),
             "peers_cpu_ms_per_call": _per_call(_cpu(pids) - workers0, count),
             "models_cpu_ms_per_call": None,
         },

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import statistics
@@ -124,6 +125,7 @@ class Loop:
     latencies_ms: list[float]
     wall_s: float
     cpu_s: float  # this process's CPU time: the requester's
+    gc_s: float  # of it, in cyclic garbage collections
     early: int  # calls that skipped a peer (early exit or a hedge)
     failures: int
     # Each decided call's counted replies, in the order they arrived: real ballots.
@@ -163,11 +165,38 @@ async def classify_loop(
             early += bool(result.skipped)
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for _ in range(concurrency):
-            group.create_task(worker())
+    with gc_time() as collector:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(concurrency):
+                group.create_task(worker())
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    return Loop(latencies, wall, cpu, early, failures, replies)
+    return Loop(latencies, wall, cpu, collector.seconds, early, failures, replies)
+
+
+class GcTime:
+    """The CPU spent in cyclic garbage collections while counted (the collecting thread's)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.thread_time()
+        elif self._start is not None:
+            self.seconds += time.thread_time() - self._start
+            self._start = None
+
+
+@contextlib.contextmanager
+def gc_time() -> Iterator[GcTime]:
+    """Count the garbage collector's CPU in this process until the block ends."""
+    counter = GcTime()
+    gc.callbacks.append(counter)
+    try:
+        yield counter
+    finally:
+        gc.callbacks.remove(counter)
 
 
 # --- summaries ------------------------------------------------------------------------

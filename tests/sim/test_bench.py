@@ -5,6 +5,7 @@ check, not these tests'."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from sim.bench import SECTIONS
 from sim.benchmarks import legacy_voting
 from sim.benchmarks.fleet import Fleet, requester
-from sim.benchmarks.measure import classify_loop, inputs, patched
+from sim.benchmarks.measure import classify_loop, gc_time, inputs, patched
 from swarm import voting, wire
 from swarm.errors import NoDecisionError
 from swarm.inference import default_manifest_path, load_manifest
@@ -123,6 +124,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
             assert row["vs_floor"] == pytest.approx(want, rel=0.01, abs=0.001)
             assert _finite(row["vs_section_floor"])
             assert row["peers_cpu_ms_per_call"] >= 0
+            assert 0 <= row["requester_gc_ms_per_call"] <= row["requester_cpu_ms_per_call"]
             assert row["models_cpu_ms_per_call"] is None or row["models_cpu_ms_per_call"] > 0
     assert _finite(tp["levels"]["batching_on"]["1"]["per_s"])
     assert "batching_off" in tp["levels"]
@@ -228,3 +230,15 @@ def test_legacy_vote_gives_the_same_results(
     assert voting.can_change(ballots, missing, rule, num_classes=num_classes) == (
         legacy_voting.can_change(old, missing, rule, num_classes=num_classes)
     )
+
+
+def test_gc_time_counts_collections_only_inside_its_block() -> None:
+    callbacks = len(gc.callbacks)
+    with gc_time() as counter:
+        for _ in range(3):
+            gc.collect()
+    assert counter.seconds > 0
+    assert len(gc.callbacks) == callbacks
+    counted = counter.seconds
+    gc.collect()
+    assert counter.seconds == counted
