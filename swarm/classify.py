@@ -120,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wave",
-        type=cliargs.replicas,
-        default=None,
-        metavar="N|all",
-        help="ballots asked at once: 'all' (default) asks every one; N asks the N most "
-        "trusted first and the others only if those leave the label open (fewer peers "
-        "disturbed, a second round trip for unclear inputs)",
+        type=cliargs.wave,
+        default="auto",
+        metavar="auto|N|all",
+        help="ballots asked at once: 'all' asks every one; N asks the N most trusted "
+        "first and the others only if those leave the label open (fewer peers "
+        "disturbed, a second round trip for unclear inputs); 'auto' (default) asks all "
+        f"while fewer than {config.WAVE_IN_FLIGHT} calls are in flight, a majority first "
+        "from there on",
     )
     p.add_argument(
         "--latency-budget-ms",

@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 import math
 from collections.abc import Callable
+from typing import Literal
 
 from swarm import wire
 
@@ -65,8 +66,20 @@ def number(
     return parse
 
 
+def wave(text: str) -> int | Literal["auto"] | None:
+    """``auto``, ``all`` (None: every one) or an integer >= 1 (``--wave``)."""
+    if text == "auto":
+        return "auto"
+    try:
+        return replicas(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither 'auto', 'all' nor an integer >= 1"
+        ) from None
+
+
 def replicas(text: str) -> int | None:
-    """``all`` (None: every one) or an integer >= 1 (``--replicas``, ``--wave``)."""
+    """``all`` (None: every one) or an integer >= 1 (``--replicas``)."""
     if text == "all":
         return None
     try:

@@ -58,6 +58,11 @@ REQUESTER_EXCHANGES_PER_PEER = 2
 # (its queue, MAX_INFER_QUEUE, is larger still); /v1/classify fans out to the swarm.
 MAX_INFER_IN_FLIGHT = 512
 MAX_CLASSIFY_IN_FLIGHT = 64
+# A classify call that starts with this many of its requester's calls in flight (itself
+# included) asks a majority of its ballots first and the rest only if those leave the
+# label open (``Policy.wave`` "auto"): under load the swarm's capacity is worth more than
+# the latency of asking everyone at once.
+WAVE_IN_FLIGHT = 8
 RETRY_AFTER_S = 1
 # Sessions (swarm.session): how long a peer keeps one, how many it keeps (the oldest
 # is forgotten first; its requester opens a new one), the longest lifetime a peer may

@@ -249,9 +249,10 @@ class FanOut:
         self._stopping = False
         # Slots held back from the first wave, best first (see the module's "Waves").
         self.reserve: list[Replicas] = []
-        if wave is not None and wave < len(plan):
+        self.wave = wave if wave is not None and wave < len(plan) else None
+        if self.wave is not None:
             ranked = sorted(plan.values(), key=lambda v: (-v.weight_bound, v.spec.latency_ms))
-            self.reserve = ranked[wave:]
+            self.reserve = ranked[self.wave :]
 
     async def run(self) -> bool:
         """Ask, hedge and gather until decided, exhausted or the deadline; True if early."""

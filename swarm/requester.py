@@ -41,7 +41,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import aiohttp
 import numpy as np
@@ -121,6 +121,9 @@ def _draw_late_check() -> bool:
     return _SAMPLER.random() < config.LATE_SIGNATURE_SAMPLE
 
 
+AUTO_WAVE: Final = "auto"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Policy:
     """Which variants a classify call asks."""
@@ -133,8 +136,10 @@ class Policy:
     # half of the *peers* lying rather than half of the variants.
     replicas: int | None = 1
     # Ballots asked at once (``swarm.fanout``, "Waves"): None asks every one at once; n
-    # asks the n most trusted and the rest only if those leave the label open.
-    wave: int | None = None
+    # asks the n most trusted and the rest only if those leave the label open. "auto"
+    # (the default) asks every one at once while the requester has fewer than
+    # ``config.WAVE_IN_FLIGHT`` calls in flight, and a majority first from there on.
+    wave: int | Literal["auto"] | None = AUTO_WAVE
 
     def __post_init__(self) -> None:
         if self.variants is not None and (
@@ -147,8 +152,10 @@ class Policy:
             raise ConfigError(f"Policy.latency_budget_ms must be > 0: {self.latency_budget_ms}")
         if self.replicas is not None and self.replicas < 1:
             raise ConfigError(f"Policy.replicas must be >= 1 or None (all), got {self.replicas}")
-        if self.wave is not None and self.wave < 1:
-            raise ConfigError(f"Policy.wave must be >= 1 or None (all), got {self.wave}")
+        if self.wave not in (None, AUTO_WAVE) and (type(self.wave) is not int or self.wave < 1):
+            raise ConfigError(
+                f"Policy.wave must be 'auto', an integer >= 1 or None (all), got {self.wave!r}"
+            )
 
 
 DEFAULT_POLICY: Final = Policy()
@@ -169,6 +176,7 @@ class ClassifyResult:
     missing: tuple[str, ...]
     skipped: tuple[str, ...] = ()
     request_id: str = ""
+    wave: int | None = None  # the ballots asked first, when the call went in waves
 
     def to_json(self, image: str | None = None) -> dict[str, Any]:
         """The decision as the CLI prints it and ``POST /v1/classify`` returns it."""
@@ -192,6 +200,7 @@ class ClassifyResult:
             "rejected": [{"peer": r.peer, "reason": r.reason} for r in self.rejected],
             "missing": list(self.missing),
             "skipped": list(self.skipped),
+            "wave": self.wave,
         }
 
 
@@ -317,6 +326,7 @@ class Requester(AsyncResource):
         self._opening: dict[str, asyncio.Task[SessionKeys | None]] = {}
         self._plain: set[str] = set()  # peers that answered 404 to a session offer
         self._links: dict[str, _Link] = {}
+        self._in_flight = 0  # classify calls gathering replies (``Policy.wave`` "auto")
         self._groups: set[asyncio.Task[None]] = set()  # batches and lone asks sent for queues
         self._session: aiohttp.ClientSession | None = None  # health probes
         self._pool: HttpPool | None = None  # exchanges with peers (swarm.httpclient)
@@ -427,11 +437,24 @@ class Requester(AsyncResource):
                 rule=rule,
                 quorum=quorum,
                 deadline_at=started + budget_ms / 1000,
-                wave=policy.wave,
+                wave=self._wave(policy, len(plan), quorum),
             )
             log.debug("classify_started", variants=sorted(plan), rule=rule, deadline_ms=budget_ms)
-            early = await call.run()
+            self._in_flight += 1
+            try:
+                early = await call.run()
+            finally:
+                self._in_flight -= 1
             return self._decide(call, early, budget_ms, started)
+
+    def _wave(self, policy: Policy, slots: int, quorum: int) -> int | None:
+        """The ballots a call asks first (None: all at once); see ``Policy.wave``. A
+        majority can settle the label alone; ``quorum`` more are needed anyway."""
+        if policy.wave != AUTO_WAVE:
+            return policy.wave if isinstance(policy.wave, int) else None
+        if self._in_flight + 1 < config.WAVE_IN_FLIGHT:
+            return None
+        return max(quorum, slots // 2 + 1)
 
     # --- planning ---
 
@@ -946,6 +969,7 @@ class Requester(AsyncResource):
             missing=tuple(call.missing),
             skipped=tuple(call.skipped),
             request_id=call.request.request_id,
+            wave=call.wave,
         )
 
 

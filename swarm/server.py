@@ -29,7 +29,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, NoReturn, Protocol, TypeVar
+from typing import Any, Final, Literal, NoReturn, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -50,7 +50,7 @@ from swarm.identity import Identity, TrustStore, verify_signature
 from swarm.inference import FloatArray, Manifest, decode_image
 from swarm.log import bound, get_logger
 from swarm.metrics import Metrics, render
-from swarm.requester import LocalModel, Policy
+from swarm.requester import AUTO_WAVE, LocalModel, Policy
 
 log = get_logger(__name__)
 
@@ -460,7 +460,7 @@ class _Routes:
             "policy": Policy(
                 variants=self._variants_param(query.get("variants")),
                 replicas=self._all_or_count(query, "replicas", 1),
-                wave=self._all_or_count(query, "wave", None),
+                wave=self._wave_param(query),
             ),
         }
 
@@ -472,6 +472,16 @@ class _Routes:
             return None
         if not text.isdigit() or not 1 <= int(text) <= config.MAX_PEERS:
             _bad_param(f"{name} must be 'all' or an integer in [1, {config.MAX_PEERS}]")
+        return int(text)
+
+    def _wave_param(self, query: Mapping[str, str]) -> int | Literal["auto"] | None:
+        text = query.get("wave", AUTO_WAVE)
+        if text == AUTO_WAVE:
+            return AUTO_WAVE
+        if text == "all":
+            return None
+        if not text.isdigit() or not 1 <= int(text) <= config.MAX_PEERS:
+            _bad_param(f"wave must be 'auto', 'all' or an integer in [1, {config.MAX_PEERS}]")
         return int(text)
 
     def _variants_param(self, text: str | None) -> tuple[str, ...] | None:

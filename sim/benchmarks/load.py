@@ -89,9 +89,11 @@ async def throughput(
     bare: BareSwarm,
 ) -> dict[str, Any]:
     """classify/s at each concurrency against the floor: micro-batching on and off (the
-    peers'), the requester's coalescing of asks into batches off, and waves of ``WAVE``
-    (fewer peers asked per call); and the bare swarm's calls/s (``sim.benchmarks.bare``:
-    the same models with no protocol around them), the most such a swarm sustains here.
+    peers'), the requester's coalescing of asks into batches off, every ballot asked at
+    once however busy the requester (the default policy waves from
+    ``config.WAVE_IN_FLIGHT`` calls in flight), and waves of ``WAVE`` at every load;
+    and the bare swarm's calls/s (``sim.benchmarks.bare``: the same models with no
+    protocol around them), the most such a swarm sustains here.
 
     The floor (``measure_floor``) is measured before the first row and again after every
     row; each row is compared with the mean of the two floors around it, so that the
@@ -104,6 +106,10 @@ async def throughput(
         ("batching_on", _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=True)),
         ("batching_off", _classify_row(tensors, unbatched, DEFAULT_POLICY, coalesce=True)),
         ("no_coalescing", _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=False)),
+        (
+            "batching_on_all_at_once",
+            _classify_row(tensors, batching, Policy(wave=None), coalesce=True),
+        ),
         (
             f"batching_on_wave{WAVE}",
             _classify_row(tensors, batching, Policy(wave=WAVE), coalesce=True),

@@ -67,7 +67,7 @@ def swarm_name() -> str:
         (["--wait-peers", "0"], "argument --wait-peers: '0' is not an integer >= 1"),
         (["--log-format", "xml"], "argument --log-format: invalid choice: 'xml'"),
         (["--replicas", "0"], "argument --replicas: '0' is neither 'all' nor an integer >= 1"),
-        (["--wave", "x"], "argument --wave: 'x' is neither 'all' nor an integer >= 1"),
+        (["--wave", "x"], "argument --wave: 'x' is neither 'auto', 'all' nor an integer >= 1"),
     ],
 )
 def test_bad_flag_exits_2_with_one_line(

@@ -41,6 +41,7 @@ SWARM = "test-swarm"
 # No hedging unless a test asks for it; deadlines are passed per call.
 TIMINGS = Timings(hedge_after_s=30.0, deadline_s=2.0)
 TENSOR = np.full(config.INPUT_SHAPE, 0.5, dtype=np.float32)
+ALL_AT_ONCE = Policy(wave=None)  # every ballot asked at once, however busy the requester
 
 Behaviour = Callable[["FakePeer", wire.InferRequest], Awaitable[web.Response]]
 
@@ -415,9 +416,10 @@ async def test_to_json_has_the_documented_shape(rig: Rig) -> None:
     doc = json.loads(json.dumps(result.to_json(image="a.png")))
     assert set(doc) == {
         "image", "class", "label", "confidence", "certified_f", "latency_ms", "rule",
-        "replies", "rejected", "missing", "skipped",
+        "replies", "rejected", "missing", "skipped", "wave",
     }  # fmt: skip
     assert (doc["image"], doc["class"], doc["label"]) == ("a.png", 3, "Dress")
+    assert doc["wave"] is None  # one call in flight: every ballot asked at once
     assert set(doc["replies"][0]) == {"peer", "variant", "topk", "latency_ms"}
     assert doc["replies"][0]["topk"][0] == [3, 0.8]
     assert doc["missing"] == [rig.peers[1].peer_id]
@@ -1065,12 +1067,49 @@ def test_wave_must_be_positive() -> None:
         Policy(wave=0)
 
 
+@pytest.mark.parametrize("wave", ["most", "3", True, 2.5])
+def test_wave_is_auto_a_count_or_none(wave: object) -> None:
+    with pytest.raises(ConfigError, match=r"Policy\.wave must be 'auto', an integer >= 1 or None"):
+        Policy(wave=wave)  # type: ignore[arg-type]
+
+
+async def test_auto_wave_asks_everyone_at_once_until_the_requester_is_busy(
+    rig7: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default wave: calls that start with fewer than WAVE_IN_FLIGHT calls in flight
+    ask all five ballots at once; from there on a majority (three) first, and the two
+    held back are asked by none of them, since three confident replies settle the label."""
+    monkeypatch.setattr(config, "WAVE_IN_FLIGHT", 3)
+    peers = await wave_peers(rig7, {f"V{i}": says({3: 0.95}) for i in range(1, 6)})
+    async with asyncio.timeout(10):
+        results = await concurrent_calls(rig7.requester(), 6, quorum=1)
+    assert [r.wave for r in results] == [None, None, 3, 3, 3, 3]
+    assert [len(r.replies) for r in results] == [5, 5, 3, 3, 3, 3]
+    assert all(r.label == 3 and not r.missing and not r.rejected for r in results)
+    asks = sorted(len(p.bodies) + sum(p.batches) for p in peers.values())
+    assert asks == [2, 2, 6, 6, 6]  # the reserve, asked only by the first two calls
+    alone = await classify(rig7.requester())
+    assert (alone.wave, len(alone.replies)) == (None, 5)  # nothing else in flight
+
+
+async def test_auto_wave_never_holds_back_ballots_a_quorum_needs(
+    rig7: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config, "WAVE_IN_FLIGHT", 1)  # every call counts as under load
+    await wave_peers(rig7, {f"V{i}": says({3: 0.95}) for i in range(1, 6)})
+    requester = rig7.requester()
+    assert (await classify(requester)).wave == 3
+    assert (await classify(requester, quorum=4)).wave == 4
+    assert (await classify(requester, quorum=5)).wave is None  # every ballot at once
+    assert (await classify(requester, policy=ALL_AT_ONCE)).wave is None
+
+
 # --- coalescing ----------------------------------------------------------------------------
 
 
-async def concurrent_calls(requester: Requester, n: int) -> list[ClassifyResult]:
+async def concurrent_calls(requester: Requester, n: int, quorum: int = 3) -> list[ClassifyResult]:
     async with asyncio.timeout(10):
-        return await asyncio.gather(*(requester.classify(TENSOR, quorum=3) for _ in range(n)))
+        return await asyncio.gather(*(requester.classify(TENSOR, quorum=quorum) for _ in range(n)))
 
 
 async def test_concurrent_asks_to_a_busy_peer_go_as_batches(rig: Rig) -> None:
@@ -1158,7 +1197,9 @@ async def test_late_checks_draw_once_per_reply_batch_and_check_it_whole(
     requester = rig.requester()
     with capture_logs() as logs:
         async with asyncio.timeout(10):
-            results = await asyncio.gather(*(requester.classify(TENSOR) for _ in range(12)))
+            results = await asyncio.gather(
+                *(requester.classify(TENSOR, policy=ALL_AT_ONCE) for _ in range(12))
+            )
         await asyncio.sleep(0)  # the checks run on the next turn of the loop
     assert all(r.label == 3 and forger.peer_id in {b.peer for b in r.replies} for r in results)
     assert [n for n in forger.batches if n > 1], "the forger's asks went as batches"
@@ -1188,7 +1229,9 @@ async def test_a_refused_batch_item_fails_only_that_ask(rig: Rig) -> None:
     odd.batch_behaviour = refuse_first
     requester = rig.requester()
     async with asyncio.timeout(10):
-        results = await asyncio.gather(*(requester.classify(TENSOR) for _ in range(12)))
+        results = await asyncio.gather(
+            *(requester.classify(TENSOR, policy=ALL_AT_ONCE) for _ in range(12))
+        )
     assert len(odd.batches) == 1
     missing = [r for r in results if odd.peer_id in r.missing]
     assert len(missing) == 1

@@ -755,6 +755,15 @@ async def test_classify_png_with_every_parameter(harness: Harness) -> None:
     }
 
 
+@pytest.mark.parametrize(("text", "wave"), [("auto", "auto"), ("all", None), ("3", 3)])
+async def test_classify_wave_parameter(harness: Harness, text: str, wave: object) -> None:
+    pixels = np.zeros((28, 28), dtype=np.uint8)
+    resp = await harness.client.post("/v1/classify", params={"wave": text}, data=npy_bytes(pixels))
+    assert resp.status == 200, await resp.text()
+    [(_, kwargs)] = harness.classifier.calls
+    assert kwargs["policy"].wave == wave
+
+
 @pytest.mark.parametrize(
     ("params", "code"),
     [
@@ -770,6 +779,7 @@ async def test_classify_png_with_every_parameter(harness: Harness) -> None:
         ({"quorum": "0"}, "bad_parameter"),
         ({"replicas": "0"}, "bad_parameter"),
         ({"wave": "some"}, "bad_parameter"),
+        ({"wave": "0"}, "bad_parameter"),
         ({"colour": "red"}, "bad_parameter"),
         ({"variants": "T1,NOPE"}, "unknown_variant"),
         ({"variants": ""}, "unknown_variant"),
