@@ -19,7 +19,9 @@ decides from what this gathers. Here, for one call:
   replicas, or at the hedge delay. A call that stops after the first wave has the label
   it would have had asking everyone, since ``can_change`` counts every slot held back
   as a ballot with any content; the peers held back are simply never disturbed. The
-  price is a second round trip for the inputs the first wave leaves open.
+  price is a second round trip for the inputs the first wave leaves open. By default
+  (``Policy.wave`` "auto") the requester asks in waves of a majority only while it is
+  busy (``config.WAVE_IN_FLIGHT`` calls in flight), when capacity counts for more.
 
 Every peer asked ends up in exactly one list:
 
