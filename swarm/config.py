@@ -51,7 +51,8 @@ MAX_PENDING_RESOLVES = 64
 # (host and port); a call past these waits for a free one, within its deadline.
 REQUESTER_MAX_CONNECTIONS = 128
 REQUESTER_MAX_CONNECTIONS_PER_PEER = 16
-# Exchanges a requester runs with one peer at once; asks beyond wait and go as a batch.
+# Exchanges a requester runs with one peer at once: one, and more only while a full batch
+# (MAX_BATCH_ITEMS) waits for that peer; asks beyond wait and go as a batch.
 REQUESTER_EXCHANGES_PER_PEER = 2
 # HTTP requests one peer serves at once, per route; past this it answers 503 with
 # Retry-After instead of queueing without bound. /v1/infer is cheap and micro-batched

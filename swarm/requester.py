@@ -12,10 +12,13 @@ The path of a call (DESIGN.md, "The path of one classify call"):
    most accurate variant first, variants that would overrun its MACs budget.
 2. Ask, hedge, verify and exit early: ``swarm.fanout``. The request is signed and encoded
    once for all peers. The peer's own variant is asked in-process (``LocalInfer``).
-   Coalescing: at most ``config.REQUESTER_EXCHANGES_PER_PEER`` exchanges with one peer
-   run at once; asks for that peer beyond them wait and go together, when one finishes,
-   as one batch (``POST /v1/infer/batch``) signed once each way. A lone call never waits:
-   under concurrency, calls share the HTTP exchange and both signatures.
+   Coalescing: one exchange with a peer runs at a time; asks for that peer meanwhile wait
+   and go together, when it finishes, as one batch (``POST /v1/infer/batch``) signed
+   once each way. A lone call never waits: under concurrency, calls share the HTTP
+   exchange and both signatures, and the peer's model runs larger batches. Only when a
+   full batch (``config.MAX_BATCH_ITEMS``) waits does a further exchange open, up to
+   ``config.REQUESTER_EXCHANGES_PER_PEER``: the peer is then so busy that batches cannot
+   grow, and keeping its model fed during the round trip is the gain left.
    Sessions (``swarm.session``, on by default): the first ask to a peer opens a session
    with one signed key exchange; later requests carry a MAC instead of being checked by
    signature, and a reply whose MAC verifies is known to come from that peer. Its
@@ -620,7 +623,7 @@ class Requester(AsyncResource):
         if not self.coalesce:
             return await self._ask_one(record, request, body)
         link = self._links.setdefault(record.peer_id, _Link())
-        if link.busy < config.REQUESTER_EXCHANGES_PER_PEER and not link.waiting:
+        if not link.busy and not link.waiting:
             link.busy += 1
             try:
                 return await self._ask_one(record, request, body)
@@ -629,11 +632,21 @@ class Requester(AsyncResource):
                 self._flush(link, record)
         waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
         link.waiting.append(waiting)
+        if len(link.waiting) >= config.MAX_BATCH_ITEMS:
+            self._flush(link, record)  # a full batch may open a further exchange
         return await waiting.future  # a caller that gives up cancels it: the batch skips it
 
     def _flush(self, link: _Link, record: PeerRecord) -> None:
-        """Send what waits for ``record``'s peer, as batches, while exchanges are free."""
-        while link.busy < config.REQUESTER_EXCHANGES_PER_PEER and link.waiting:
+        """Send what waits for ``record``'s peer, as batches, while exchanges may open:
+        the first at once; a further one, up to ``config.REQUESTER_EXCHANGES_PER_PEER``,
+        only for a full batch, when the peer is so busy that batches cannot grow."""
+        while link.waiting and (
+            not link.busy
+            or (
+                link.busy < config.REQUESTER_EXCHANGES_PER_PEER
+                and len(link.waiting) >= config.MAX_BATCH_ITEMS
+            )
+        ):
             group: list[_Waiting] = []
             while link.waiting and len(group) < config.MAX_BATCH_ITEMS:
                 waiting = link.waiting.popleft()

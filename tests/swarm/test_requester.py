@@ -185,6 +185,7 @@ class FakePeer:
         self.bad_mac = False  # seal replies with a wrong MAC
         self.batch_signatures: list[bytes] = []  # of the request batches received
         self.received = asyncio.Event()  # set when the first request arrives
+        self.batch_arrived = asyncio.Event()  # set when the first batch arrives
         self.release = asyncio.Event()
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -261,6 +262,7 @@ class FakePeer:
         self.batches.append(len(batch.items))
         self.batch_ids.append([r.request_id for r in batch.items])
         self.received.set()
+        self.batch_arrived.set()
         if self.batch_behaviour is not None:
             own = await self.batch_behaviour(self, batch)
             return web.Response(body=wire.encode_reply_batch(own), content_type="application/json")
@@ -1125,6 +1127,34 @@ async def test_concurrent_asks_to_a_busy_peer_go_as_batches(rig: Rig) -> None:
         assert len(peer.bodies) + len(peer.batches) < 12  # fewer exchanges than calls
 
 
+async def test_asks_for_a_busy_peer_wait_for_its_one_exchange(rig: Rig) -> None:
+    """While one exchange with a peer is out, the next asks wait and go together when it
+    ends: a larger batch for the peer's model rather than a second exchange."""
+    peer = await rig.peer("V1", hangs({3: 0.9}))
+    requester = rig.requester()
+    calls = [asyncio.create_task(classify(requester)) for _ in range(3)]
+    await asyncio.wait_for(peer.received.wait(), 5)
+    peer.release.set()
+    results = await asyncio.gather(*calls)
+    assert [r.label for r in results] == [3, 3, 3]
+    assert (len(peer.bodies), peer.batches) == (1, [2])
+
+
+async def test_a_full_batch_opens_a_second_exchange_while_one_is_out(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer so busy that a full batch waits for it gets that batch at once, on a second
+    exchange, while the first is still out."""
+    monkeypatch.setattr(config, "MAX_BATCH_ITEMS", 2)
+    peer = await rig.peer("V1", hangs({3: 0.9}))
+    requester = rig.requester()
+    calls = [asyncio.create_task(classify(requester)) for _ in range(3)]
+    await asyncio.wait_for(peer.batch_arrived.wait(), 5)
+    assert not peer.release.is_set() and (len(peer.bodies), peer.batches) == (1, [2])
+    peer.release.set()
+    assert [r.label for r in await asyncio.gather(*calls)] == [3, 3, 3]
+
+
 async def test_coalescing_off_sends_every_ask_alone(rig: Rig) -> None:
     peers = [await rig.peer(v, slow(0.05, {3: 0.9})) for v in ("V1", "V2", "V3")]
     results = await concurrent_calls(rig.requester(coalesce=False), 6)
@@ -1189,10 +1219,14 @@ async def test_late_checks_draw_once_per_reply_batch_and_check_it_whole(
 
     monkeypatch.setattr(requester_module, "_SAMPLER", Alternating())
     monkeypatch.setattr(config, "LATE_SIGNATURE_SAMPLE", 0.5)
+    async def forged(peer: FakePeer, req: wire.InferRequest) -> web.Response:
+        await asyncio.sleep(0.02)
+        return respond(dataclasses.replace(reply_for(peer, req, {3: 0.9}), signature=bytes(64)))
+
     await rig.peer("V1", slow(0.1, {3: 0.9}))  # outside a session: checked on arrival
     await rig.peer("V2", slow(0.1, {3: 0.9}))
-    # Agrees, so its replies count on their session MAC; its batches' signatures are bad.
-    forger = await rig.peer("V3", slow(0.02, {3: 0.9}), sessions=True)
+    # Agrees, so its replies count on their session MAC; every signature of it is bad.
+    forger = await rig.peer("V3", forged, sessions=True)
     forger.batch_signer = Identity.generate()
     requester = rig.requester()
     with capture_logs() as logs:
@@ -1204,7 +1238,7 @@ async def test_late_checks_draw_once_per_reply_batch_and_check_it_whole(
     assert all(r.label == 3 and forger.peer_id in {b.peer for b in r.replies} for r in results)
     assert [n for n in forger.batches if n > 1], "the forger's asks went as batches"
     found = {e["request"] for e in logs if e["event"] == "late_bad_signature"}
-    assert found, "the first draw samples, and only the forger's batches fail"
+    assert found, "the first draw samples, and the forger's every reply fails"
     for ids in forger.batch_ids:
         assert set(ids) <= found or not found & set(ids), "a batch is checked whole or not"
     # One draw per single reply and per batch, not per reply.
