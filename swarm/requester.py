@@ -321,6 +321,9 @@ class Requester(AsyncResource):
         self.metrics = metrics
         self.local = local
         self.coalesce = coalesce  # off: every ask is an exchange of its own
+        # Asks waiting for a peer that open a further exchange with it while one is out
+        # (up to config.REQUESTER_EXCHANGES_PER_PEER); None: a full batch.
+        self.further_exchange_at: int | None = None
         self.sessions = sessions  # off: every request and reply is checked by signature
         # peer id -> its session and when to renew it (time.monotonic()); bounded LRU.
         self._keys: collections.OrderedDict[str, tuple[SessionKeys, float]] = (
@@ -623,7 +626,7 @@ class Requester(AsyncResource):
         if not self.coalesce:
             return await self._ask_one(record, request, body)
         link = self._links.setdefault(record.peer_id, _Link())
-        if not link.busy and not link.waiting:
+        if not link.waiting and self._may_open(link, 1):
             link.busy += 1
             try:
                 return await self._ask_one(record, request, body)
@@ -632,21 +635,24 @@ class Requester(AsyncResource):
                 self._flush(link, record)
         waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
         link.waiting.append(waiting)
-        if len(link.waiting) >= config.MAX_BATCH_ITEMS:
-            self._flush(link, record)  # a full batch may open a further exchange
+        self._flush(link, record)  # a full batch may open a further exchange
         return await waiting.future  # a caller that gives up cancels it: the batch skips it
 
+    def _may_open(self, link: _Link, waiting: int) -> bool:
+        """Whether an exchange for ``waiting`` asks may open with the peer now: the first
+        at once; a further one, up to ``config.REQUESTER_EXCHANGES_PER_PEER``, only for a
+        full batch (``further_exchange_at``), when the peer is so busy that batches cannot
+        grow and keeping its model fed during the round trip is the gain left."""
+        if not link.busy:
+            return True
+        at = (
+            config.MAX_BATCH_ITEMS if self.further_exchange_at is None else self.further_exchange_at
+        )
+        return link.busy < config.REQUESTER_EXCHANGES_PER_PEER and waiting >= at
+
     def _flush(self, link: _Link, record: PeerRecord) -> None:
-        """Send what waits for ``record``'s peer, as batches, while exchanges may open:
-        the first at once; a further one, up to ``config.REQUESTER_EXCHANGES_PER_PEER``,
-        only for a full batch, when the peer is so busy that batches cannot grow."""
-        while link.waiting and (
-            not link.busy
-            or (
-                link.busy < config.REQUESTER_EXCHANGES_PER_PEER
-                and len(link.waiting) >= config.MAX_BATCH_ITEMS
-            )
-        ):
+        """Send what waits for ``record``'s peer, as batches, while exchanges may open."""
+        while link.waiting and self._may_open(link, len(link.waiting)):
             group: list[_Waiting] = []
             while link.waiting and len(group) < config.MAX_BATCH_ITEMS:
                 waiting = link.waiting.popleft()

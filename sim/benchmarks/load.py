@@ -91,7 +91,9 @@ async def throughput(
     """classify/s at each concurrency against the floor: micro-batching on and off (the
     peers'), the requester's coalescing of asks into batches off, every ballot asked at
     once however busy the requester (the default policy waves from
-    ``config.WAVE_IN_FLIGHT`` calls in flight), and waves of ``WAVE`` at every load;
+    ``config.WAVE_IN_FLIGHT`` calls in flight), a second exchange with a peer as soon as
+    an ask waits for it (the requester's rule before: now only for a full batch), and
+    waves of ``WAVE`` at every load;
     and the bare swarm's calls/s (``sim.benchmarks.bare``: the same models with no
     protocol around them), the most such a swarm sustains here.
 
@@ -109,6 +111,10 @@ async def throughput(
         (
             "batching_on_all_at_once",
             _classify_row(tensors, batching, Policy(wave=None), coalesce=True),
+        ),
+        (
+            "batching_on_two_exchanges",
+            _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=True, further_exchange_at=1),
         ),
         (
             f"batching_on_wave{WAVE}",
@@ -152,6 +158,7 @@ def _classify_row(
     policy: Policy,
     *,
     coalesce: bool,
+    further_exchange_at: int | None = None,
 ) -> _Row | None:
     """The measure of classify rows against ``target``'s peers; None without a target."""
     if target is None:
@@ -163,7 +170,10 @@ def _classify_row(
 
     async def measure(level: int, count: int) -> tuple[list[float], float, dict[str, Any]]:
         peers0, metrics0 = _cpu(pids), await metric_sums(peers, names)
-        with patched(req, "coalesce", coalesce):
+        with (
+            patched(req, "coalesce", coalesce),
+            patched(req, "further_exchange_at", further_exchange_at),
+        ):
             loop = await classify_loop(req, tensors, count=count, concurrency=level, policy=policy)
         peers1, metrics1 = _cpu(pids), await metric_sums(peers, names)
         _, model_cpu, batch_sum, batches = metrics1 - metrics0

@@ -1140,6 +1140,19 @@ async def test_asks_for_a_busy_peer_wait_for_its_one_exchange(rig: Rig) -> None:
     assert (len(peer.bodies), peer.batches) == (1, [2])
 
 
+async def test_further_exchange_at_one_opens_a_second_exchange_for_any_ask(rig: Rig) -> None:
+    """The rule before (``sim.bench``'s two-exchanges row): a second exchange as soon as
+    an ask waits, so of three calls two go alone at once and the third after them."""
+    peer = await rig.peer("V1", hangs({3: 0.9}))
+    requester = rig.requester()
+    requester.further_exchange_at = 1
+    calls = [asyncio.create_task(classify(requester)) for _ in range(3)]
+    await asyncio.wait_for(peer.received.wait(), 5)
+    peer.release.set()
+    assert [r.label for r in await asyncio.gather(*calls)] == [3, 3, 3]
+    assert (len(peer.bodies), peer.batches) == (3, [])
+
+
 async def test_a_full_batch_opens_a_second_exchange_while_one_is_out(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1219,6 +1232,7 @@ async def test_late_checks_draw_once_per_reply_batch_and_check_it_whole(
 
     monkeypatch.setattr(requester_module, "_SAMPLER", Alternating())
     monkeypatch.setattr(config, "LATE_SIGNATURE_SAMPLE", 0.5)
+
     async def forged(peer: FakePeer, req: wire.InferRequest) -> web.Response:
         await asyncio.sleep(0.02)
         return respond(dataclasses.replace(reply_for(peer, req, {3: 0.9}), signature=bytes(64)))
