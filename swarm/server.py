@@ -464,25 +464,22 @@ class _Routes:
             ),
         }
 
-    def _all_or_count(self, query: Mapping[str, str], name: str, default: int | None) -> int | None:
+    def _all_or_count(
+        self, query: Mapping[str, str], name: str, default: int | None, forms: str = "'all'"
+    ) -> int | None:
         text = query.get(name)
         if text is None:
             return default
         if text == "all":
             return None
         if not text.isdigit() or not 1 <= int(text) <= config.MAX_PEERS:
-            _bad_param(f"{name} must be 'all' or an integer in [1, {config.MAX_PEERS}]")
+            _bad_param(f"{name} must be {forms} or an integer in [1, {config.MAX_PEERS}]")
         return int(text)
 
     def _wave_param(self, query: Mapping[str, str]) -> int | Literal["auto"] | None:
-        text = query.get("wave", AUTO_WAVE)
-        if text == AUTO_WAVE:
+        if query.get("wave", AUTO_WAVE) == AUTO_WAVE:
             return AUTO_WAVE
-        if text == "all":
-            return None
-        if not text.isdigit() or not 1 <= int(text) <= config.MAX_PEERS:
-            _bad_param(f"wave must be 'auto', 'all' or an integer in [1, {config.MAX_PEERS}]")
-        return int(text)
+        return self._all_or_count(query, "wave", None, forms="'auto', 'all'")
 
     def _variants_param(self, text: str | None) -> tuple[str, ...] | None:
         if text is None or text == "all":

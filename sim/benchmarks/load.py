@@ -93,9 +93,9 @@ async def throughput(
     once however busy the requester (the default policy waves from
     ``config.WAVE_IN_FLIGHT`` calls in flight), a second exchange with a peer as soon as
     an ask waits for it (the requester's rule before: now only for a full batch), and
-    waves of ``WAVE`` at every load;
-    and the bare swarm's calls/s (``sim.benchmarks.bare``: the same models with no
-    protocol around them), the most such a swarm sustains here.
+    waves of ``WAVE`` at every load; and the bare swarm's calls/s
+    (``sim.benchmarks.bare``: the same models with no protocol around them), the most
+    such a swarm sustains here.
 
     The floor (``measure_floor``) is measured before the first row and again after every
     row; each row is compared with the mean of the two floors around it, so that the
