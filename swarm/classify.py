@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=cliargs.wave,
         default="auto",
         metavar="auto|N|all",
-        help="ballots asked at once: 'all' asks every one; N asks the N most trusted "
-        "first and the others only if those leave the label open (fewer peers "
+        help="ballots asked at once: 'all' asks every one; N asks N first (the "
+        "cheapest models per unit of trust) and the others only if those leave the "
+        "label open, which gives the same label (fewer peers "
         "disturbed, a second round trip for unclear inputs); 'auto' (default) asks all "
         f"while fewer than {config.WAVE_IN_FLIGHT} calls are in flight, a majority first "
         "from there on",

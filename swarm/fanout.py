@@ -13,13 +13,19 @@ decides from what this gathers. Here, for one call:
 - Early exit: once ``quorum`` ballots count and ``voting.can_change`` says the variants
   still out cannot change the label, whatever they answer, the rest are cancelled. At
   the deadline, what is still out is cancelled and the call decides with what is in.
-- Waves (``wave``, optional): only the ``wave`` most trusted slots are asked at once;
-  the rest are held in reserve and asked only if the first wave's answers leave the
-  label open: when nothing of the wave is still out, when one of its slots ran out of
-  replicas, or at the hedge delay. A call that stops after the first wave has the label
-  it would have had asking everyone, since ``can_change`` counts every slot held back
-  as a ballot with any content; the peers held back are simply never disturbed. The
-  price is a second round trip for the inputs the first wave leaves open. By default
+- Waves (``wave``, optional): only ``wave`` slots are asked at once; the rest are held
+  in reserve and asked only if the first wave's answers leave the label open: when
+  nothing of the wave is still out, when one of its slots ran out of replicas, or at
+  the hedge delay. A call that stops after the first wave has the label it would have
+  had asking everyone, since ``can_change`` counts every slot held back as a ballot
+  with any content; the peers held back are simply never disturbed. The price is a
+  second round trip for the inputs the first wave leaves open. Since which slots go
+  first cannot change a label, they are the cheapest per unit of trust
+  (``first_wave_key``: the model's latency in the manifest over the largest weight
+  the slot's ballot may carry): the swarm spends the least compute on the inputs the
+  first wave settles, the peers of a swarm of devices asked on every call are those
+  whose model costs least, and a peer with a poor reputation still goes last, since
+  its weight is small. By default
   (``Policy.wave`` "auto") the requester asks in waves of a majority only while it is
   busy (``config.WAVE_IN_FLIGHT`` calls in flight), when capacity counts for more.
 
@@ -43,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Final, Protocol
@@ -181,6 +188,15 @@ class Replicas:
     done: bool = False
 
 
+def first_wave_key(slot: Replicas) -> tuple[float, float]:
+    """A slot's rank for the first wave, lowest first: its model's latency (the
+    manifest's) per unit of the weight its ballot may carry, then the heavier ballot.
+    A slot whose ballots weigh nothing goes last."""
+    if not slot.weight_bound > 0:
+        return (math.inf, 0.0)
+    return (slot.spec.latency_ms / slot.weight_bound, -slot.weight_bound)
+
+
 class Asker(Protocol):
     """What a fan-out needs of its requester (``requester.Requester`` is one)."""
 
@@ -253,7 +269,7 @@ class FanOut:
         self.reserve: list[Replicas] = []
         self.wave = wave if wave is not None and wave < len(plan) else None
         if self.wave is not None:
-            ranked = sorted(plan.values(), key=lambda v: (-v.weight_bound, v.spec.latency_ms))
+            ranked = sorted(plan.values(), key=first_wave_key)
             self.reserve = ranked[self.wave :]
 
     async def run(self) -> bool:

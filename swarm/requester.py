@@ -139,7 +139,8 @@ class Policy:
     # half of the *peers* lying rather than half of the variants.
     replicas: int | None = 1
     # Ballots asked at once (``swarm.fanout``, "Waves"): None asks every one at once; n
-    # asks the n most trusted and the rest only if those leave the label open. "auto"
+    # asks n, the cheapest per unit of trust, and the rest only if those leave the label
+    # open (the same label either way). "auto"
     # (the default) asks every one at once while the requester has fewer than
     # ``config.WAVE_IN_FLIGHT`` calls in flight, and a majority first from there on.
     wave: int | Literal["auto"] | None = AUTO_WAVE

@@ -1064,6 +1064,46 @@ async def test_wave_calls_the_reserve_at_the_hedge_delay(rig7: Rig) -> None:
     assert result.skipped == (peers["V1"].peer_id,)
 
 
+def priced_rig() -> Rig:
+    """Five variants whose models cost differently (manifest latency), the cheaper ones
+    mostly less accurate: (accuracy, latency ms)."""
+    specs = {"V1": (0.93, 0.35), "V2": (0.9, 0.1), "V3": (0.91, 0.3), "V4": (0.92, 0.2)}
+    specs["V5"] = (0.95, 0.5)
+    return Rig(manifest_of(*(spec(v, acc=a, latency_ms=ms) for v, (a, ms) in specs.items())))
+
+
+async def test_wave_asks_the_cheapest_models_first() -> None:
+    """Which slots go first cannot change the label, so the first wave is the three
+    models that cost least per unit of weight, not the three most accurate (V5, V1, V4);
+    the two others are asked only when the label stays open."""
+    rig = priced_rig()
+    try:
+        peers = await wave_peers(rig, {f"V{i}": says({3: 0.95}) for i in range(1, 6)})
+        result = await classify(rig.requester(), policy=Policy(wave=3))
+        assert {v for v, p in peers.items() if p.bodies} == {"V2", "V4", "V3"}
+        assert {r.variant for r in result.replies} == {"V2", "V4", "V3"}
+    finally:
+        await rig.aclose()
+
+
+async def test_wave_asks_a_cheap_peer_of_poor_reputation_last() -> None:
+    """The rank is cost per unit of trust: the cheapest model's peer, once its answers
+    disagreed often enough to weigh a quarter (or nothing), waits in the reserve."""
+    rig = priced_rig()
+    try:
+        peers = await wave_peers(rig, {f"V{i}": says({3: 0.95}) for i in range(1, 6)})
+        doubted = peers["V2"].peer_id
+        for _ in range(50):
+            if rig.reputation.weight(doubted) <= 0.25:
+                break
+            rig.reputation.record(doubted, agreed=False)
+        assert rig.reputation.weight(doubted) <= 0.25
+        await classify(rig.requester(), policy=Policy(wave=3))
+        assert {v for v, p in peers.items() if p.bodies} == {"V4", "V3", "V1"}
+    finally:
+        await rig.aclose()
+
+
 def test_wave_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="wave"):
         Policy(wave=0)
