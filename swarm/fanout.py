@@ -52,7 +52,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from swarm import voting, wire
 from swarm.config import Timings
@@ -240,6 +240,7 @@ class FanOut:
         quorum: int,
         deadline_at: float,
         wave: int | None = None,
+        rank: Callable[[Replicas], Any] = first_wave_key,
     ) -> None:
         if wave is not None and wave < 1:
             raise ValueError(f"wave must be >= 1 or None (every slot at once), got {wave}")
@@ -269,7 +270,7 @@ class FanOut:
         self.reserve: list[Replicas] = []
         self.wave = wave if wave is not None and wave < len(plan) else None
         if self.wave is not None:
-            ranked = sorted(plan.values(), key=first_wave_key)
+            ranked = sorted(plan.values(), key=rank)
             self.reserve = ranked[self.wave :]
 
     async def run(self) -> bool:

@@ -71,6 +71,7 @@ from swarm.fanout import (
     Replicas,
     ReplyInfo,
     Unchecked,
+    first_wave_key,
 )
 from swarm.httpclient import BadAnswer, ConnectFailed, HttpPool
 from swarm.identity import Identity, TrustStore
@@ -325,6 +326,8 @@ class Requester(AsyncResource):
         # Asks waiting for a peer that open a further exchange with it while one is out
         # (up to config.REQUESTER_EXCHANGES_PER_PEER); None: a full batch.
         self.further_exchange_at: int | None = None
+        # How the slots of a call in waves rank for the first wave, lowest first.
+        self.first_wave_key: Callable[[Replicas], Any] = first_wave_key
         self.sessions = sessions  # off: every request and reply is checked by signature
         # peer id -> its session and when to renew it (time.monotonic()); bounded LRU.
         self._keys: collections.OrderedDict[str, tuple[SessionKeys, float]] = (
@@ -445,6 +448,7 @@ class Requester(AsyncResource):
                 quorum=quorum,
                 deadline_at=started + budget_ms / 1000,
                 wave=self._wave(policy, len(plan), quorum),
+                rank=self.first_wave_key,
             )
             log.debug("classify_started", variants=sorted(plan), rule=rule, deadline_ms=budget_ms)
             self._in_flight += 1

@@ -48,6 +48,7 @@ from sim.benchmarks.sections import (
     _no_early_exit,
 )
 from swarm import voting
+from swarm.fanout import Replicas, first_wave_key
 from swarm.inference import Manifest
 from swarm.requester import DEFAULT_POLICY, Policy, Requester
 
@@ -92,7 +93,9 @@ async def throughput(
     peers'), the requester's coalescing of asks into batches off, every ballot asked at
     once however busy the requester (the default policy waves from
     ``config.WAVE_IN_FLIGHT`` calls in flight), a second exchange with a peer as soon as
-    an ask waits for it (the requester's rule before: now only for a full batch), and
+    an ask waits for it (the requester's rule before: now only for a full batch), the
+    first wave of a busy requester taken from the most trusted ballots (``trusted_first``:
+    the order before; now the cheapest per unit of trust, ``fanout.first_wave_key``), and
     waves of ``WAVE`` at every load; and the bare swarm's calls/s
     (``sim.benchmarks.bare``: the same models with no protocol around them), the most
     such a swarm sustains here.
@@ -115,6 +118,12 @@ async def throughput(
         (
             "batching_on_two_exchanges",
             _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=True, further_exchange_at=1),
+        ),
+        (
+            "batching_on_trusted_first",
+            _classify_row(
+                tensors, batching, DEFAULT_POLICY, coalesce=True, first_wave_key=trusted_first
+            ),
         ),
         (
             f"batching_on_wave{WAVE}",
@@ -147,6 +156,12 @@ async def throughput(
     return out
 
 
+def trusted_first(slot: Replicas) -> tuple[float, float]:
+    """The first wave's order before ``fanout.first_wave_key``: the heaviest ballots
+    (most accurate variant, best reputation) first, the faster model on a tie."""
+    return (-slot.weight_bound, slot.spec.latency_ms)
+
+
 # One row's measure, given the concurrency and the number of calls: the calls'
 # latencies (ms), the wall clock (s), and the row's other figures.
 _Row = Callable[[int, int], Awaitable[tuple[list[float], float, dict[str, Any]]]]
@@ -159,6 +174,7 @@ def _classify_row(
     *,
     coalesce: bool,
     further_exchange_at: int | None = None,
+    first_wave_key: Callable[[Replicas], Any] = first_wave_key,
 ) -> _Row | None:
     """The measure of classify rows against ``target``'s peers; None without a target."""
     if target is None:
@@ -173,6 +189,7 @@ def _classify_row(
         with (
             patched(req, "coalesce", coalesce),
             patched(req, "further_exchange_at", further_exchange_at),
+            patched(req, "first_wave_key", first_wave_key),
         ):
             loop = await classify_loop(req, tensors, count=count, concurrency=level, policy=policy)
         peers1, metrics1 = _cpu(pids), await metric_sums(peers, names)

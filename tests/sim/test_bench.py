@@ -131,6 +131,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert _finite(tp["levels"]["batching_on_wave3"]["1"]["per_s"])
     assert _finite(tp["levels"]["batching_on_all_at_once"]["8"]["per_s"])
     assert _finite(tp["levels"]["batching_on_two_exchanges"]["8"]["per_s"])
+    assert _finite(tp["levels"]["batching_on_trusted_first"]["8"]["per_s"])
     assert _finite(tp["levels"]["bare_swarm"]["8"]["per_s"])
     # The peers' CPU per call around each row, and their models' share of it (/metrics).
     on = tp["levels"]["batching_on"]["8"]

@@ -1104,6 +1104,20 @@ async def test_wave_asks_a_cheap_peer_of_poor_reputation_last() -> None:
         await rig.aclose()
 
 
+async def test_first_wave_key_gives_another_order() -> None:
+    """The requester's ``first_wave_key`` picks the order (the benchmark puts the old
+    one back with it): the three most accurate first."""
+    rig = priced_rig()
+    try:
+        peers = await wave_peers(rig, {f"V{i}": says({3: 0.95}) for i in range(1, 6)})
+        requester = rig.requester()
+        requester.first_wave_key = lambda slot: (-slot.weight_bound, slot.spec.latency_ms)
+        await classify(requester, policy=Policy(wave=3))
+        assert {v for v, p in peers.items() if p.bodies} == {"V5", "V1", "V4"}
+    finally:
+        await rig.aclose()
+
+
 def test_wave_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="wave"):
         Policy(wave=0)
