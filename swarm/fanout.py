@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -60,7 +61,6 @@ from swarm.discovery import PeerRecord, PeerTable
 from swarm.errors import (
     DecodeError,
     InferenceError,
-    PeerTimeoutError,
     SwarmError,
     TransportError,
     VerificationError,
@@ -184,7 +184,7 @@ class Replicas:
     spec: ModelSpec
     queue: collections.deque[PeerRecord]
     weight_bound: float  # the largest weight a ballot of this variant can carry
-    inflight: dict[str, asyncio.Task[None]] = dataclasses.field(default_factory=dict)
+    inflight: dict[str, asyncio.Future[Answer]] = dataclasses.field(default_factory=dict)
     done: bool = False
 
 
@@ -211,9 +211,13 @@ class Asker(Protocol):
     @property
     def metrics(self) -> Metrics | None: ...
 
-    async def ask_peer(
+    def ask_peer(
         self, record: PeerRecord, request: wire.InferRequest, body: bytes
-    ) -> Answer: ...
+    ) -> asyncio.Future[Answer]:
+        """Ask ``record``'s peer: its decoded reply, or a ``SwarmError``, as a future
+        the fan-out may cancel. It ends on its own only by an answer or a failure: the
+        fan-out bounds the time."""
+        ...
 
     def observe_latency(self, peer_id: str, ms: float, *, censored: bool = False) -> None: ...
 
@@ -224,6 +228,11 @@ class _Outcome:
     seconds: float
     answer: Answer | None
     error: SwarmError | None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class FanOut:
@@ -254,7 +263,9 @@ class FanOut:
         self.rule = rule
         self.quorum = quorum
         self.deadline_at = deadline_at  # time.monotonic(), as the event loop's clock
-        self.queue: asyncio.Queue[_Outcome] = asyncio.Queue()
+        # What the asks brought back, not absorbed yet, and the wait for the next one.
+        self._outcomes: collections.deque[_Outcome] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.ballots: list[Ballot] = []
         self.replies: list[ReplyInfo] = []
         self.rejected: list[Rejection] = []
@@ -264,7 +275,6 @@ class FanOut:
         self.unchecked: dict[str, Unchecked] = {}
         self.asked = 0
         self._asked_at: dict[str, float] = {}  # peer id -> time.monotonic() when asked
-        self._group: asyncio.TaskGroup | None = None
         self._stopping = False
         # Slots held back from the first wave, best first (see the module's "Waves").
         self.reserve: list[Replicas] = []
@@ -281,57 +291,65 @@ class FanOut:
         deadline = self.deadline_at + offset
         hedge_at = loop.time() + self.owner.timings.hedge_after_s
         hedged = early = False
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            try:
-                held = {id(v) for v in self.reserve}
-                for variant in self.variants.values():
-                    if id(variant) not in held:
-                        self._ask_next(variant)
-                while any(v.inflight for v in self.variants.values()) or self.reserve:
-                    if self._settled():
-                        early = True
-                        break
-                    if loop.time() >= deadline:
-                        break
-                    if self.reserve and not any(v.inflight for v in self.variants.values()):
-                        self._release()  # the first wave is in and left the label open
-                        continue
-                    try:
-                        async with asyncio.timeout_at(
-                            deadline if hedged else min(hedge_at, deadline)
-                        ):
-                            outcome = await self.queue.get()
-                    except TimeoutError:
-                        if not hedged and loop.time() >= hedge_at:
-                            hedged = True
-                            self._release()
-                            self._hedge()
-                        continue
-                    self._absorb(outcome)
-                    # Replies that came in meanwhile (a reply batch brings several at
-                    # once) are absorbed before the next check: one check for all.
-                    while not self.queue.empty():
-                        self._absorb(self.queue.get_nowait())
-                self._stopping = True
-                while not self.queue.empty():  # answers that are in count
-                    self._absorb(self.queue.get_nowait())
-                self._stop(early=early)
-            finally:
-                self._stopping = True
-                for variant in self.variants.values():
-                    for task in variant.inflight.values():
-                        task.cancel()
+        try:
+            held = {id(v) for v in self.reserve}
+            for variant in self.variants.values():
+                if id(variant) not in held:
+                    self._ask_next(variant)
+            while any(v.inflight for v in self.variants.values()) or self.reserve:
+                if self._settled():
+                    early = True
+                    break
+                if loop.time() >= deadline:
+                    break
+                if self.reserve and not any(v.inflight for v in self.variants.values()):
+                    self._release()  # the first wave is in and left the label open
+                    continue
+                if not await self._wait(loop, deadline if hedged else min(hedge_at, deadline)):
+                    if not hedged and loop.time() >= hedge_at:
+                        hedged = True
+                        self._release()
+                        self._hedge()
+                    continue
+                # Every answer in (a reply batch brings several at once) is absorbed
+                # before the next check: one check for all.
+                while self._outcomes:
+                    self._absorb(self._outcomes.popleft())
+            self._stopping = True
+            while self._outcomes:  # answers that are in count
+                self._absorb(self._outcomes.popleft())
+            self._stop(early=early)
+        finally:
+            self._stopping = True
+            for variant in self.variants.values():
+                for ask in variant.inflight.values():
+                    ask.cancel()
         return early
 
+    async def _wait(self, loop: asyncio.AbstractEventLoop, until: float) -> bool:
+        """Wait until an answer is in or the loop's clock reaches ``until``; True if one
+        is in. One future and one timer: no task, no timeout scope."""
+        if self._outcomes:
+            return True
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(until, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return bool(self._outcomes)
+
     def _ask_next(self, variant: Replicas) -> None:
-        if self._stopping or variant.done or not variant.queue or self._group is None:
+        if self._stopping or variant.done or not variant.queue:
             return
         record = variant.queue.popleft()
-        task = self._group.create_task(self._attempt(record), name="vswarm-ask")
-        variant.inflight[record.peer_id] = task
-        self._asked_at[record.peer_id] = time.monotonic()
+        started = time.monotonic()
+        ask = self.owner.ask_peer(record, self.request, self.body)
+        variant.inflight[record.peer_id] = ask
+        self._asked_at[record.peer_id] = started
         self.asked += 1
+        ask.add_done_callback(functools.partial(self._answered, record, started))
 
     def _release(self) -> None:
         """Ask the slots held in reserve: the first wave cannot settle the call alone."""
@@ -345,18 +363,24 @@ class FanOut:
                 log.info("hedge_sent", variant=name, peer=variant.queue[0].peer_id)
                 self._ask_next(variant)
 
-    async def _attempt(self, record: PeerRecord) -> None:
-        started = time.monotonic()
-        answer: Answer | None = None
-        error: SwarmError | None = None
-        try:
-            async with asyncio.timeout(max(0.0, self.deadline_at - started)):
-                answer = await self.owner.ask_peer(record, self.request, self.body)
-        except TimeoutError:
-            error = PeerTimeoutError("no answer before the deadline")
-        except SwarmError as exc:
-            error = exc
-        self.queue.put_nowait(_Outcome(record, time.monotonic() - started, answer, error))
+    def _answered(self, record: PeerRecord, started: float, ask: asyncio.Future[Answer]) -> None:
+        """An ask ended: queue what it brought for ``run``; nothing if it was cancelled
+        (the fan-out did that, and listed the peer as skipped or missing then)."""
+        if ask.cancelled():
+            return
+        seconds = time.monotonic() - started
+        error = ask.exception()
+        if error is None:
+            outcome = _Outcome(record, seconds, ask.result(), None)
+        elif isinstance(error, SwarmError):
+            outcome = _Outcome(record, seconds, None, error)
+        else:  # a bug in the asking must cost this one reply, not the call
+            log.error("ask_crashed", peer=record.peer_id, error=repr(error))
+            outcome = _Outcome(record, seconds, None, InferenceError(f"the ask failed: {error!r}"))
+        self._outcomes.append(outcome)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _absorb(self, outcome: _Outcome) -> None:
         record = outcome.record

@@ -617,31 +617,46 @@ class Requester(AsyncResource):
                 continue
         return False
 
-    async def ask_peer(self, record: PeerRecord, request: wire.InferRequest, body: bytes) -> Answer:
-        """One peer's decoded reply, or a SwarmError; the caller bounds the time."""
+    def ask_peer(
+        self, record: PeerRecord, request: wire.InferRequest, body: bytes
+    ) -> asyncio.Future[Answer]:
+        """One peer's decoded reply, or a SwarmError, as a future; the caller bounds the
+        time, and cancels the future when it gives up. An ask that waits for an exchange
+        with the peer (``_flush``) is a plain future, no task of its own: a cancelled one
+        is skipped by its batch."""
+        loop = asyncio.get_running_loop()
         local = self.local
         if local is not None and self._is_local(record, local.spec):
-            try:
-                return Answer(await local(request, self.identity))
-            except SwarmError:
-                raise
-            except Exception as exc:  # a bug there must cost one reply, not the call
-                log.exception("local_infer_crashed")
-                raise InferenceError(f"the local model failed: {exc!r}") from exc
+            return loop.create_task(self._ask_local(local, request), name="vswarm-local")
         if not self.coalesce:
-            return await self._ask_one(record, request, body)
+            return loop.create_task(self._ask_one(record, request, body), name="vswarm-ask")
         link = self._links.setdefault(record.peer_id, _Link())
         if not link.waiting and self._may_open(link, 1):
             link.busy += 1
-            try:
-                return await self._ask_one(record, request, body)
-            finally:
-                link.busy -= 1
-                self._flush(link, record)
-        waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
+            return loop.create_task(self._ask_alone(link, record, request, body), name="vswarm-ask")
+        waiting = _Waiting(request, body, loop.create_future())
         link.waiting.append(waiting)
         self._flush(link, record)  # a full batch may open a further exchange
-        return await waiting.future  # a caller that gives up cancels it: the batch skips it
+        return waiting.future
+
+    async def _ask_local(self, local: LocalInfer, request: wire.InferRequest) -> Answer:
+        try:
+            return Answer(await local(request, self.identity))
+        except SwarmError:
+            raise
+        except Exception as exc:  # a bug there must cost one reply, not the call
+            log.exception("local_infer_crashed")
+            raise InferenceError(f"the local model failed: {exc!r}") from exc
+
+    async def _ask_alone(
+        self, link: _Link, record: PeerRecord, request: wire.InferRequest, body: bytes
+    ) -> Answer:
+        """An exchange of one ask, opened at once (``link.busy`` counts it already)."""
+        try:
+            return await self._ask_one(record, request, body)
+        finally:
+            link.busy -= 1
+            self._flush(link, record)
 
     def _may_open(self, link: _Link, waiting: int) -> bool:
         """Whether an exchange for ``waiting`` asks may open with the peer now: the first
