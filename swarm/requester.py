@@ -43,8 +43,8 @@ import dataclasses
 import json
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any, Final, Literal, Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import aiohttp
 import numpy as np
@@ -103,6 +103,7 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 INFER_PATH: Final = "/v1/infer"
 BATCH_PATH: Final = "/v1/infer/batch"
@@ -337,7 +338,7 @@ class Requester(AsyncResource):
         self._plain: set[str] = set()  # peers that answered 404 to a session offer
         self._links: dict[str, _Link] = {}
         self._in_flight = 0  # classify calls gathering replies (``Policy.wave`` "auto")
-        self._groups: set[asyncio.Task[None]] = set()  # batches and lone asks sent for queues
+        self._groups: set[asyncio.Task[Any]] = set()  # batches and lone asks under way
         self._session: aiohttp.ClientSession | None = None  # health probes
         self._pool: HttpPool | None = None  # exchanges with peers (swarm.httpclient)
         self._closed = False
@@ -624,20 +625,26 @@ class Requester(AsyncResource):
         time, and cancels the future when it gives up. An ask that waits for an exchange
         with the peer (``_flush``) is a plain future, no task of its own: a cancelled one
         is skipped by its batch."""
-        loop = asyncio.get_running_loop()
         local = self.local
         if local is not None and self._is_local(record, local.spec):
-            return loop.create_task(self._ask_local(local, request), name="vswarm-local")
+            return self._task(self._ask_local(local, request), "vswarm-local")
         if not self.coalesce:
-            return loop.create_task(self._ask_one(record, request, body), name="vswarm-ask")
+            return self._task(self._ask_one(record, request, body), "vswarm-ask")
         link = self._links.setdefault(record.peer_id, _Link())
         if not link.waiting and self._may_open(link, 1):
             link.busy += 1
-            return loop.create_task(self._ask_alone(link, record, request, body), name="vswarm-ask")
-        waiting = _Waiting(request, body, loop.create_future())
+            return self._task(self._ask_alone(link, record, request, body), "vswarm-ask")
+        waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
         link.waiting.append(waiting)
         self._flush(link, record)  # a full batch may open a further exchange
         return waiting.future
+
+    def _task(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        """``work`` as a task of this requester's: ``aclose`` cancels what is still out."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._groups.add(task)
+        task.add_done_callback(self._groups.discard)
+        return task
 
     async def _ask_local(self, local: LocalInfer, request: wire.InferRequest) -> Answer:
         try:
@@ -681,11 +688,7 @@ class Requester(AsyncResource):
             if not group:
                 break
             link.busy += 1
-            task = asyncio.get_running_loop().create_task(
-                self._send_group(link, record, group), name="vswarm-batch"
-            )
-            self._groups.add(task)
-            task.add_done_callback(self._groups.discard)
+            self._task(self._send_group(link, record, group), "vswarm-batch")
         if not link.busy and not link.waiting:
             self._links.pop(record.peer_id, None)
 

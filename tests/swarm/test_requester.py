@@ -27,8 +27,9 @@ from structlog.testing import capture_logs
 import swarm.requester as requester_module
 from swarm import config, wire
 from swarm.config import Timings
-from swarm.discovery import Announcement, PeerTable
+from swarm.discovery import Announcement, PeerRecord, PeerTable
 from swarm.errors import ConfigError, NoDecisionError
+from swarm.fanout import Answer
 from swarm.identity import Identity, TrustStore, verify_signature
 from swarm.inference import InferenceResult, Manifest, ModelSpec
 from swarm.metrics import Metrics
@@ -962,6 +963,29 @@ async def test_fast_sibling_skipped_in_time_is_not_backed_off(rig: Rig) -> None:
     await rig.peer("V3", slow(0.5, {3: 0.9}))
     result = await classify(rig.requester())  # hedge_after_s is 30 s
     assert all((r := rig.table.get(p)) is not None and r.failures == 0 for p in result.skipped)
+
+
+async def test_a_bug_in_one_ask_costs_its_reply_not_the_call(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ask that fails with an exception no SwarmError (a bug) leaves its peer
+    missing; the other replies decide the call."""
+    broken = await rig.peer("V1", says({3: 0.9}))
+    await rig.peer("V2", says({3: 0.9}))
+    await rig.peer("V3", says({3: 0.9}))
+    requester = rig.requester()
+    ask_one = requester._ask_one
+
+    async def buggy(record: PeerRecord, request: wire.InferRequest, body: bytes) -> Answer:
+        if record.peer_id == broken.peer_id:
+            raise RuntimeError("a bug")
+        return await ask_one(record, request, body)
+
+    monkeypatch.setattr(requester, "_ask_one", buggy)
+    result = await classify(requester, quorum=2, policy=ALL_AT_ONCE)
+    assert result.label == 3
+    assert result.missing == (broken.peer_id,)
+    assert {r.variant for r in result.replies} == {"V2", "V3"}
 
 
 async def test_suspected_peer_is_probed_and_taken_back(rig: Rig) -> None:
