@@ -375,7 +375,7 @@ class FanOut:
         elif isinstance(error, SwarmError):
             outcome = _Outcome(record, seconds, None, error)
         else:  # a bug in the asking must cost this one reply, not the call
-            log.error("ask_crashed", peer=record.peer_id, error=repr(error))
+            log.error("ask_crashed", peer=record.peer_id, exc_info=error)
             outcome = _Outcome(record, seconds, None, InferenceError(f"the ask failed: {error!r}"))
         self._outcomes.append(outcome)
         waiter = self._waiter

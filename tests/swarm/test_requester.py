@@ -982,7 +982,10 @@ async def test_a_bug_in_one_ask_costs_its_reply_not_the_call(
         return await ask_one(record, request, body)
 
     monkeypatch.setattr(requester, "_ask_one", buggy)
-    result = await classify(requester, quorum=2, policy=ALL_AT_ONCE)
+    with capture_logs() as logs:
+        result = await classify(requester, quorum=2, policy=ALL_AT_ONCE)
+    crashed = [e for e in logs if e["event"] == "ask_crashed"]
+    assert [(e["peer"], type(e["exc_info"])) for e in crashed] == [(broken.peer_id, RuntimeError)]
     assert result.label == 3
     assert result.missing == (broken.peer_id,)
     assert {r.variant for r in result.replies} == {"V2", "V3"}
