@@ -260,23 +260,26 @@ def markdown(out: dict[str, Any]) -> str:
     tp = out["throughput"]
     low, high = tp["floor_per_s_range"]
     lines += ["", f"## Throughput (floor {tp['floor']['per_s']}/s; {low} to {high} in the section)"]
-    lines += ["", "Each row against the floor measured just before and after it (their mean).", ""]
+    lines += ["", "Each row against the floor measured just before and after it (their mean)."]
+    lines += ["The table is measured in rounds; each row shows its median round, and every"]
+    lines += ["round's ratio to its floor under 'rounds'.", ""]
     lines += ["CPU per call (ms): the requester's (and of it its garbage collector's), the"]
     lines += ["peers' (or bare workers') in all, and of that the models' own.", ""]
     lines += [
-        "| batching | concurrency | /s | floor /s | / floor | p50 ms | p99 ms | batch "
+        "| batching | concurrency | /s | floor /s | / floor | rounds | p50 ms | p99 ms | batch "
         "| requester cpu | of it gc | peers cpu | models cpu |"
     ]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, rows in tp["levels"].items():
         for level, row in rows.items():
             if row is None:
-                lines.append(f"| {mode} | {level} |" + " - |" * 10)
+                lines.append(f"| {mode} | {level} |" + " - |" * 11)
                 continue
             lat = row["latency_ms"]
+            rounds = ", ".join(str(r) for r in row["rounds_vs_floor"])
             lines.append(
                 f"| {mode} | {level} | {row['per_s']} | {row['floor_per_s']} | {row['vs_floor']} "
-                f"| {lat['p50']} | {lat['p99']} | {row['mean_batch']} "
+                f"| {rounds} | {lat['p50']} | {lat['p99']} | {row['mean_batch']} "
                 f"| {row['requester_cpu_ms_per_call']} | {row['requester_gc_ms_per_call']} "
                 f"| {row['peers_cpu_ms_per_call']} "
                 f"| {row['models_cpu_ms_per_call']} |"

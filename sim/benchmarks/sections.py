@@ -59,6 +59,9 @@ class Plan:
     per_round: int = 40
     concurrency: tuple[int, ...] = (1, 8, 32, 64)
     per_level: int = 400
+    # Rounds of the throughput table, each row of each round against its own floor: a
+    # row reports its median round (see ``load.throughput``).
+    throughput_rounds: int = 3
     scale: tuple[int, ...] = (5, 10, 20, 40)
     scale_runs: int = 150
     tail_runs: int = 60  # per configuration and round
@@ -75,6 +78,7 @@ class Plan:
             per_round=8,
             concurrency=(1, 8),
             per_level=24,
+            throughput_rounds=1,
             scale=(5,),
             scale_runs=10,
             tail_runs=6,

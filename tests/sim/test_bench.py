@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from sim.bench import SECTIONS
 from sim.benchmarks import legacy_voting
 from sim.benchmarks.fleet import Fleet, requester
+from sim.benchmarks.load import median_round
 from sim.benchmarks.measure import classify_loop, gc_time, inputs, patched
 from swarm import voting, wire
 from swarm.errors import NoDecisionError
@@ -122,6 +123,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
             assert low <= row["floor_per_s"] <= high
             want = row["per_s"] / row["floor_per_s"]
             assert row["vs_floor"] == pytest.approx(want, rel=0.01, abs=0.001)
+            assert row["rounds_vs_floor"] == [row["vs_floor"]]  # one round in the CI run
             assert _finite(row["vs_section_floor"])
             assert row["peers_cpu_ms_per_call"] >= 0
             assert 0 <= row["requester_gc_ms_per_call"] <= row["requester_cpu_ms_per_call"]
@@ -233,6 +235,22 @@ def test_legacy_vote_gives_the_same_results(
     assert voting.can_change(ballots, missing, rule, num_classes=num_classes) == (
         legacy_voting.can_change(old, missing, rule, num_classes=num_classes)
     )
+
+
+def test_a_throughput_row_reports_its_median_round_whole() -> None:
+    rows = [
+        {"vs_floor": 0.5, "per_s": 500.0},
+        {"vs_floor": 0.3, "per_s": 310.0},
+        {"vs_floor": 0.4, "per_s": 420.0},
+    ]
+    assert median_round(rows) == {
+        "vs_floor": 0.4,
+        "per_s": 420.0,
+        "rounds_vs_floor": [0.5, 0.3, 0.4],
+    }
+    # An even count takes the lower of the middle two: never a round better than half.
+    assert median_round(rows[:2])["per_s"] == 310.0
+    assert median_round(rows[:1])["rounds_vs_floor"] == [0.5]
 
 
 def test_gc_time_counts_collections_only_inside_its_block() -> None:
