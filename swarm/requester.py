@@ -633,7 +633,11 @@ class Requester(AsyncResource):
         link = self._links.setdefault(record.peer_id, _Link())
         if not link.waiting and self._may_open(link, 1):
             link.busy += 1
-            return self._task(self._ask_alone(link, record, request, body), "vswarm-ask")
+            task = self._task(self._ask_one(record, request, body), "vswarm-ask")
+            # A done callback, not a ``finally``: a task cancelled before its first step
+            # never runs its body, and the link would stay busy for good.
+            task.add_done_callback(lambda _: self._exchange_over(link, record))
+            return task
         waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
         link.waiting.append(waiting)
         self._flush(link, record)  # a full batch may open a further exchange
@@ -655,15 +659,10 @@ class Requester(AsyncResource):
             log.exception("local_infer_crashed")
             raise InferenceError(f"the local model failed: {exc!r}") from exc
 
-    async def _ask_alone(
-        self, link: _Link, record: PeerRecord, request: wire.InferRequest, body: bytes
-    ) -> Answer:
-        """An exchange of one ask, opened at once (``link.busy`` counts it already)."""
-        try:
-            return await self._ask_one(record, request, body)
-        finally:
-            link.busy -= 1
-            self._flush(link, record)
+    def _exchange_over(self, link: _Link, record: PeerRecord) -> None:
+        """An exchange with ``record``'s peer ended: what waits for it may go now."""
+        link.busy -= 1
+        self._flush(link, record)
 
     def _may_open(self, link: _Link, waiting: int) -> bool:
         """Whether an exchange for ``waiting`` asks may open with the peer now: the first

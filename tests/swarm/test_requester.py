@@ -991,6 +991,24 @@ async def test_a_bug_in_one_ask_costs_its_reply_not_the_call(
     assert {r.variant for r in result.replies} == {"V2", "V3"}
 
 
+async def test_a_lone_ask_cancelled_before_it_starts_leaves_its_peer_free(rig: Rig) -> None:
+    """An ask cancelled at once (a call stopped in the step that asked) must not leave
+    its peer's link busy: the next call's ask to that peer goes out, it does not wait
+    for an exchange that never ran."""
+    peer = await rig.peer("V1", says({3: 0.9}))
+    requester = rig.requester()
+    record = rig.table.get(peer.peer_id)
+    assert record is not None
+    request = wire.build_request(rig.identity, swarm=SWARM, tensor=TENSOR, deadline_ms=5000)
+    ask = requester.ask_peer(record, request, wire.encode_request(request))
+    ask.cancel()  # before the task that would run the exchange took its first step
+    with pytest.raises(asyncio.CancelledError):
+        await ask
+    result = await classify(requester)
+    assert result.label == 3
+    assert [r.variant for r in result.replies] == ["V1"]
+
+
 async def test_suspected_peer_is_probed_and_taken_back(rig: Rig) -> None:
     """A suspected peer that answers its health check becomes a candidate again."""
     lost = await rig.peer("V1", says({3: 0.8}))
