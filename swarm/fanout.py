@@ -25,9 +25,9 @@ decides from what this gathers. Here, for one call:
   the slot's ballot may carry): the swarm spends the least compute on the inputs the
   first wave settles, the peers of a swarm of devices asked on every call are those
   whose model costs least, and a peer with a poor reputation still goes last, since
-  its weight is small. By default
-  (``Policy.wave`` "auto") the requester asks in waves of a majority only while it is
-  busy (``config.WAVE_IN_FLIGHT`` calls in flight), when capacity counts for more.
+  its weight is small. By default (``Policy.wave`` "auto") the requester asks in waves
+  of a majority only while it is busy (``config.WAVE_IN_FLIGHT`` calls in flight), when
+  capacity counts for more.
 
 Every peer asked ends up in exactly one list:
 
@@ -378,9 +378,8 @@ class FanOut:
             log.error("ask_crashed", peer=record.peer_id, exc_info=error)
             outcome = _Outcome(record, seconds, None, InferenceError(f"the ask failed: {error!r}"))
         self._outcomes.append(outcome)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     def _absorb(self, outcome: _Outcome) -> None:
         record = outcome.record

@@ -338,7 +338,7 @@ class Requester(AsyncResource):
         self._plain: set[str] = set()  # peers that answered 404 to a session offer
         self._links: dict[str, _Link] = {}
         self._in_flight = 0  # classify calls gathering replies (``Policy.wave`` "auto")
-        self._groups: set[asyncio.Task[Any]] = set()  # batches and lone asks under way
+        self._groups: set[asyncio.Task[Any]] = set()  # exchanges, uncoalesced and local asks
         self._session: aiohttp.ClientSession | None = None  # health probes
         self._pool: HttpPool | None = None  # exchanges with peers (swarm.httpclient)
         self._closed = False
@@ -622,25 +622,19 @@ class Requester(AsyncResource):
         self, record: PeerRecord, request: wire.InferRequest, body: bytes
     ) -> asyncio.Future[Answer]:
         """One peer's decoded reply, or a SwarmError, as a future; the caller bounds the
-        time, and cancels the future when it gives up. An ask that waits for an exchange
-        with the peer (``_flush``) is a plain future, no task of its own: a cancelled one
-        is skipped by its batch."""
+        time, and cancels the future when it gives up. Coalesced, an ask is a plain
+        future, no task of its own, queued for the peer (``_flush``): it goes at once
+        when no exchange with that peer is out. The exchange runs in a task nothing but
+        ``aclose`` cancels; a cancelled ask is skipped, or its answer dropped."""
         local = self.local
         if local is not None and self._is_local(record, local.spec):
             return self._task(self._ask_local(local, request), "vswarm-local")
         if not self.coalesce:
             return self._task(self._ask_one(record, request, body), "vswarm-ask")
         link = self._links.setdefault(record.peer_id, _Link())
-        if not link.waiting and self._may_open(link, 1):
-            link.busy += 1
-            task = self._task(self._ask_one(record, request, body), "vswarm-ask")
-            # A done callback, not a ``finally``: a task cancelled before its first step
-            # never runs its body, and the link would stay busy for good.
-            task.add_done_callback(lambda _: self._exchange_over(link, record))
-            return task
         waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
         link.waiting.append(waiting)
-        self._flush(link, record)  # a full batch may open a further exchange
+        self._flush(link, record)  # a free link, or a full batch, opens an exchange now
         return waiting.future
 
     def _task(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
@@ -658,11 +652,6 @@ class Requester(AsyncResource):
         except Exception as exc:  # a bug there must cost one reply, not the call
             log.exception("local_infer_crashed")
             raise InferenceError(f"the local model failed: {exc!r}") from exc
-
-    def _exchange_over(self, link: _Link, record: PeerRecord) -> None:
-        """An exchange with ``record``'s peer ended: what waits for it may go now."""
-        link.busy -= 1
-        self._flush(link, record)
 
     def _may_open(self, link: _Link, waiting: int) -> bool:
         """Whether an exchange for ``waiting`` asks may open with the peer now: the first

@@ -139,9 +139,9 @@ async def throughput(
     rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for _ in range(max(1, plan.throughput_rounds)):
         for mode, measure in modes:
+            if measure is None:
+                continue
             for level in plan.concurrency:
-                if measure is None:
-                    continue
                 latencies, wall_s, row = await measure(level, max(plan.per_level, 4 * level))
                 rate = len(latencies) / wall_s
                 after = measure_floor()

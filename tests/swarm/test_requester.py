@@ -969,11 +969,12 @@ async def test_a_bug_in_one_ask_costs_its_reply_not_the_call(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An ask that fails with an exception no SwarmError (a bug) leaves its peer
-    missing; the other replies decide the call."""
+    missing; the other replies decide the call. Uncoalesced, so the exception reaches the
+    fan-out itself (a coalesced batch turns it into an InferenceError of its own)."""
     broken = await rig.peer("V1", says({3: 0.9}))
     await rig.peer("V2", says({3: 0.9}))
     await rig.peer("V3", says({3: 0.9}))
-    requester = rig.requester()
+    requester = rig.requester(coalesce=False)
     ask_one = requester._ask_one
 
     async def buggy(record: PeerRecord, request: wire.InferRequest, body: bytes) -> Answer:
