@@ -35,6 +35,7 @@ from typing import Any, Final
 from sim.benchmarks import load, sections
 from sim.benchmarks.bare import BareSwarm
 from sim.benchmarks.fleet import BenchError, Fleet, requester
+from sim.benchmarks.loadgen import LoadGens
 from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_rtt, quantile
 from sim.benchmarks.sections import Plan
 from swarm import aio, wire
@@ -91,6 +92,11 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
         ]
         for r in (req, *side):
             await classify_loop(r, tensors, count=20)  # connections open, caches warm
+        gens = None
+        if plan.requesters >= 2:
+            gens = await stack.enter_async_context(
+                LoadGens(main.swarm, plan.requesters, workdir / "gens", peers=len(VARIANTS))
+            )
 
         async def floor_again(chosen: Sequence[str]) -> float:
             again = sections.model_latencies(manifest, chosen, plan.model_runs)
@@ -110,8 +116,11 @@ async def run(plan: Plan, workdir: Path) -> dict[str, Any]:
             (req, main.peers),
             (side[-1], others[-1].peers) if side else None,
             bare,
+            None if gens is None else (gens, main.peers),
         )
         await bare.aclose()  # its processes idle from here, but need not stay
+        if gens is not None:  # their requesters would keep probing the peers that follow
+            await gens.aclose()
         for fleet in others:  # their CPU is not part of what follows
             await fleet.aclose()
         levels = [await load.scaling_level(main, req, tensors, plan.scale[0], plan)]
@@ -158,6 +167,7 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
     ov = out["overhead"]
     c32 = out["throughput"]["levels"]["batching_on"].get("32")
     c32_wave = out["throughput"]["levels"][f"batching_on_wave{sections.WAVE}"].get("32")
+    c32_gens = out["throughput"]["levels"][load.REQUESTERS].get("32")
     scale = out["scaling"]
     by_n = {lv["peers"]: lv for lv in scale["levels"]}
     p50_40 = by_n[40]["classify_ms"]["p50"] / by_n[5]["classify_ms"]["p50"] if 40 in by_n else None
@@ -176,6 +186,10 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
         "throughput_c32_vs_floor": item(c32["vs_floor"] if c32 else None, 0.5, below=False),
         "throughput_c32_wave_vs_floor": item(
             c32_wave["vs_floor"] if c32_wave else None, 0.5, below=False
+        ),
+        # The same load shared among several requester processes (null below 8 cores).
+        "throughput_c32_requesters_vs_floor": item(
+            c32_gens["vs_floor"] if c32_gens else None, 0.5, below=False
         ),
         "crypto_share": item(ov["crypto_share"], 0.05),
         "all_see_all_at_20_s": item(see20, 3.0),
@@ -265,6 +279,9 @@ def markdown(out: dict[str, Any]) -> str:
     lines += ["round's ratio to its floor under 'rounds'.", ""]
     lines += ["CPU per call (ms): the requester's (and of it its garbage collector's), the"]
     lines += ["peers' (or bare workers') in all, and of that the models' own.", ""]
+    if tp["requesters"] >= 2:
+        lines += [f"{load.REQUESTERS}: the load shared among {tp['requesters']} requester"]
+        lines += ["processes (their CPU per call summed).", ""]
     lines += [
         "| batching | concurrency | /s | floor /s | / floor | rounds | p50 ms | p99 ms | batch "
         "| requester cpu | of it gc | peers cpu | models cpu |"

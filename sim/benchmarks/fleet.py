@@ -245,12 +245,22 @@ async def requester(
 ) -> AsyncIterator[Requester]:
     """An in-process requester of ``fleet``'s swarm, browsing mDNS on loopback only, once
     its table holds ``peers`` usable peers."""
-    table = PeerTable(fleet.swarm, timings=timings)
+    async with requester_of(fleet.swarm, manifest, peers=peers, timings=timings) as req:
+        yield req
+
+
+@contextlib.asynccontextmanager
+async def requester_of(
+    swarm: str, manifest: Manifest, *, peers: int, timings: Timings = DEFAULT_TIMINGS
+) -> AsyncIterator[Requester]:
+    """A requester of ``swarm``, a fleet's or one in another process's hands, browsing
+    mDNS on loopback only, once its table holds ``peers`` usable peers."""
+    table = PeerTable(swarm, timings=timings)
     async with Discovery(table, interfaces=[LOOPBACK], timings=timings):
         await table.wait_for(peers, READY_TIMEOUT_S)
         async with Requester(
             identity=Identity.generate(),
-            swarm=fleet.swarm,
+            swarm=swarm,
             table=table,
             manifest=manifest,
             trust=TrustStore.open(),

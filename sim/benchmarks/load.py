@@ -28,6 +28,7 @@ from sim.benchmarks.fleet import (
     seen_by,
     wait_all_see,
 )
+from sim.benchmarks.loadgen import LoadGens
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
     FloatArray,
@@ -54,6 +55,8 @@ from swarm.requester import DEFAULT_POLICY, Policy, Requester
 
 # The throughput section's row of the bare swarm (``sim.benchmarks.bare``).
 BARE: Final = "bare_swarm"
+# Its row of several requesters in processes of their own (``sim.benchmarks.loadgen``).
+REQUESTERS: Final = "batching_on_requesters"
 VARIANT_CYCLE: Final = ("V1", "V2", "V3", "V4", "V5")
 SEE_TIMEOUT_S: Final = 60.0
 TARGET_SEE_S: Final = 3.0
@@ -88,6 +91,7 @@ async def throughput(
     batching: tuple[Requester, Sequence[Peer]],
     unbatched: tuple[Requester, Sequence[Peer]] | None,
     bare: BareSwarm,
+    gens: tuple[LoadGens, Sequence[Peer]] | None = None,
 ) -> dict[str, Any]:
     """classify/s at each concurrency against the floor: micro-batching on and off (the
     peers'), the requester's coalescing of asks into batches off, every ballot asked at
@@ -96,9 +100,11 @@ async def throughput(
     an ask waits for it (the requester's rule before: now only for a full batch), the
     first wave of a busy requester taken from the most trusted ballots (``trusted_first``:
     the order before; now the cheapest per unit of trust, ``fanout.first_wave_key``), and
-    waves of ``WAVE`` at every load; and the bare swarm's calls/s
-    (``sim.benchmarks.bare``: the same models with no protocol around them), the most
-    such a swarm sustains here.
+    waves of ``WAVE`` at every load; the same load shared among the requesters of
+    ``gens`` (``REQUESTERS``: processes of their own on the batching peers, as the
+    calls of several devices would come; the row is null without them); and the bare
+    swarm's calls/s (``sim.benchmarks.bare``: the same models with no protocol around
+    them), the most such a swarm sustains here.
 
     The floor (``measure_floor``) is measured before the first row and again after every
     row; each row is compared with the mean of the two floors around it, so that the
@@ -134,6 +140,7 @@ async def throughput(
             f"batching_on_wave{WAVE}",
             _classify_row(tensors, batching, Policy(wave=WAVE), coalesce=True),
         ),
+        (REQUESTERS, None if gens is None else functools.partial(_loadgen_row, *gens)),
         (BARE, functools.partial(_bare_row, tensors, bare)),
     )
     rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -164,6 +171,7 @@ async def throughput(
             for level in plan.concurrency
         }
     out["floor_per_s_range"] = [min(floors), max(floors)]
+    out["requesters"] = 1 if gens is None else gens[0].count
     return out
 
 
@@ -227,6 +235,32 @@ def _classify_row(
         )
 
     return measure
+
+
+async def _loadgen_row(
+    gens: LoadGens, peers: Sequence[Peer], level: int, count: int
+) -> tuple[list[float], float, dict[str, Any]]:
+    """The row of several requesters: their CPU per call summed, and the peers' as in
+    ``_classify_row``."""
+    pids = [p.proc.pid for p in peers]
+    names = (*MODEL_SECONDS, *BATCH_SIZES)
+    peers0, metrics0 = _cpu(pids), await metric_sums(peers, names)
+    run = await gens.loop(count=count, concurrency=level)
+    peers1, metrics1 = _cpu(pids), await metric_sums(peers, names)
+    _, model_cpu, batch_sum, batches = metrics1 - metrics0
+    return (
+        run["latencies_ms"],
+        run["wall_s"],
+        {
+            "failures": run["failures"],
+            "mean_batch": round(batch_sum / batches, 2) if batches > 0 else None,
+            "requesters": run["requesters"],
+            "requester_cpu_ms_per_call": _per_call(run["cpu_s"], count),
+            "requester_gc_ms_per_call": _per_call(run["gc_s"], count),
+            "peers_cpu_ms_per_call": _per_call(peers1 - peers0, count),
+            "models_cpu_ms_per_call": _per_call(float(model_cpu), count),
+        },
+    )
 
 
 async def _bare_row(

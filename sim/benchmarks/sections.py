@@ -62,6 +62,10 @@ class Plan:
     # Rounds of the throughput table, each row of each round against its own floor: a
     # row reports its median round (see ``load.throughput``).
     throughput_rounds: int = 3
+    # Requester processes of the throughput row that shares each load among several
+    # (``load.REQUESTERS``): one per 4 cores, at most 4; none below 2 (the row is null).
+    # One Python requester's CPU, not the swarm, bounds the rows of one on many cores.
+    requesters: int = min(4, CORES // 4)
     scale: tuple[int, ...] = (5, 10, 20, 40)
     scale_runs: int = 150
     tail_runs: int = 60  # per configuration and round
@@ -79,6 +83,7 @@ class Plan:
             concurrency=(1, 8),
             per_level=24,
             throughput_rounds=1,
+            requesters=2,  # the row runs in CI too, however few the cores
             scale=(5,),
             scale_runs=10,
             tail_runs=6,

@@ -135,6 +135,11 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert _finite(tp["levels"]["batching_on_two_exchanges"]["8"]["per_s"])
     assert _finite(tp["levels"]["batching_on_trusted_first"]["8"]["per_s"])
     assert _finite(tp["levels"]["bare_swarm"]["8"]["per_s"])
+    # The load shared among two requester processes: both ran at 8, one alone at 1.
+    assert tp["requesters"] == 2
+    shared = tp["levels"]["batching_on_requesters"]
+    assert [shared[level]["requesters"] for level in ("1", "8")] == [1, 2]
+    assert _finite(shared["8"]["per_s"]) and shared["8"]["requester_cpu_ms_per_call"] > 0
     # The peers' CPU per call around each row, and their models' share of it (/metrics).
     on = tp["levels"]["batching_on"]["8"]
     assert _finite(on["models_cpu_ms_per_call"]) and _finite(on["peers_cpu_ms_per_call"])
@@ -151,6 +156,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         "overhead_ratio_p50_wave",
         "throughput_c32_vs_floor",
         "throughput_c32_wave_vs_floor",
+        "throughput_c32_requesters_vs_floor",
         "crypto_share",
         "all_see_all_at_20_s",
         "p50_40_vs_5_peers",
