@@ -256,6 +256,12 @@ def markdown(out: dict[str, Any]) -> str:
     lines += ["", "| stage | p50 ms | share |", "|---|---|---|"]
     for stage, ms in ov["breakdown_p50_ms"].items():
         lines.append(f"| {stage} | {ms} | {ov['breakdown_share_of_p50'][stage]} |")
+    lines.append(
+        f"\nSigning and verifying: {ov['crypto_share']} of p50 on a call's path (the "
+        f"requester's sign and verify above, one peer's check and signature); "
+        f"{ov['crypto_share_with_late_checks']} with the signature checks of the replies "
+        f"sampled after their calls ({ov['late_check_ms_per_call']} ms per call on average)."
+    )
     lines += ["", "## Fast path (old behaviour put back, same run)", ""]
     lines += ["| config | p50 ms | p99 ms | p50 / current |", "|---|---|---|---|"]
     for name, row in out["fast_path"].items():

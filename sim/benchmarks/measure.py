@@ -264,14 +264,31 @@ class Probe:
     # verify: the crypto of checking replies (signatures, session MACs); check: the rest
     # of checking a reply (bindings, freshness, top-k), without the crypto inside it.
     STAGES: Final = ("encode", "sign", "verify", "check", "vote", "infer")
+    # The signature checks of the sample the requester checks after a call has answered
+    # (``Requester._check_late``): part of no call's path, they run on the loop after it,
+    # in whichever call's time comes next. Kept apart from ``verify``, under this name.
+    LATE: Final = "late_check"
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
         self.calls: list[dict[str, float]] = []
         self._stack = contextlib.ExitStack()
+        self._late = False  # inside Requester._check_late
 
     def add(self, stage: str, seconds: float) -> None:
+        if self._late and stage == "verify":
+            stage = self.LATE
         self.current[stage] = self.current.get(stage, 0.0) + seconds * 1000
+
+    def _late_checks(self, check: Callable[..., None]) -> Callable[..., None]:
+        def check_late(*args: Any, **kwargs: Any) -> None:
+            self._late = True
+            try:
+                check(*args, **kwargs)
+            finally:
+                self._late = False
+
+        return check_late
 
     def _timed(
         self, stage: str, fn: Callable[..., Any], *, minus: str | None = None
@@ -309,6 +326,9 @@ class Probe:
             method = getattr(SessionKeys, name)
             # A plain function set on the class is a method: ``self`` comes first.
             stack.enter_context(patched(SessionKeys, name, self._timed("verify", method)))
+        stack.enter_context(
+            patched(Requester, "_check_late", self._late_checks(Requester._check_late))
+        )
         stack.enter_context(patched(wire, "decode_reply", self._decode_with(decode)))
         stack.enter_context(patched(voting, "can_change", self._timed("vote", voting.can_change)))
         stack.enter_context(patched(voting, "decide", self._timed("vote", voting.decide)))

@@ -22,6 +22,7 @@ from sim.benchmarks.fleet import Peer, cpu_seconds, model_seconds
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
     FloatArray,
+    Probe,
     classify_loop,
     patched,
     probed_loop,
@@ -206,6 +207,8 @@ async def overhead(
     }
     peer_crypto = _peer_crypto_ms(req)
     requester_crypto = breakdown["sign"] + breakdown["verify"]
+    # The sampled late checks, per call on average (most calls have none).
+    late = sum(c.get(Probe.LATE, 0.0) for c in stages) / max(1, len(stages))
     return {
         "peers": len(chosen),
         "variants": chosen,
@@ -257,6 +260,13 @@ async def overhead(
         # signatures of dissenters); on the critical path each peer checks the request
         # (its MAC in a session) and signs its reply once more (and MACs it).
         "crypto_share": ratio(requester_crypto + peer_crypto["verify"] + peer_crypto["sign"], p50),
+        # After a call has answered, the requester checks the signatures of a sample of
+        # the replies only a session MAC vouched for (``Requester._check_late``): on no
+        # call's path, but CPU all the same. Their mean per call, and the share with them.
+        "late_check_ms_per_call": round(late, 4),
+        "crypto_share_with_late_checks": ratio(
+            requester_crypto + late + peer_crypto["verify"] + peer_crypto["sign"], p50
+        ),
     }
 
 

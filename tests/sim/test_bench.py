@@ -14,8 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,10 +26,13 @@ from sim.bench import SECTIONS
 from sim.benchmarks import legacy_voting
 from sim.benchmarks.fleet import Fleet, requester
 from sim.benchmarks.load import median_round
-from sim.benchmarks.measure import classify_loop, gc_time, inputs, patched
-from swarm import voting, wire
+from sim.benchmarks.measure import Probe, classify_loop, gc_time, inputs, patched
+from swarm import verify, voting, wire
 from swarm.errors import NoDecisionError
+from swarm.fanout import Unchecked
+from swarm.identity import Identity
 from swarm.inference import default_manifest_path, load_manifest
+from swarm.requester import Requester
 from tests.swarm.test_voting import ballots_strategy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,8 +78,11 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         "overhead_ratio_no_early_exit",
         "overhead_ratio_wave",
         "crypto_share",
+        "crypto_share_with_late_checks",
+        "late_check_ms_per_call",
     ):
         assert _finite(ov[key]), key
+    assert ov["crypto_share_with_late_checks"] >= ov["crypto_share"]
     # The floor is measured again after the calls; the ratios use the mean of the two.
     before, after = ov["floor_before_ms"], ov["floor_after_ms"]
     assert _finite(before) and _finite(after)
@@ -269,3 +277,22 @@ def test_gc_time_counts_collections_only_inside_its_block() -> None:
     counted = counter.seconds
     gc.collect()
     assert counter.seconds == counted
+
+
+def test_probe_keeps_the_late_checks_apart() -> None:
+    """A signature checked after its call answered (``Requester._check_late``) is timed as
+    a late check; one checked on a call's path, as verify."""
+    requester_identity, peer = Identity.generate(), Identity.generate()
+    request = wire.build_request(
+        requester_identity, swarm="probe", tensor=np.zeros((1, 28, 28), np.float32), deadline_ms=1
+    )
+    reply = wire.build_reply(
+        peer, request, variant="V1", model_sha256="0" * 64, probs=np.full(10, 0.1), infer_us=1
+    )
+    record = SimpleNamespace(peer_id=peer.peer_id, public_key=peer.public_key)
+    owner = SimpleNamespace(reputation=None, metrics=None)  # touched only by a bad signature
+    with Probe() as probe:
+        Requester._check_late(owner, [Unchecked(record, reply, None)])  # type: ignore[arg-type]
+        assert Probe.LATE in probe.current and "verify" not in probe.current
+        assert verify.verify_signature(peer.public_key, reply.signature, reply.signed_bytes())
+    assert probe.current[Probe.LATE] > 0 and probe.current["verify"] > 0
