@@ -48,7 +48,10 @@ worse: moving the top mass down gives the lowest possible distribution of w's va
 every threshold. Taking different ballots per class only makes the bound more
 conservative. ``certified_f`` is the largest r for which the lower bound of w beats the
 upper bound of every c (respecting the tie rule, with a float margin); it is sound, never
-overstated, and often tight. The contenders are first bounded all at once, by the column
+overstated, and often tight. Its search skips the bounds for any r whose r largest
+weights outweigh the rest: those r ballots surely carry a contender past the winner (3
+agreeing ballots of equal weight, the common case, get r = 1 at the cost of
+one check). The contenders are first bounded all at once, by the column
 of each ballot's largest value for any of them: a score is monotone in its column, so if
 w clearly beats that bound it beats each contender, and only otherwise is each bounded on
 its own (the same answer either way). ``vote`` uses counts: r ballots take r votes from w
@@ -548,8 +551,24 @@ def _certified_f(tally: _Tally, rule: str, trim: int | None, label: int) -> int:
     lo, hi = 0, len(tally.used) - (1 if len(tally.columns) > 1 else 0)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _holds(tally, rule, trim, label, replaced=mid):
+        if not _replaced_outweigh(tally, rule, mid) and _holds(
+            tally, rule, trim, label, replaced=mid
+        ):
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def _replaced_outweigh(tally: _Tally, rule: str, replaced: int) -> bool:
+    """Whether ``replaced`` ballots outweigh the rest, so that ``_holds`` surely fails:
+    the test of ``_outweighed`` with the moved mass (the ``replaced`` largest weights)
+    against the mass left in place. Their worst case puts that mass at 0 for the label
+    and at 1.0 for a contender; every rule cuts less than half of the total from each
+    tail, so the contender's score exceeds the label's. Not for ``vote``, which counts."""
+    if rule == "vote" or len(tally.columns) < 2:
+        return False
+    weights = _rule_weights(tally, rule)
+    moved = _sum(sorted(weights, reverse=True)[:replaced])
+    rest = _sum(weights) - moved
+    return moved - rest > 4 * TIE_EPS * max(1.0, moved + rest)

@@ -521,6 +521,50 @@ def test_outweighed_shortcut_is_taken_only_when_the_missing_outweigh() -> None:
     assert not voting._outweighed(tally, "vote", 9, 1.0)
 
 
+@PROPERTY
+@given(
+    data=st.data(),
+    num_classes=st.integers(2, 6),
+    rule=st.sampled_from(RULES),
+    replaced=st.integers(1, 7),
+)
+def test_replaced_outweigh_shortcut_agrees_with_the_full_check(
+    data: st.DataObject, num_classes: int, rule: str, replaced: int
+) -> None:
+    """Whenever the cheap test says the replaced ballots outweigh the rest, the full
+    check also finds that the label does not survive them."""
+    ballots = data.draw(ballots_strategy(num_classes=num_classes))
+    tally = voting._tally(ballots, num_classes)
+    if not tally.used or replaced >= len(tally.used):
+        return
+    if not voting._replaced_outweigh(tally, rule, replaced):
+        return
+    label = voting._winner(voting._scores(tally, rule, None))
+    assert not voting._holds(tally, rule, None, label, replaced=replaced)
+
+
+def test_certified_f_skips_the_full_check_when_the_replaced_outweigh(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three agreeing ballots of equal weight: replacing two outweighs the third, so the
+    certificate's search runs the full check for one replaced ballot only."""
+    ballots = [b(p, (4, 0.9), (1, 0.05)) for p in ("a", "b", "c")]
+    tally = voting._tally(ballots, 10)
+    assert voting._replaced_outweigh(tally, "robust", 2)
+    assert not voting._replaced_outweigh(tally, "robust", 1)
+    assert not voting._replaced_outweigh(tally, "vote", 2)
+    checked: list[int] = []
+    holds = voting._holds
+
+    def counted(*args: Any, **kwargs: Any) -> bool:
+        checked.append(kwargs.get("replaced", 0))
+        return holds(*args, **kwargs)
+
+    monkeypatch.setattr(voting, "_holds", counted)
+    assert voting.decide(ballots).certified_f == 1
+    assert checked == [1]
+
+
 # --- clean-case accuracy --------------------------------------------------------------
 
 
