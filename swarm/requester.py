@@ -288,6 +288,11 @@ class _Waiting:
     future: asyncio.Future[Answer]
 
 
+class _Unwanted(Exception):  # a signal between two methods, not an error
+    """Every ask an exchange answers ended while it ran (their calls decided without
+    it): its reply is left unchecked and undecoded, since no one would read it."""
+
+
 @dataclasses.dataclass(slots=True)
 class _Link:
     """The exchanges with one peer: how many run, and the asks waiting for a turn."""
@@ -681,14 +686,19 @@ class Requester(AsyncResource):
             self._links.pop(record.peer_id, None)
 
     async def _send_group(self, link: _Link, record: PeerRecord, group: list[_Waiting]) -> None:
+        def unwanted() -> bool:
+            return all(waiting.future.done() for waiting in group)
+
         try:
             if len(group) == 1:
                 only = group[0]
                 answers: list[Answer | SwarmError] = [
-                    await self._ask_one(record, only.request, only.body)
+                    await self._ask_one(record, only.request, only.body, unwanted=unwanted)
                 ]
             else:
-                answers = await self._ask_batch(record, group)
+                answers = await self._ask_batch(record, group, unwanted=unwanted)
+        except _Unwanted:
+            return  # every ask of the group has ended: no one reads the reply
         except SwarmError as exc:
             answers = [exc] * len(group)
         except Exception as exc:  # a bug here must fail these asks, not hang them
@@ -707,12 +717,25 @@ class Requester(AsyncResource):
             else:
                 waiting.future.set_exception(_copy_error(answer))
 
-    async def _ask_one(self, record: PeerRecord, request: wire.InferRequest, body: bytes) -> Answer:
-        raw, authenticated = await self._call(record, INFER_PATH, body, request.deadline_ms / 1000)
+    async def _ask_one(
+        self,
+        record: PeerRecord,
+        request: wire.InferRequest,
+        body: bytes,
+        *,
+        unwanted: Callable[[], bool] | None = None,
+    ) -> Answer:
+        raw, authenticated = await self._call(
+            record, INFER_PATH, body, request.deadline_ms / 1000, unwanted=unwanted
+        )
         return Answer(wire.decode_reply(raw), mac_verified=authenticated)
 
     async def _ask_batch(
-        self, record: PeerRecord, group: list[_Waiting]
+        self,
+        record: PeerRecord,
+        group: list[_Waiting],
+        *,
+        unwanted: Callable[[], bool] | None = None,
     ) -> list[Answer | SwarmError]:
         """Ask ``requests`` as one batch; a whole-batch failure raises, an item's is listed.
 
@@ -730,6 +753,7 @@ class Requester(AsyncResource):
             wire.encode_batch(batch, bodies=[w.body for w in group]),  # each encoded once
             limit_s,
             config.MAX_REPLY_BATCH_BODY,
+            unwanted=unwanted,
         )
         replies = wire.decode_reply_batch(raw)
         if len(replies.items) != len(requests):
@@ -759,13 +783,17 @@ class Requester(AsyncResource):
         max_reply: int = config.MAX_REPLY_BODY,
         *,
         retry: bool = True,
+        unwanted: Callable[[], bool] | None = None,
     ) -> tuple[bytes, bool]:
         """The body of ``record``'s 200 answer to ``body`` at ``path``, and whether a
         session MAC proved that peer sent it. An error answer raises PeerUnreachableError,
-        a reply whose MAC does not verify VerificationError."""
+        a reply whose MAC does not verify VerificationError; ``_Unwanted`` if ``unwanted``
+        says, once the answer is in, that no one waits for it any more (it goes unchecked)."""
         keys = await self._session_for(record, limit_s) if self.sessions else None
         if keys is None:
             resp = await self._post_to(record, path, body, limit_s, max_reply)
+            if unwanted is not None and unwanted():
+                raise _Unwanted
             if resp.status != 200:
                 raise PeerUnreachableError(resp.error())
             return resp.body, False
@@ -774,7 +802,13 @@ class Requester(AsyncResource):
         if resp.status == 401 and resp.code() == UNKNOWN_SESSION and retry:
             # The peer forgot the session (restart, expiry, a full table): open another.
             self._forget_session(record.peer_id, keys)
-            return await self._call(record, path, body, limit_s, max_reply, retry=False)
+            if unwanted is not None and unwanted():
+                raise _Unwanted  # the next call opens the session
+            return await self._call(
+                record, path, body, limit_s, max_reply, retry=False, unwanted=unwanted
+            )
+        if unwanted is not None and unwanted():
+            raise _Unwanted
         if resp.status != 200:
             raise PeerUnreachableError(resp.error())
         try:

@@ -1010,6 +1010,35 @@ async def test_a_lone_ask_cancelled_before_it_starts_leaves_its_peer_free(rig: R
     assert [r.variant for r in result.replies] == ["V1"]
 
 
+async def test_a_reply_whose_ask_ended_is_left_unread(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply that comes in after its ask ended (its call decided without it) is
+    neither checked nor decoded: no one would read it. The next ask to that peer is."""
+    peer = await rig.peer("V1", hangs({3: 0.9}))
+    requester = rig.requester()
+    record = rig.table.get(peer.peer_id)
+    assert record is not None
+    request = wire.build_request(rig.identity, swarm=SWARM, tensor=TENSOR, deadline_ms=5000)
+    ask = requester.ask_peer(record, request, wire.encode_request(request))
+    async with asyncio.timeout(5):
+        await peer.received.wait()  # the exchange is out
+    ask.cancel()
+    decoded: list[bytes] = []
+    decode = wire.decode_reply
+
+    def counted(raw: bytes) -> wire.InferReply:
+        decoded.append(raw)
+        return decode(raw)
+
+    monkeypatch.setattr(wire, "decode_reply", counted)
+    peer.release.set()
+    result = await classify(requester)  # its ask goes once the exchange above has ended
+    assert result.label == 3
+    assert len(peer.bodies) == 2
+    assert len(decoded) == 1  # the classify's reply alone
+
+
 async def test_suspected_peer_is_probed_and_taken_back(rig: Rig) -> None:
     """A suspected peer that answers its health check becomes a candidate again."""
     lost = await rig.peer("V1", says({3: 0.8}))
