@@ -24,8 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from sim.benchmarks.fleet import READY_TIMEOUT_S, STOP_TIMEOUT_S, BenchError, requester_of
 from sim.benchmarks.measure import classify_loop, inputs
@@ -33,6 +32,7 @@ from swarm import aio
 from swarm.errors import SwarmError
 from swarm.inference import default_manifest_path, load_manifest
 from swarm.log import configure_logging
+from swarm.resource import AsyncResource
 
 # A load's calls, however many, end within this: each call has its own deadline.
 RESULT_TIMEOUT_S: Final = 300.0
@@ -100,7 +100,7 @@ async def serve(swarm: str, peers: int) -> None:
             )
 
 
-class LoadGens:
+class LoadGens(AsyncResource):
     """``count`` loadgen processes on ``swarm``'s peers, stopped on exit whatever happened."""
 
     def __init__(self, swarm: str, count: int, workdir: Path, *, peers: int) -> None:
@@ -113,24 +113,15 @@ class LoadGens:
         self.processes: list[asyncio.subprocess.Process] = []
         self._stderr: list[Path] = []
 
-    async def __aenter__(self) -> Self:
+    async def start(self) -> None:
+        """Start every process and wait until each is ready; stop them all if one fails."""
         try:
-            await self.start()
+            await self._start()
         except BaseException:
             await self.aclose()
             raise
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def start(self) -> None:
-        """Start every process and wait until each is ready."""
+    async def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         for i in range(self.count):
             stderr = self.workdir / f"{self.swarm}-loadgen{i}.stderr"

@@ -992,16 +992,21 @@ async def test_a_bug_in_one_ask_costs_its_reply_not_the_call(
     assert {r.variant for r in result.replies} == {"V2", "V3"}
 
 
+def _ask(rig: Rig, requester: Requester, peer: FakePeer) -> asyncio.Future[Answer]:
+    """One ask of ``peer`` outside any call, as a fan-out makes it."""
+    record = rig.table.get(peer.peer_id)
+    assert record is not None
+    request = wire.build_request(rig.identity, swarm=SWARM, tensor=TENSOR, deadline_ms=5000)
+    return requester.ask_peer(record, request, wire.encode_request(request))
+
+
 async def test_a_lone_ask_cancelled_before_it_starts_leaves_its_peer_free(rig: Rig) -> None:
     """An ask cancelled at once (a call stopped in the step that asked) must not leave
     its peer's link busy: the next call's ask to that peer goes out, it does not wait
     for an exchange that never ran."""
     peer = await rig.peer("V1", says({3: 0.9}))
     requester = rig.requester()
-    record = rig.table.get(peer.peer_id)
-    assert record is not None
-    request = wire.build_request(rig.identity, swarm=SWARM, tensor=TENSOR, deadline_ms=5000)
-    ask = requester.ask_peer(record, request, wire.encode_request(request))
+    ask = _ask(rig, requester, peer)
     ask.cancel()  # before the task that would run the exchange took its first step
     with pytest.raises(asyncio.CancelledError):
         await ask
@@ -1017,10 +1022,7 @@ async def test_a_reply_whose_ask_ended_is_left_unread(
     neither checked nor decoded: no one would read it. The next ask to that peer is."""
     peer = await rig.peer("V1", hangs({3: 0.9}))
     requester = rig.requester()
-    record = rig.table.get(peer.peer_id)
-    assert record is not None
-    request = wire.build_request(rig.identity, swarm=SWARM, tensor=TENSOR, deadline_ms=5000)
-    ask = requester.ask_peer(record, request, wire.encode_request(request))
+    ask = _ask(rig, requester, peer)
     async with asyncio.timeout(5):
         await peer.received.wait()  # the exchange is out
     ask.cancel()
