@@ -799,16 +799,15 @@ class Requester(AsyncResource):
             return resp.body, False
         request_mac = keys.request_mac(path, body)
         resp = await self._post_to(record, path, body, limit_s, max_reply, keys, request_mac)
-        if resp.status == 401 and resp.code() == UNKNOWN_SESSION and retry:
-            # The peer forgot the session (restart, expiry, a full table): open another.
+        forgotten = resp.status == 401 and resp.code() == UNKNOWN_SESSION and retry
+        if forgotten:  # the peer forgot the session (restart, expiry, a full table)
             self._forget_session(record.peer_id, keys)
-            if unwanted is not None and unwanted():
-                raise _Unwanted  # the next call opens the session
+        if unwanted is not None and unwanted():
+            raise _Unwanted  # a session forgotten is opened by the next call
+        if forgotten:  # open another, and ask again
             return await self._call(
                 record, path, body, limit_s, max_reply, retry=False, unwanted=unwanted
             )
-        if unwanted is not None and unwanted():
-            raise _Unwanted
         if resp.status != 200:
             raise PeerUnreachableError(resp.error())
         try:

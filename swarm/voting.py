@@ -202,7 +202,19 @@ def _outweighed(tally: _Tally, rule: str, missing: int, weight: float) -> bool:
         return False
     present = _sum(_rule_weights(tally, rule))
     added = missing * (weight if rule == "robust" else 1.0)
-    return added - present > 4 * TIE_EPS * max(1.0, added + present)
+    return _outweighs(added, present)
+
+
+def _outweighs(mass: float, rest: float) -> bool:
+    """Whether weight ``mass`` at the extremes clearly outweighs ``rest``: by more than
+    any tie rule or float error needs (``_outweighed``, ``_replaced_outweigh``)."""
+    return mass - rest > 4 * TIE_EPS * max(1.0, mass + rest)
+
+
+def _moved(weights: Sequence[float], replaced: int) -> float:
+    """The weight ``replaced`` ballots can move: replaced ballots keep their weight, so
+    at most the ``replaced`` largest weights."""
+    return _sum(sorted(weights, reverse=True)[:replaced])
 
 
 def _can_change(tally: _Tally, rule: str, trim: int | None, missing: int, weight: float) -> bool:
@@ -445,8 +457,7 @@ class _Shifts:
         self.tally = tally
         self.weights = weights
         self.label = label
-        # Replaced ballots keep their weight: at most the r largest weights are moved.
-        self.moved = _sum(sorted(weights, reverse=True)[:replaced])
+        self.moved = _moved(weights, replaced)
         self._cache: dict[bytes, tuple[list[float], list[float]]] = {}
         self._ceiling: tuple[list[float], list[float]] | None = None
 
@@ -569,6 +580,5 @@ def _replaced_outweigh(tally: _Tally, rule: str, replaced: int) -> bool:
     if rule == "vote" or len(tally.columns) < 2:
         return False
     weights = _rule_weights(tally, rule)
-    moved = _sum(sorted(weights, reverse=True)[:replaced])
-    rest = _sum(weights) - moved
-    return moved - rest > 4 * TIE_EPS * max(1.0, moved + rest)
+    moved = _moved(weights, replaced)
+    return _outweighs(moved, _sum(weights) - moved)

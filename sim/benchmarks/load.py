@@ -32,6 +32,7 @@ from sim.benchmarks.loadgen import LoadGens
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
     FloatArray,
+    Loop,
     classify_loop,
     gc_time,
     patched,
@@ -206,33 +207,19 @@ def _classify_row(
     if target is None:
         return None
     req, peers = target
-    pids = [p.proc.pid for p in peers]
-    # One read of each peer's /metrics gives its models' seconds and its batch sizes.
-    names = (*MODEL_SECONDS, *BATCH_SIZES)
 
     async def measure(level: int, count: int) -> tuple[list[float], float, dict[str, Any]]:
-        peers0, metrics0 = _cpu(pids), await metric_sums(peers, names)
-        with (
-            patched(req, "coalesce", coalesce),
-            patched(req, "further_exchange_at", further_exchange_at),
-            patched(req, "first_wave_key", first_wave_key),
-        ):
-            loop = await classify_loop(req, tensors, count=count, concurrency=level, policy=policy)
-        peers1, metrics1 = _cpu(pids), await metric_sums(peers, names)
-        _, model_cpu, batch_sum, batches = metrics1 - metrics0
-        return (
-            loop.latencies_ms,
-            loop.wall_s,
-            {
-                "failures": loop.failures,
-                "mean_batch": round(batch_sum / batches, 2) if batches > 0 else None,
-                "requester_cpu_ms_per_call": _per_call(loop.cpu_s, count),
-                "requester_gc_ms_per_call": _per_call(loop.gc_s, count),
-                # The peers' CPU, all of it, and of it their models' own (/metrics).
-                "peers_cpu_ms_per_call": _per_call(peers1 - peers0, count),
-                "models_cpu_ms_per_call": _per_call(float(model_cpu), count),
-            },
-        )
+        async def run() -> Loop:
+            with (
+                patched(req, "coalesce", coalesce),
+                patched(req, "further_exchange_at", further_exchange_at),
+                patched(req, "first_wave_key", first_wave_key),
+            ):
+                return await classify_loop(
+                    req, tensors, count=count, concurrency=level, policy=policy
+                )
+
+        return await _against_peers(peers, count, run)
 
     return measure
 
@@ -242,21 +229,46 @@ async def _loadgen_row(
 ) -> tuple[list[float], float, dict[str, Any]]:
     """The row of several requesters: their CPU per call summed, and the peers' as in
     ``_classify_row``."""
+    requesters = 0
+
+    async def run() -> Loop:
+        nonlocal requesters
+        shared = await gens.loop(count=count, concurrency=level)
+        requesters = shared["requesters"]
+        return Loop(
+            shared["latencies_ms"],
+            shared["wall_s"],
+            shared["cpu_s"],
+            shared["gc_s"],
+            shared["early"],
+            shared["failures"],
+        )
+
+    latencies, wall_s, row = await _against_peers(peers, count, run)
+    return latencies, wall_s, {**row, "requesters": requesters}
+
+
+async def _against_peers(
+    peers: Sequence[Peer], count: int, run: Callable[[], Awaitable[Loop]]
+) -> tuple[list[float], float, dict[str, Any]]:
+    """``run``'s calls, with the peers' CPU and /metrics read around them: the row of a
+    loop of ``count`` calls against ``peers``."""
     pids = [p.proc.pid for p in peers]
+    # One read of each peer's /metrics gives its models' seconds and its batch sizes.
     names = (*MODEL_SECONDS, *BATCH_SIZES)
     peers0, metrics0 = _cpu(pids), await metric_sums(peers, names)
-    run = await gens.loop(count=count, concurrency=level)
+    loop = await run()
     peers1, metrics1 = _cpu(pids), await metric_sums(peers, names)
     _, model_cpu, batch_sum, batches = metrics1 - metrics0
     return (
-        run["latencies_ms"],
-        run["wall_s"],
+        loop.latencies_ms,
+        loop.wall_s,
         {
-            "failures": run["failures"],
+            "failures": loop.failures,
             "mean_batch": round(batch_sum / batches, 2) if batches > 0 else None,
-            "requesters": run["requesters"],
-            "requester_cpu_ms_per_call": _per_call(run["cpu_s"], count),
-            "requester_gc_ms_per_call": _per_call(run["gc_s"], count),
+            "requester_cpu_ms_per_call": _per_call(loop.cpu_s, count),
+            "requester_gc_ms_per_call": _per_call(loop.gc_s, count),
+            # The peers' CPU, all of it, and of it their models' own (/metrics).
             "peers_cpu_ms_per_call": _per_call(peers1 - peers0, count),
             "models_cpu_ms_per_call": _per_call(float(model_cpu), count),
         },

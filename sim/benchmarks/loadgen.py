@@ -9,8 +9,9 @@ that join the fleet's swarm (mDNS on 127.0.0.1 only) and shares each load among 
 A process speaks JSON lines: it prints ``{"event": "ready"}`` once its requester sees
 the peers and its connections are open, then answers each command line
 ``{"count": N, "concurrency": C}`` on stdin with one result line (its calls' latencies,
-its wall clock and CPU, the calls that failed), or ``{"error": ...}`` for a command it
-cannot run. It exits at the end of stdin. Every wait is bounded.
+its wall clock and CPU, the calls that skipped a peer and those that failed), or
+``{"error": ...}`` for a command it cannot run. It exits at the end of stdin. Every wait
+is bounded.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ async def serve(swarm: str, peers: int) -> None:
                 {
                     "latencies_ms": [round(ms, 4) for ms in run.latencies_ms],
                     "failures": run.failures,
+                    "early": run.early,
                     "wall_s": run.wall_s,
                     "cpu_s": run.cpu_s,
                     "gc_s": run.gc_s,
@@ -169,6 +171,7 @@ class LoadGens(AsyncResource):
         return {
             "latencies_ms": [ms for r in results for ms in r["latencies_ms"]],
             "failures": sum(int(r["failures"]) for r in results),
+            "early": sum(int(r["early"]) for r in results),
             "wall_s": wall_s,
             "cpu_s": sum(float(r["cpu_s"]) for r in results),
             "gc_s": sum(float(r["gc_s"]) for r in results),
