@@ -157,6 +157,8 @@ def _meta(plan: Plan) -> dict[str, Any]:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cores": sections.CORES,
         "python": platform.python_version(),
+        # Every process of the run (peers, requesters, bare workers) runs on this loop.
+        "event_loop": aio.loop_name(),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "units": "ms unless named otherwise; p50 = median, p99 = 99th percentile",
     }
@@ -203,7 +205,12 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
 def markdown(out: dict[str, Any]) -> str:
     """The human table of a run."""
     lines = [f"# sim.bench ({'quick' if out['meta']['quick'] else 'full'})", ""]
-    lines += [f"{out['meta']['cores']} cores, load {out['meta']['loadavg_before']}", ""]
+    meta = out["meta"]
+    lines += [
+        f"{meta['cores']} cores, Python {meta['python']} on {meta.get('event_loop', 'asyncio')}, "
+        f"load {meta['loadavg_before']}",
+        "",
+    ]
     lines += [
         "## Variants (1 thread)",
         "",
@@ -233,6 +240,11 @@ def markdown(out: dict[str, Any]) -> str:
     lines.append(
         f"| bare swarm x5: the same models, raw TCP, no protocol | {bare['p50']} "
         f"| {bare['p99']} | {ov['bare_swarm_vs_floor']} |"
+    )
+    lines.append(
+        "| bare swarm + the crypto on a call's path + one robust decide "
+        f"({ov['decide_p50_ms']} ms), all else free | {ov['bare_plus_mandated_ms']} | "
+        f"| {ov['bare_plus_mandated_vs_floor']} |"
     )
     for key, label, r in (
         ("classify_ms", "classify", ov["overhead_ratio"]),

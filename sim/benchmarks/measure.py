@@ -268,6 +268,9 @@ class Probe:
     # (``Requester._check_late``): part of no call's path, they run on the loop after it,
     # in whichever call's time comes next. Kept apart from ``verify``, under this name.
     LATE: Final = "late_check"
+    # Of ``vote``, the one decision at the end of a call (``voting.decide``) without the
+    # checks for an early exit after each reply: the least robust vote a call makes.
+    DECIDE: Final = "decide"
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
@@ -331,7 +334,8 @@ class Probe:
         )
         stack.enter_context(patched(wire, "decode_reply", self._decode_with(decode)))
         stack.enter_context(patched(voting, "can_change", self._timed("vote", voting.can_change)))
-        stack.enter_context(patched(voting, "decide", self._timed("vote", voting.decide)))
+        decide = self._timed(self.DECIDE, voting.decide)
+        stack.enter_context(patched(voting, "decide", self._timed("vote", decide)))
         return self
 
     def _decode_with(self, decode: Callable[[bytes], wire.InferReply]) -> Callable[..., Any]:

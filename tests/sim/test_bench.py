@@ -27,7 +27,7 @@ from sim.benchmarks import legacy_voting
 from sim.benchmarks.fleet import Fleet, requester
 from sim.benchmarks.load import median_round
 from sim.benchmarks.measure import Probe, classify_loop, gc_time, inputs, patched
-from swarm import verify, voting, wire
+from swarm import aio, verify, voting, wire
 from swarm.errors import NoDecisionError
 from swarm.fanout import Unchecked
 from swarm.identity import Identity
@@ -64,6 +64,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert (tmp_path / "bench.md").read_text().startswith("# sim.bench (quick)")
     assert set(SECTIONS) | {"meta", "targets"} <= out.keys()
     assert out["meta"]["quick"] is True
+    assert out["meta"]["event_loop"] == aio.loop_name()
     models = out["variants"]["models"]
     assert {"reference", "V1", "V2", "V3", "V4", "V5"} <= models.keys()
     for m in models.values():
@@ -93,6 +94,10 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert ov["bare_swarm_vs_floor"] == pytest.approx(
         ov["bare_swarm_ms"]["p50"] / ov["floor_ms"], rel=0.01
     )
+    # Every call decided once; the bare swarm plus the kept-on work is more than the bare.
+    assert _finite(ov["decide_p50_ms"]) and ov["decide_p50_ms"] > 0
+    assert ov["bare_plus_mandated_ms"] > ov["bare_swarm_ms"]["p50"] + ov["decide_p50_ms"]
+    assert ov["bare_plus_mandated_vs_floor"] > ov["bare_swarm_vs_floor"]
     for key in ("cpu_ms_per_call", "cpu_ms_per_call_wave"):
         # The peers' /metrics were read: their models ran during the calls. (Against
         # peers_total only loosely: /proc counts CPU in 10 ms ticks, a few calls here.)
@@ -296,3 +301,15 @@ def test_probe_keeps_the_late_checks_apart() -> None:
         assert Probe.LATE in probe.current and "verify" not in probe.current
         assert verify.verify_signature(peer.public_key, reply.signature, reply.signed_bytes())
     assert probe.current[Probe.LATE] > 0 and probe.current["verify"] > 0
+
+
+def test_probe_times_the_decision_apart_and_within_the_vote() -> None:
+    """``voting.decide`` counts in ``decide`` and in ``vote``; ``can_change``, in ``vote``
+    alone."""
+    ballots = [voting.Ballot(f"p{i}", f"V{i}", ((3, 0.8), (1, 0.1))) for i in range(3)]
+    with Probe() as probe:
+        assert not voting.can_change(ballots, 1)
+        assert Probe.DECIDE not in probe.current
+        before = probe.current["vote"]
+        assert voting.decide(ballots).label == 3
+    assert 0 < probe.current[Probe.DECIDE] <= probe.current["vote"] - before
