@@ -204,10 +204,10 @@ def targets(out: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(out: dict[str, Any]) -> str:
     """The human table of a run."""
-    lines = [f"# sim.bench ({'quick' if out['meta']['quick'] else 'full'})", ""]
     meta = out["meta"]
+    lines = [f"# sim.bench ({'quick' if meta['quick'] else 'full'})", ""]
     lines += [
-        f"{meta['cores']} cores, Python {meta['python']} on {meta.get('event_loop', 'asyncio')}, "
+        f"{meta['cores']} cores, Python {meta['python']} on {meta['event_loop']}, "
         f"load {meta['loadavg_before']}",
         "",
     ]
