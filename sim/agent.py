@@ -1,7 +1,7 @@
 """``python -m sim.agent``: a peer with fault hooks, built from the swarm's own parts.
 
 An honest agent is indistinguishable from ``python -m swarm.peer``: the same identity
-file, engine, mDNS announcement and HTTP routes (``swarm.server.create_app``). The
+file, engine, mDNS announcement and HTTP routes (``swarm.http.api.create_app``). The
 simulator uses it only for peers that need in-process faults:
 
 - a slowdown factor (a slower board: after each inference it sleeps ``factor - 1``
@@ -32,16 +32,17 @@ from typing import Any, Final
 from aiohttp import web
 
 from sim.byzantine import HONEST, MODES, Attacker
-from swarm import PROTOCOL_VERSION, aio, config, wire
-from swarm.discovery import Discovery, PeerTable
+from swarm import PROTOCOL_VERSION, aio, config
+from swarm.cli.peer import serving_announcement
+from swarm.crypto.identity import Identity, TrustStore
+from swarm.discovery.mdns import Discovery, PeerTable
 from swarm.errors import DecodeError, SwarmError
-from swarm.identity import Identity, TrustStore
-from swarm.inference import Engine, InferenceResult, ModelSpec, load_manifest
-from swarm.listener import HttpServer
+from swarm.http.api import ServerContext, create_app
+from swarm.http.listener import HttpServer
+from swarm.inference.engine import Engine, InferenceResult, ModelSpec, load_manifest
 from swarm.log import bind_peer, configure_logging, get_logger
 from swarm.metrics import Metrics
-from swarm.peer import serving_announcement
-from swarm.server import ServerContext, create_app
+from swarm.wire import codec as wire
 
 log = get_logger("sim.agent")
 

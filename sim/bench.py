@@ -38,10 +38,11 @@ from sim.benchmarks.fleet import BenchError, Fleet, requester
 from sim.benchmarks.loadgen import LoadGens
 from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_rtt, quantile
 from sim.benchmarks.sections import Plan
-from swarm import aio, wire
-from swarm.identity import Identity
-from swarm.inference import default_manifest_path, load_manifest
+from swarm import aio
+from swarm.crypto.identity import Identity
+from swarm.inference.engine import default_manifest_path, load_manifest
 from swarm.log import configure_logging
+from swarm.wire import codec as wire
 
 DEFAULT_OUT: Final = Path("runs/bench")
 # Five peers, one of each of the five cheapest variants (V1-V5); the largest of the shipped

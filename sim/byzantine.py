@@ -1,6 +1,6 @@
 """Byzantine behaviours: how a malicious peer turns its honest signed reply into a lie.
 
-Each attack takes the honest reply the peer's real model produced (``swarm.wire``'s
+Each attack takes the honest reply the peer's real model produced (``swarm.wire.codec``'s
 ``InferReply``, already bound to the request) and returns what the malicious peer sends
 instead. Two families:
 
@@ -24,8 +24,9 @@ import dataclasses
 import random
 from typing import Final
 
-from swarm import config, wire
-from swarm.identity import Identity
+from swarm import config
+from swarm.crypto.identity import Identity
+from swarm.wire import codec as wire
 
 HONEST: Final = "honest"
 OUTVOTE_ATTACKS: Final = ("random", "targeted", "collude")

@@ -33,14 +33,16 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
-from swarm import aio, config, voting, wire
-from swarm.discovery import Discovery, PeerRecord, PeerTable
+from swarm import aio, config
+from swarm.crypto.identity import Identity, TrustStore
+from swarm.decision import voting
+from swarm.decision.reputation import ReputationBook
+from swarm.discovery.mdns import Discovery, PeerRecord, PeerTable
 from swarm.errors import DecodeError, DiscoveryTimeoutError, SwarmError, VerificationError
-from swarm.identity import Identity, TrustStore
-from swarm.inference import Manifest, load_manifest
+from swarm.inference.engine import Manifest, load_manifest
 from swarm.log import configure_logging, get_logger
-from swarm.reputation import ReputationBook
-from swarm.requester import Policy, Requester
+from swarm.requester.requester import Policy, Requester
+from swarm.wire import codec as wire
 from variants.data import load_split
 
 log = get_logger("sim.driver")

@@ -35,7 +35,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Final
 
-from swarm.manifest import load_manifest
+from swarm.inference.manifest import load_manifest
 
 # One peer of each shipped variant (V1, the cheapest, first) is what the paper, crash and
 # churn scenarios run.

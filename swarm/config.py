@@ -27,11 +27,11 @@ MAX_INFER_BODY = 64 * 1024
 MAX_CLASSIFY_BODY = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_REPLY_BODY = 16 * 1024
-# Batches of requests to one peer (swarm.messages): at most this many items, one body.
+# Batches of requests to one peer (swarm.wire.messages): at most this many items, one body.
 MAX_BATCH_ITEMS = 32
 MAX_INFER_BATCH_BODY = MAX_BATCH_ITEMS * 8 * 1024
 MAX_REPLY_BATCH_BODY = MAX_BATCH_ITEMS * 2 * 1024
-# A session offer or acceptance (swarm.session): keys, ids and a signature.
+# A session offer or acceptance (swarm.crypto.session): keys, ids and a signature.
 MAX_SESSION_BODY = 2 * 1024
 # RFC 6763 section 6.2: a TXT record should stay well under 1300 bytes in total.
 MAX_TXT_VALUE = 255
@@ -65,7 +65,7 @@ MAX_CLASSIFY_IN_FLIGHT = 64
 # the latency of asking everyone at once.
 WAVE_IN_FLIGHT = 8
 RETRY_AFTER_S = 1
-# Sessions (swarm.session): how long a peer keeps one, how many it keeps (the oldest
+# Sessions (swarm.crypto.session): how long a peer keeps one, how many it keeps (the oldest
 # is forgotten first; its requester opens a new one), the longest lifetime a peer may
 # announce, and the share of replies whose signatures a requester checks after the
 # answer when their session MAC already proved who sent them (dissenting replies are

@@ -25,12 +25,12 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.config import DEFAULT_TIMINGS, Timings
-from swarm.discovery import Discovery, PeerTable
-from swarm.identity import Identity, TrustStore
-from swarm.inference import Manifest
+from swarm.crypto.identity import Identity, TrustStore
+from swarm.decision.reputation import ReputationBook
+from swarm.discovery.mdns import Discovery, PeerTable
+from swarm.inference.engine import Manifest
 from swarm.metrics import NAMESPACE
-from swarm.reputation import ReputationBook
-from swarm.requester import Requester
+from swarm.requester.requester import Requester
 
 LOOPBACK: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 90.0  # imports and mDNS probing of many peers on two cores

@@ -1,5 +1,5 @@
 """The requester's exchanges over aiohttp's client, as they were before
-``swarm.httpclient``: kept only so ``sim.bench`` can put them back and measure the
+``swarm.requester.httpclient``: kept only so ``sim.bench`` can put them back and measure the
 difference in the same run."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from typing import Any
 
 import aiohttp
 
-from swarm import requester as requester_module
+from swarm.crypto.session import MAC_HEADER
 from swarm.errors import MessageTooLargeError
-from swarm.httpclient import ConnectFailed
-from swarm.requester import Requester
-from swarm.session import MAC_HEADER
+from swarm.requester import requester as requester_module
+from swarm.requester.httpclient import ConnectFailed
+from swarm.requester.requester import Requester
 
 _CHUNK = 8192
 

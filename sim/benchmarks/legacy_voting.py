@@ -1,8 +1,8 @@
 """The voting rules as they were before the fast path: numpy on every small array.
 
-A verbatim copy of ``swarm.voting``'s arithmetic before it moved to plain floats, kept
+A verbatim copy of ``swarm.decision.voting``'s arithmetic before it moved to plain floats, kept
 so that ``sim.bench`` can put the old cost back into a classify call (``fast_path``) and
-measure both in one run. Results are bit-for-bit those of ``swarm.voting``.
+measure both in one run. Results are bit-for-bit those of ``swarm.decision.voting``.
 """
 
 from __future__ import annotations

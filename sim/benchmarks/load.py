@@ -49,10 +49,10 @@ from sim.benchmarks.sections import (
     Plan,
     _no_early_exit,
 )
-from swarm import voting
-from swarm.fanout import Replicas, first_wave_key
-from swarm.inference import Manifest
-from swarm.requester import DEFAULT_POLICY, Policy, Requester
+from swarm.decision import voting
+from swarm.inference.engine import Manifest
+from swarm.requester.fanout import Replicas, first_wave_key
+from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
 
 # The throughput section's row of the bare swarm (``sim.benchmarks.bare``).
 BARE: Final = "bare_swarm"

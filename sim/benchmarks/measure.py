@@ -2,8 +2,8 @@
 classify loops, and a probe that splits a classify call into its stages.
 
 The requester runs in this process, so its stages are timed by wrapping the functions
-it calls (``swarm.wire``, ``swarm.voting``) for the duration of a ``Probe``; the wrapped
-functions are put back on exit. Peers run in processes of their own.
+it calls (``swarm.wire.codec``, ``swarm.decision.voting``) for the duration of a
+``Probe``; the wrapped functions are put back on exit. Peers run in processes of their own.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from swarm import verify, voting, wire
+from swarm.crypto.identity import Identity, verify_signature
+from swarm.crypto.session import SessionKeys
+from swarm.decision import voting
 from swarm.errors import SwarmError
-from swarm.fanout import ReplyInfo
-from swarm.identity import Identity, verify_signature
-from swarm.inference import ModelSpec
-from swarm.requester import DEFAULT_POLICY, Policy, Requester
-from swarm.session import SessionKeys
+from swarm.inference.engine import ModelSpec
+from swarm.requester.fanout import ReplyInfo
+from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
+from swarm.wire import codec as wire
+from swarm.wire import verify
 
 FloatArray = npt.NDArray[np.float32]
 THROUGHPUT_BATCH: Final = 32

@@ -32,12 +32,13 @@ from sim.benchmarks.measure import (
     session,
     summary,
 )
-from swarm import voting, wire
-from swarm.fanout import ReplyInfo
-from swarm.identity import Identity, verify_signature
-from swarm.inference import Manifest
-from swarm.requester import Policy, Requester
-from swarm.session import Offer, SessionTable, macs_equal
+from swarm.crypto.identity import Identity, verify_signature
+from swarm.crypto.session import Offer, SessionTable, macs_equal
+from swarm.decision import voting
+from swarm.inference.engine import Manifest
+from swarm.requester.fanout import ReplyInfo
+from swarm.requester.requester import Policy, Requester
+from swarm.wire import codec as wire
 
 CORES: Final = os.cpu_count() or 1
 # The wave the benchmark measures (``Policy.wave``): three ballots first, two in reserve.

@@ -26,7 +26,7 @@ from sim.byzantine import ATTACKS, DEFAULT_TARGET, EXPECTED_REJECTION, HONEST, R
 from sim.procs import Cluster, Driver, Proc
 from sim.runners.common import Report, percentile, start_swarm, summarize, target
 from sim.scenario import VARIANTS, Scenario
-from swarm import voting
+from swarm.decision import voting
 
 log = structlog.get_logger("sim.byzantine")
 

@@ -27,12 +27,15 @@ from sim.benchmarks import legacy_voting
 from sim.benchmarks.fleet import Fleet, requester
 from sim.benchmarks.load import median_round
 from sim.benchmarks.measure import Probe, classify_loop, gc_time, inputs, patched
-from swarm import aio, verify, voting, wire
+from swarm import aio
+from swarm.crypto.identity import Identity
+from swarm.decision import voting
 from swarm.errors import NoDecisionError
-from swarm.fanout import Unchecked
-from swarm.identity import Identity
-from swarm.inference import default_manifest_path, load_manifest
-from swarm.requester import Requester
+from swarm.inference.engine import default_manifest_path, load_manifest
+from swarm.requester.fanout import Unchecked
+from swarm.requester.requester import Requester
+from swarm.wire import codec as wire
+from swarm.wire import verify
 from tests.swarm.test_voting import ballots_strategy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,7 +235,7 @@ def _slow_callbacks(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_legacy_vote_gives_the_same_results(
     data: st.DataObject, num_classes: int, rule: str, missing: int
 ) -> None:
-    """The numpy vote kept for the fast-path row decides exactly as ``swarm.voting``:
+    """The numpy vote kept for the fast-path row decides exactly as ``swarm.decision.voting``:
     label, scores, certificate and early exit, bit for bit, so the row compares cost
     alone."""
     ballots = data.draw(ballots_strategy(num_classes=num_classes))

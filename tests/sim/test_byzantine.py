@@ -1,4 +1,4 @@
-"""The attacks: each rejectable lie is rejected by swarm.wire.verify_reply, each outvote
+"""The attacks: each rejectable lie is rejected by swarm.wire.codec.verify_reply, each outvote
 lie verifies but names a wrong class."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from sim.byzantine import (
     Attacker,
     collude_class,
 )
-from swarm import wire
+from swarm.crypto.identity import Identity, TrustStore
 from swarm.errors import VerificationError
-from swarm.identity import Identity, TrustStore
+from swarm.wire import codec as wire
 
 SWARM = "simtest"
 SHA = "a" * 64

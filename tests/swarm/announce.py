@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from swarm import config
-from swarm.peers import Announcement
+from swarm.discovery.table import Announcement
 
 
 def new_key() -> bytes:

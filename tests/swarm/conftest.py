@@ -20,9 +20,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from swarm import config
-from swarm.identity import Identity
-from swarm.inference import Manifest, load_manifest
-from swarm.messages import InferReply, InferRequest, build_reply, build_request
+from swarm.crypto.identity import Identity
+from swarm.inference.engine import Manifest, load_manifest
+from swarm.wire.messages import InferReply, InferRequest, build_reply, build_request
 from tests.swarm.signed import MODEL_SHA, NOW
 from variants import CLASS_NAMES as VARIANT_CLASS_NAMES
 

@@ -1,4 +1,4 @@
-"""Tests of swarm.autoselect: the pure choice, replica counting, measuring, and the whole step."""
+"""Tests of swarm.inference.autoselect: the pure choice, replica counting, measuring, the step."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from swarm import config
-from swarm.autoselect import (
+from swarm.discovery.mdns import Announcement, PeerTable
+from swarm.errors import ConfigError
+from swarm.inference.autoselect import (
     VariantOption,
     auto_select,
     choose_variant,
     measure_latency,
     replica_counts,
 )
-from swarm.discovery import Announcement, PeerTable
-from swarm.errors import ConfigError
-from swarm.inference import Manifest
+from swarm.inference.engine import Manifest
 
 
 def option(name: str, accuracy: float, latency_ms: float, replicas: int = 0) -> VariantOption:

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from swarm.classify import main
+from swarm.cli.classify import main
 from swarm.config import Timings
-from swarm.discovery import Announcement, Discovery, PeerTable
-from swarm.identity import Identity
-from swarm.inference import Manifest
+from swarm.crypto.identity import Identity
+from swarm.discovery.mdns import Announcement, Discovery, PeerTable
+from swarm.inference.engine import Manifest
 from swarm.log import reset_logging
 from tests.swarm.test_requester import FakePeer, says
 

@@ -1,4 +1,4 @@
-"""Tests of swarm.discovery: real mDNS on 127.0.0.1.
+"""Tests of swarm.discovery.mdns: real mDNS on 127.0.0.1.
 
 Every mDNS test binds to 127.0.0.1 only and uses a swarm name of its own, so tests that
 run at the same time on this machine (same service type, same port 5353) cannot see
@@ -22,7 +22,7 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from swarm import PROTOCOL_VERSION, config
 from swarm.config import Timings
-from swarm.discovery import Discovery, PeerTable
+from swarm.discovery.mdns import Discovery, PeerTable
 from swarm.errors import ConfigError
 from tests.swarm.announce import announcement, new_key, pid, service
 

@@ -1,4 +1,4 @@
-"""Tests of swarm.front: the lean HTTP path of the peer-to-peer POSTs, over raw sockets.
+"""Tests of swarm.http.front: the lean HTTP path of the peer-to-peer POSTs, over raw sockets.
 
 ``test_server`` runs every route's contract through the front as well as through aiohttp;
 what is pinned here is what only a connection shows: pipelining, the hand-over to
@@ -19,14 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from swarm import config, wire
+from swarm import config
 from swarm.config import Timings
-from swarm.discovery import PeerTable
-from swarm.identity import Identity, TrustStore
-from swarm.inference import Engine, FloatArray, InferenceResult, Manifest, ModelSpec
-from swarm.listener import HttpServer
+from swarm.crypto.identity import Identity, TrustStore
+from swarm.discovery.mdns import PeerTable
+from swarm.http.api import ServerContext, create_app
+from swarm.http.listener import HttpServer
+from swarm.inference.engine import Engine, FloatArray, InferenceResult, Manifest, ModelSpec
 from swarm.metrics import Metrics
-from swarm.server import ServerContext, create_app
+from swarm.wire import codec as wire
 
 SWARM = "front-swarm"
 READ_S = 5.0  # the longest any test waits for an answer

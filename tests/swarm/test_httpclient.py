@@ -1,4 +1,4 @@
-"""Tests of swarm.httpclient against a real aiohttp server and raw sockets on 127.0.0.1."""
+"""Tests of swarm.requester.httpclient against a real aiohttp server and raw sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from swarm.errors import MessageTooLargeError
-from swarm.httpclient import BadAnswer, ConnectFailed, HttpPool
+from swarm.requester.httpclient import BadAnswer, ConnectFailed, HttpPool
 
 HOST = "127.0.0.1"
 

@@ -14,8 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
-from swarm.errors import ConfigError, DecodeError
-from swarm.identity import (
+from swarm.crypto.identity import (
     KEY_FILE_NAME,
     Identity,
     TrustStore,
@@ -24,6 +23,7 @@ from swarm.identity import (
     peer_id_for,
     verify_signature,
 )
+from swarm.errors import ConfigError, DecodeError
 
 
 def _pem(key: Ed25519PrivateKey | Ed448PrivateKey) -> bytes:

@@ -1,4 +1,4 @@
-"""Tests of swarm.imaging: decoding untrusted PNG, JPEG and .npy inputs."""
+"""Tests of swarm.inference.imaging: decoding untrusted PNG, JPEG and .npy inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 from swarm import config
 from swarm.errors import ConfigError, DecodeError, MessageTooLargeError
-from swarm.imaging import decode_image, load_image_file
+from swarm.inference.imaging import decode_image, load_image_file
 
 RNG = np.random.default_rng(7)
 

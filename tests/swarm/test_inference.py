@@ -1,4 +1,4 @@
-"""Tests of swarm.inference: the engine (checks, batching, failures) ."""
+"""Tests of swarm.inference.engine: the engine (checks, batching, failures) ."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from swarm.config import Timings
 from swarm.errors import ConfigError, InferenceError
-from swarm.inference import Engine, Manifest, ModelSpec, load_manifest
+from swarm.inference.engine import Engine, Manifest, ModelSpec, load_manifest
 from swarm.metrics import Metrics
 from tests.swarm.conftest import build_tiny_model, model_entry, write_manifest
 

@@ -1,4 +1,4 @@
-"""Tests of swarm.manifest: loading and checking the model manifest."""
+"""Tests of swarm.inference.manifest: loading and checking the model manifest."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from swarm.errors import ConfigError
-from swarm.manifest import Manifest, default_manifest_path, load_manifest
+from swarm.inference.manifest import Manifest, default_manifest_path, load_manifest
 from tests.swarm.conftest import model_entry, write_manifest
 
 # --- manifest ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of swarm.peers: TXT announcements and the peer table."""
+"""Tests of swarm.discovery.table: TXT announcements and the peer table."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from structlog.testing import capture_logs
 
 from swarm import config
 from swarm.config import Timings
+from swarm.discovery.table import Announcement, PeerEvent, PeerRecord, PeerTable, parse_announcement
 from swarm.errors import ConfigError, DecodeError, DiscoveryTimeoutError, VerificationError
-from swarm.peers import Announcement, PeerEvent, PeerRecord, PeerTable, parse_announcement
 from tests.swarm.announce import announcement, new_key, pid, service
 
 WAIT_S = 10.0  # upper bound for mDNS to deliver; tests finish as soon as it does
@@ -58,8 +58,8 @@ def test_txt_record_is_small() -> None:
 
 
 def test_peer_id_rule_matches_identity_module() -> None:
-    """The local peer-id rule is the one swarm.identity implements."""
-    identity = pytest.importorskip("swarm.identity")
+    """The local peer-id rule is the one swarm.crypto.identity implements."""
+    identity = pytest.importorskip("swarm.crypto.identity")
     key = new_key()
     assert identity.peer_id_for(key) == pid(key)
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from swarm.errors import ConfigError
-from swarm.reputation import (
+from swarm.decision.reputation import (
     EWMA_ALPHA,
     EXCLUDE_GAP,
     FILE_VERSION,
@@ -20,6 +19,7 @@ from swarm.reputation import (
     SOFT_GAP,
     ReputationBook,
 )
+from swarm.errors import ConfigError
 
 HALF_LIFE = 100.0
 

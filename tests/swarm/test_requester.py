@@ -1,4 +1,4 @@
-"""Tests of swarm.requester and swarm.fanout against fake peers: real aiohttp servers.
+"""Tests of swarm.requester (requester and fanout) against fake peers: real aiohttp servers.
 
 Each fake peer is an HTTP server on 127.0.0.1 (port 0) that answers POST /v1/infer with
 a reply signed by its own key, or misbehaves as told. Peers enter the requester's peer
@@ -24,18 +24,19 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-import swarm.requester as requester_module
-from swarm import config, wire
+import swarm.requester.requester as requester_module
+from swarm import config
 from swarm.config import Timings
-from swarm.discovery import Announcement, PeerRecord, PeerTable
+from swarm.crypto.identity import Identity, TrustStore, verify_signature
+from swarm.crypto.session import MAC_HEADER, SESSION_HEADER, SESSION_PATH, SessionTable
+from swarm.decision.reputation import PRIOR_SCORE, ReputationBook
+from swarm.discovery.mdns import Announcement, PeerRecord, PeerTable
 from swarm.errors import ConfigError, NoDecisionError
-from swarm.fanout import Answer
-from swarm.identity import Identity, TrustStore, verify_signature
-from swarm.inference import InferenceResult, Manifest, ModelSpec
+from swarm.inference.engine import InferenceResult, Manifest, ModelSpec
 from swarm.metrics import Metrics
-from swarm.reputation import PRIOR_SCORE, ReputationBook
-from swarm.requester import ClassifyResult, LocalInfer, Policy, Requester
-from swarm.session import MAC_HEADER, SESSION_HEADER, SESSION_PATH, SessionTable
+from swarm.requester.fanout import Answer
+from swarm.requester.requester import ClassifyResult, LocalInfer, Policy, Requester
+from swarm.wire import codec as wire
 from tests.swarm.conftest import CLASS_NAMES
 
 SWARM = "test-swarm"
@@ -179,7 +180,7 @@ class FakePeer:
             Callable[[FakePeer, wire.InferBatch], Awaitable[wire.ReplyBatch]] | None
         ) = None
         self.probed = 0  # GET /healthz calls
-        # With a table, the peer opens sessions and checks and seals MACs (swarm.session).
+        # With a table, the peer opens sessions and checks and seals MACs (swarm.crypto.session).
         self.sessions: SessionTable | None = None
         self.hellos = 0  # session offers received
         self.in_session = 0  # requests that came with a valid session MAC
@@ -223,7 +224,7 @@ class FakePeer:
         self, request: web.Request, answer: Callable[[bytes], Awaitable[web.Response]]
     ) -> web.Response:
         """``answer`` to the body, with the session MAC checked and the answer sealed when
-        the request names a session (as ``swarm.server`` does)."""
+        the request names a session (as ``swarm.http.api`` does)."""
         body = await request.read()
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is None:

@@ -1,11 +1,11 @@
-"""Tests of swarm.server: every route in-process through aiohttp's test client.
+"""Tests of swarm.http.api: every route in-process through aiohttp's test client.
 
 The app runs the real ONNX engine (a tiny model) and real signing and verification; the
 requester behind /v1/classify is a recording fake, since what is pinned here is the HTTP
 contract (status codes, JSON errors, parameter checks), not the fan-out.
 
 Every test that takes the harness runs twice: served by aiohttp alone, and by the peer's
-lean front (``swarm.front``, as ``python -m swarm.peer`` serves), which answers the
+lean front (``swarm.http.front``, as ``python -m swarm.peer`` serves), which answers the
 peer-to-peer POSTs itself and hands every other request to aiohttp. The contract is the
 same either way.
 """
@@ -31,17 +31,10 @@ from PIL import Image
 from structlog.testing import capture_logs
 from yarl import URL
 
-from swarm import PROTOCOL_VERSION, config, wire
+from swarm import PROTOCOL_VERSION, config
 from swarm.config import Timings
-from swarm.discovery import Announcement, PeerTable
-from swarm.errors import ConfigError, InferenceError, NoDecisionError
-from swarm.identity import Identity, TrustStore, verify_signature
-from swarm.inference import Engine, FloatArray, InferenceResult, Manifest, ModelSpec
-from swarm.listener import HttpServer
-from swarm.metrics import Metrics
-from swarm.requester import Policy
-from swarm.server import ServerContext, create_app
-from swarm.session import (
+from swarm.crypto.identity import Identity, TrustStore, verify_signature
+from swarm.crypto.session import (
     MAC_HEADER,
     SESSION_HEADER,
     SESSION_PATH,
@@ -49,6 +42,14 @@ from swarm.session import (
     Offer,
     SessionKeys,
 )
+from swarm.discovery.mdns import Announcement, PeerTable
+from swarm.errors import ConfigError, InferenceError, NoDecisionError
+from swarm.http.api import ServerContext, create_app
+from swarm.http.listener import HttpServer
+from swarm.inference.engine import Engine, FloatArray, InferenceResult, Manifest, ModelSpec
+from swarm.metrics import Metrics
+from swarm.requester.requester import Policy
+from swarm.wire import codec as wire
 
 SWARM = "test-swarm"
 FUZZ = settings(

@@ -1,4 +1,4 @@
-"""Tests of swarm.session: the signed key exchange, the keys and MACs, the peer's table."""
+"""Tests of swarm.crypto.session: the signed key exchange, the keys and MACs, the peer's table."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from swarm import session, wire
+from swarm.crypto import session
+from swarm.crypto.identity import Identity, TrustStore
+from swarm.crypto.session import Offer, SessionKeys, SessionTable
 from swarm.errors import DecodeError, VerificationError
-from swarm.identity import Identity, TrustStore
-from swarm.session import Offer, SessionKeys, SessionTable
+from swarm.wire import codec as wire
 
 SWARM = "test-swarm"
 FRESH_S = 30.0

@@ -1,4 +1,4 @@
-"""Tests of swarm.verify: accepting and rejecting requests and replies, replays."""
+"""Tests of swarm.wire.verify: accepting and rejecting requests and replies, replays."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from swarm.crypto.identity import Identity, TrustStore
 from swarm.errors import VerificationError
-from swarm.identity import Identity, TrustStore
-from swarm.messages import InferReply, InferRequest
-from swarm.verify import (
+from swarm.wire.messages import InferReply, InferRequest
+from swarm.wire.verify import (
     ATTRIBUTABLE_REPLY_REASONS,
     BAD_SIGNATURE,
     BAD_TOPK,

@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm import voting
-from swarm.errors import ConfigError, NoDecisionError
-from swarm.voting import (
+from swarm.decision import voting
+from swarm.decision.voting import (
     RULES,
     TIE_EPS,
     Ballot,
@@ -21,6 +20,7 @@ from swarm.voting import (
     robust_trim,
     trimmed_trim,
 )
+from swarm.errors import ConfigError, NoDecisionError
 
 PROPERTY = settings(max_examples=400, deadline=None)
 

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm import PROTOCOL_VERSION, config, messages
+from swarm import PROTOCOL_VERSION, config
+from swarm.crypto.identity import Identity, verify_signature
 from swarm.errors import DecodeError, MessageTooLargeError
-from swarm.identity import Identity, verify_signature
-from swarm.wire import (
+from swarm.wire import messages
+from swarm.wire.codec import (
     REPLY_TAG,
     REQUEST_TAG,
     InferReply,

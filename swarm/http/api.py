@@ -2,14 +2,14 @@
 
 - ``POST /v1/infer``: a signed request from another peer; a signed top-k reply.
 - ``POST /v1/infer/batch``: several requests of one peer signed once; one reply (or an
-  error) per item, signed once (``swarm.messages``, "Batches").
+  error) per item, signed once (``swarm.wire.messages``, "Batches").
 - ``POST /v1/session``: a signed key exchange; later requests of that requester may carry
   a session MAC instead of being checked by signature, and their answers carry one too
-  (``swarm.session``).
+  (``swarm.crypto.session``).
 - ``POST /v1/classify``: an image (PNG, JPEG or .npy); this peer acts as the requester.
 - ``GET /v1/info``, ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
 
-``create_app`` builds the application; ``swarm.listener.HttpServer`` serves it.
+``create_app`` builds the application; ``swarm.http.listener.HttpServer`` serves it.
 
 Every body is hostile until checked: it is read with a size limit and a time limit, then
 decoded in one place (``wire.decode_request``, ``inference.decode_image``) that raises
@@ -35,9 +35,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 
-from swarm import PROTOCOL_VERSION, config, voting, wire
-from swarm import session as sessions
-from swarm.discovery import PeerTable
+from swarm import PROTOCOL_VERSION, config
+from swarm.crypto import session as sessions
+from swarm.crypto.identity import Identity, TrustStore, verify_signature
+from swarm.decision import voting
+from swarm.discovery.mdns import PeerTable
 from swarm.errors import (
     ConfigError,
     DecodeError,
@@ -46,11 +48,11 @@ from swarm.errors import (
     NoDecisionError,
     VerificationError,
 )
-from swarm.identity import Identity, TrustStore, verify_signature
-from swarm.inference import FloatArray, Manifest, decode_image
+from swarm.inference.engine import FloatArray, Manifest, decode_image
 from swarm.log import bound, get_logger
 from swarm.metrics import Metrics, render
-from swarm.requester import AUTO_WAVE, LocalModel, Policy
+from swarm.requester.requester import AUTO_WAVE, LocalModel, Policy
+from swarm.wire import codec as wire
 
 log = get_logger(__name__)
 
@@ -195,7 +197,7 @@ class PeerAnswer:
 
 
 # The routes peers call on each other, with each one's body limit. Whichever HTTP server
-# carries a request (the lean front of ``swarm.front`` or aiohttp), ``PeerCalls`` answers
+# carries a request (the lean front of ``swarm.http.front`` or aiohttp), ``PeerCalls`` answers
 # it, so the two cannot differ in what they accept or answer.
 PEER_ROUTES: Final[Mapping[str, int]] = {
     "/v1/infer": config.MAX_INFER_BODY,
@@ -397,7 +399,7 @@ class _Routes:
         self.classify_slots = _InFlight("/v1/classify", ctx.max_classify_in_flight)
         self.variant_names = tuple(s.name for s in ctx.manifest.variants)
 
-    # --- peer to peer (the lean front answers these itself; see swarm.front) ---
+    # --- peer to peer (the lean front answers these itself; see swarm.http.front) ---
 
     async def peer_call(self, request: web.Request) -> web.Response:
         path = request.path

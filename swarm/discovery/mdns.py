@@ -3,7 +3,7 @@
 Every peer registers one DNS-SD service of type ``_vswarm._tcp.local.`` named by its peer
 id; the SRV record carries its HTTP port and the TXT record an ``Announcement``. A
 browser resolves each announced service and offers it to the ``PeerTable``. The
-announcement format and the table live in ``swarm.peers`` and are re-exported here.
+announcement format and the table live in ``swarm.discovery.table`` and are re-exported here.
 
 Network safety: ``Discovery`` takes its interfaces explicitly. Tests and the simulator
 pass ``["127.0.0.1"]``; only a real device passes ``ALL_INTERFACES``.
@@ -24,9 +24,7 @@ from zeroconf import IPVersion, ServiceStateChange
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from swarm import config
-from swarm.errors import ConfigError, TransportError
-from swarm.log import get_logger
-from swarm.peers import (
+from swarm.discovery.table import (
     _DETAIL_CHARS,
     K_ACC,
     K_ID,
@@ -46,6 +44,8 @@ from swarm.peers import (
     Role,
     parse_announcement,
 )
+from swarm.errors import ConfigError, TransportError
+from swarm.log import get_logger
 from swarm.resource import AsyncResource
 
 __all__ = [

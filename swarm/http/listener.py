@@ -6,7 +6,7 @@ others reuse it, so a peer announces one port for all its addresses. Binding is 
 here rather than by aiohttp so that "port in use" becomes a ``ConfigError`` with a clear
 message before the peer announces anything.
 
-With ``lean=True`` (the peer's default) each socket is served by ``swarm.front``: the
+With ``lean=True`` (the peer's default) each socket is served by ``swarm.http.front``: the
 peer-to-peer POSTs are answered on its lean path, every other request by the same aiohttp
 application, to which the front hands the connection over.
 """
@@ -23,10 +23,10 @@ from aiohttp import web
 
 from swarm import config
 from swarm.errors import ConfigError
-from swarm.front import Front
+from swarm.http.api import PEER_CALLS
+from swarm.http.front import Front
 from swarm.log import get_logger
 from swarm.resource import AsyncResource
-from swarm.server import PEER_CALLS
 
 log = get_logger(__name__)
 

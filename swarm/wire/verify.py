@@ -12,9 +12,9 @@ from collections import OrderedDict
 from typing import Final, NoReturn
 
 from swarm import PROTOCOL_VERSION, config
+from swarm.crypto.identity import TrustStore, peer_id_for, verify_signature
 from swarm.errors import VerificationError
-from swarm.identity import TrustStore, peer_id_for, verify_signature
-from swarm.messages import PPM, InferReply, InferRequest, ReplyBatch, input_sha256
+from swarm.wire.messages import PPM, InferReply, InferRequest, ReplyBatch, input_sha256
 
 # Each top-k entry is rounded to the nearest ppm (error <= 0.5), so an honest top-k of
 # probabilities summing to at most 1 never exceeds PPM + k/2.
@@ -104,7 +104,7 @@ def verify_request(
     Cheap checks come first, the signature next, and the request is added to ``seen``
     only once everything passed, so a forged copy cannot block the genuine one. With
     ``signature_verified`` the caller has checked a signature covering ``req`` already
-    (the batch it came in, ``swarm.messages``) and its own is not checked.
+    (the batch it came in, ``swarm.wire.messages``) and its own is not checked.
     """
     if req.version != PROTOCOL_VERSION:
         _reject(WRONG_VERSION, f"version {req.version}, this peer speaks {PROTOCOL_VERSION}")

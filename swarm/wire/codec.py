@@ -4,8 +4,8 @@
 messages. They bound the size first, then check every field's type, range, length and
 encoding, and raise ``DecodeError`` (never anything else) naming the field that is wrong.
 
-The messages and their canonical signed bytes live in ``swarm.messages``, the checks
-that decoding cannot make in ``swarm.verify``; both are re-exported here, so callers
+The messages and their canonical signed bytes live in ``swarm.wire.messages``, the checks
+that decoding cannot make in ``swarm.wire.verify``; both are re-exported here, so callers
 import the whole wire format from ``swarm.wire``.
 """
 
@@ -22,9 +22,9 @@ from typing import Any, Final, NoReturn, TypeVar
 import numpy as np
 
 from swarm import PROTOCOL_VERSION, config
+from swarm.crypto.identity import PEER_ID_LEN, PUBLIC_KEY_LEN, SIGNATURE_LEN
 from swarm.errors import DecodeError, MessageTooLargeError
-from swarm.identity import PEER_ID_LEN, PUBLIC_KEY_LEN, SIGNATURE_LEN
-from swarm.messages import (
+from swarm.wire.messages import (
     _FIELD_NAMES,
     _HEX_ID,
     _NAME,
@@ -61,7 +61,7 @@ from swarm.messages import (
     topk_from_probs,
     unix_ms,
 )
-from swarm.verify import (
+from swarm.wire.verify import (
     ATTRIBUTABLE_REPLY_REASONS,
     BAD_SIGNATURE,
     BAD_TOPK,

@@ -9,7 +9,7 @@ The table also remembers how each peer behaved: failures back it off exponential
 after ``Timings.suspect_after_failures`` in a row it is suspected and hidden until it
 answers again or re-announces.
 
-``swarm.discovery`` feeds the table from mDNS.
+``swarm.discovery.mdns`` feeds the table from mDNS.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal
 
 from swarm import PROTOCOL_VERSION, config
+from swarm.crypto.identity import peer_id_for
 from swarm.errors import ConfigError, DecodeError, DiscoveryTimeoutError, VerificationError
-from swarm.identity import peer_id_for
 from swarm.log import get_logger
 
 log = get_logger(__name__)

@@ -1,6 +1,6 @@
 """The fan-out of one signed request: ask, hedge, verify, and stop as soon as it can.
 
-The requester (``swarm.requester``) plans which replicas of which variants to ask and
+The requester (``swarm.requester.requester``) plans which replicas of which variants to ask and
 decides from what this gathers. Here, for one call:
 
 - The request, signed and encoded once, goes to the best replica of every variant at
@@ -55,9 +55,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
-from swarm import voting, wire
 from swarm.config import Timings
-from swarm.discovery import PeerRecord, PeerTable
+from swarm.crypto.identity import TrustStore
+from swarm.decision import voting
+from swarm.decision.reputation import ReputationBook
+from swarm.decision.voting import Ballot
+from swarm.discovery.mdns import PeerRecord, PeerTable
 from swarm.errors import (
     DecodeError,
     InferenceError,
@@ -65,12 +68,10 @@ from swarm.errors import (
     TransportError,
     VerificationError,
 )
-from swarm.identity import TrustStore
-from swarm.inference import ModelSpec
+from swarm.inference.engine import ModelSpec
 from swarm.log import get_logger
 from swarm.metrics import Metrics
-from swarm.reputation import ReputationBook
-from swarm.voting import Ballot
+from swarm.wire import codec as wire
 
 log = get_logger(__name__)
 
@@ -103,7 +104,7 @@ class Answer:
     # True when the reply came as an item of a reply batch whose one signature the
     # requester already verified against the peer's key; the item carries none itself.
     batch_verified: bool = False
-    # True when the reply's session MAC proved the peer sent it (``swarm.session``); its
+    # True when the reply's session MAC proved the peer sent it (``swarm.crypto.session``); its
     # own signature is left for ``FanOut.confirm_dissent`` and the requester's sample.
     mac_verified: bool = False
     # The reply batch it came in, when that batch's signature is left unchecked too.

@@ -45,15 +45,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from swarm import PROTOCOL_VERSION, config
+from swarm.crypto.identity import Identity, TrustStore, peer_id_for, verify_signature
 from swarm.errors import VerificationError
-from swarm.identity import Identity, TrustStore, peer_id_for, verify_signature
-from swarm.messages import (
+from swarm.wire.messages import (
     SessionHello,
     SessionWelcome,
     build_hello,
     build_welcome,
 )
-from swarm.verify import (
+from swarm.wire.verify import (
     BAD_SIGNATURE,
     STALE,
     UNTRUSTED_KEY,

@@ -27,7 +27,7 @@ A reply batch lists, per request item and in the same order, either its reply or
 error (a refused or failed item, which is not evidence of anything and so not signed).
 
 ``build_request`` and ``build_reply`` make signed messages (``build_batch`` and
-``sign_replies`` batches); ``swarm.wire`` encodes and decodes them, and ``swarm.verify``
+``sign_replies`` batches); ``swarm.wire.codec`` encodes and decodes them, and ``swarm.wire.verify``
 checks what decoding cannot.
 """
 
@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from swarm import PROTOCOL_VERSION, config
-from swarm.identity import SIGNATURE_LEN, Identity
+from swarm.crypto.identity import SIGNATURE_LEN, Identity
 
 REQUEST_TAG: Final = b"vswarm/request/v1\n"
 REPLY_TAG: Final = b"vswarm/reply/v1\n"
@@ -220,7 +220,7 @@ class ReplyBatch:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionHello:
-    """A requester's signed offer of a session: a fresh X25519 key (``swarm.session``)."""
+    """A requester's signed offer of a session: a fresh X25519 key (``swarm.crypto.session``)."""
 
     version: int
     swarm: str
@@ -399,7 +399,7 @@ def build_request(
 ) -> InferRequest:
     """A request for ``tensor`` (shape ``config.INPUT_SHAPE``), signed by ``identity``
     (with ``sign=False`` a zero signature: for peers whose sessions' MACs authenticate it,
-    ``swarm.session``)."""
+    ``swarm.crypto.session``)."""
     if not is_valid_name(swarm):
         raise ValueError(f"invalid swarm name {swarm!r}: use 1-63 of A-Za-z0-9._-")
     if not 1 <= k <= config.MAX_TOP_K:

@@ -34,8 +34,8 @@ from typing import Final, cast
 from aiohttp import web
 
 from swarm import config
+from swarm.http.api import JSON_TYPE, PEER_ROUTES, PeerAnswer, PeerCalls, error_json
 from swarm.log import get_logger
-from swarm.server import JSON_TYPE, PEER_ROUTES, PeerAnswer, PeerCalls, error_json
 
 log = get_logger(__name__)
 

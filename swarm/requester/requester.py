@@ -10,7 +10,7 @@ The path of a call (DESIGN.md, "The path of one classify call"):
    fast as the manifest's model latency, so it gets tried and measured), then fewer
    failures. The policy then drops replicas estimated over its latency budget and,
    most accurate variant first, variants that would overrun its MACs budget.
-2. Ask, hedge, verify and exit early: ``swarm.fanout``. The request is signed and encoded
+2. Ask, hedge, verify and exit early: ``swarm.requester.fanout``. The request is signed and encoded
    once for all peers. The peer's own variant is asked in-process (``LocalInfer``).
    Coalescing: one exchange with a peer runs at a time; asks for that peer meanwhile wait
    and go together, when it finishes, as one batch (``POST /v1/infer/batch``) signed
@@ -19,7 +19,7 @@ The path of a call (DESIGN.md, "The path of one classify call"):
    full batch (``config.MAX_BATCH_ITEMS``) waits does a further exchange open, up to
    ``config.REQUESTER_EXCHANGES_PER_PEER``: the peer is then so busy that batches cannot
    grow, and keeping its model fed during the round trip is the gain left.
-   Sessions (``swarm.session``, on by default): the first ask to a peer opens a session
+   Sessions (``swarm.crypto.session``, on by default): the first ask to a peer opens a session
    with one signed key exchange; later requests carry a MAC instead of being checked by
    signature, and a reply whose MAC verifies is known to come from that peer. Its
    signature is then checked only if it dissents from the decision (before the answer)
@@ -50,9 +50,21 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
-from swarm import PROTOCOL_VERSION, config, voting, wire
+from swarm import PROTOCOL_VERSION, config
 from swarm.config import DEFAULT_TIMINGS, Timings
-from swarm.discovery import PeerRecord, PeerTable
+from swarm.crypto.identity import Identity, TrustStore
+from swarm.crypto.session import (
+    MAC_HEADER,
+    SESSION_HEADER,
+    SESSION_PATH,
+    UNKNOWN_SESSION,
+    Offer,
+    SessionKeys,
+    macs_equal,
+)
+from swarm.decision import voting
+from swarm.decision.reputation import ReputationBook
+from swarm.discovery.mdns import PeerRecord, PeerTable
 from swarm.errors import (
     ConfigError,
     DecodeError,
@@ -62,7 +74,10 @@ from swarm.errors import (
     SwarmError,
     VerificationError,
 )
-from swarm.fanout import (
+from swarm.inference.engine import InferenceResult, Manifest, ModelSpec
+from swarm.log import bound, get_logger
+from swarm.metrics import Metrics
+from swarm.requester.fanout import (
     MALFORMED,
     Answer,
     BatchCheck,
@@ -73,22 +88,9 @@ from swarm.fanout import (
     Unchecked,
     first_wave_key,
 )
-from swarm.httpclient import BadAnswer, ConnectFailed, HttpPool
-from swarm.identity import Identity, TrustStore
-from swarm.inference import InferenceResult, Manifest, ModelSpec
-from swarm.log import bound, get_logger
-from swarm.metrics import Metrics
-from swarm.reputation import ReputationBook
+from swarm.requester.httpclient import BadAnswer, ConnectFailed, HttpPool
 from swarm.resource import AsyncResource
-from swarm.session import (
-    MAC_HEADER,
-    SESSION_HEADER,
-    SESSION_PATH,
-    UNKNOWN_SESSION,
-    Offer,
-    SessionKeys,
-    macs_equal,
-)
+from swarm.wire import codec as wire
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -114,7 +116,7 @@ _HEADERS: Final = {
     "Accept-Encoding": "identity",  # a reply is small; nothing to inflate from a peer
     "User-Agent": f"vswarm/{PROTOCOL_VERSION}",
 }
-_MAC_HEADER_KEY: Final = MAC_HEADER.lower()  # swarm.httpclient lower-cases header names
+_MAC_HEADER_KEY: Final = MAC_HEADER.lower()  # swarm.requester.httpclient lower-cases header names
 # A session is renewed this long before the peer said it would forget it.
 _SESSION_MARGIN_S: Final = 30.0
 _SAMPLER: Final = secrets.SystemRandom()
@@ -140,7 +142,7 @@ class Policy:
     # None asks every eligible replica, so each peer votes and the vote tolerates up to
     # half of the *peers* lying rather than half of the variants.
     replicas: int | None = 1
-    # Ballots asked at once (``swarm.fanout``, "Waves"): None asks every one at once; n
+    # Ballots asked at once (``swarm.requester.fanout``, "Waves"): None asks every one at once; n
     # asks n, the cheapest per unit of trust, and the rest only if those leave the label
     # open (the same label either way). "auto"
     # (the default) asks every one at once while the requester has fewer than
@@ -169,7 +171,7 @@ DEFAULT_POLICY: Final = Policy()
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClassifyResult:
-    """A decision and the evidence behind it (``swarm.fanout`` defines the peer lists)."""
+    """A decision and the evidence behind it (``swarm.requester.fanout`` defines the peer lists)."""
 
     label: int
     class_name: str
@@ -345,7 +347,7 @@ class Requester(AsyncResource):
         self._in_flight = 0  # classify calls gathering replies (``Policy.wave`` "auto")
         self._groups: set[asyncio.Task[Any]] = set()  # exchanges, uncoalesced and local asks
         self._session: aiohttp.ClientSession | None = None  # health probes
-        self._pool: HttpPool | None = None  # exchanges with peers (swarm.httpclient)
+        self._pool: HttpPool | None = None  # exchanges with peers (swarm.requester.httpclient)
         self._closed = False
         self._probe: asyncio.Task[None] | None = None
         # HTTP exchanges whose caller gave up (early exit, hedge won), left to finish so

@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -18,6 +20,7 @@ from swarm.errors import ConfigError
 MANIFEST_NAME: Final = "manifest.json"
 MANIFEST_SCHEMA: Final = 1
 ROLES: Final = ("variant", "reference")
+FAMILY_TAG: Final = b"vswarm/family/v1\n"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,9 +57,21 @@ class Manifest:
         raise ConfigError(f"no model named {name!r} in {self.path}; known models: {known}")
 
     @property
+    def family_id(self) -> str:
+        """32 hex characters naming the family by its models' hashes: peers and requesters
+        of different families never mix their votes."""
+        return family_id(m.sha256 for m in self.models)
+
+    @property
     def variants(self) -> tuple[ModelSpec, ...]:
         """The models a peer may serve (role ``variant``)."""
         return tuple(m for m in self.models if m.role == "variant")
+
+
+def family_id(model_sha256s: Iterable[str]) -> str:
+    """The id of a family of models with these sha256 digests (hex), in any order."""
+    digest = hashlib.sha256(FAMILY_TAG + "\n".join(sorted(model_sha256s)).encode("ascii"))
+    return digest.hexdigest()[:32]
 
 
 def default_manifest_path() -> Path:

@@ -2,8 +2,8 @@
 
 ``Engine`` runs one variant in one dedicated thread, or on the event loop when the
 model is faster than the hand-off to a thread; concurrent ``infer`` calls are gathered
-into one batch. The manifest (``swarm.manifest``) and
-input decoding (``swarm.imaging``) are re-exported here.
+into one batch. The manifest (``swarm.inference.manifest``) and
+input decoding (``swarm.inference.imaging``) are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from swarm import config
 from swarm.errors import ConfigError, InferenceError
-from swarm.imaging import FloatArray, decode_image, load_image_file
-from swarm.log import get_logger
-from swarm.manifest import (
+from swarm.inference.imaging import FloatArray, decode_image, load_image_file
+from swarm.inference.manifest import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     ROLES,
@@ -35,6 +34,7 @@ from swarm.manifest import (
     default_manifest_path,
     load_manifest,
 )
+from swarm.log import get_logger
 from swarm.metrics import Metrics
 from swarm.resource import AsyncResource
 

@@ -1,0 +1,1 @@
+"""Command-line entry points: ``python -m swarm.peer`` and ``python -m swarm.classify``."""

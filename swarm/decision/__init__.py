@@ -1,0 +1,1 @@
+"""Deciding: the robust vote with its certificate, and peer reputation."""

@@ -1,0 +1,1 @@
+"""Finding peers: mDNS/DNS-SD announcements and the live peer table."""

@@ -1,0 +1,1 @@
+"""The public HTTP API of a peer (aiohttp) and its listener."""

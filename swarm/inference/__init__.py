@@ -1,0 +1,1 @@
+"""Running a variant: the manifest, ONNX Runtime, micro-batching, images, choice."""

@@ -1,0 +1,1 @@
+"""Wire messages, their canonical signed bytes, decoding of untrusted bytes, and checks."""
