@@ -99,7 +99,7 @@ def classify_cli(
     models: Models, swarm: Swarm, images: list[Path], *extra: str
 ) -> list[dict[str, Any]]:
     """Run ``python -m swarm.classify --json`` on 127.0.0.1; its JSON lines, one per image."""
-    wait_peers = len(swarm.discovery.table)
+    wait_peers = len(swarm.peers)
     done = swarm.group.run_module(
         "swarm.classify",
         [
@@ -318,7 +318,7 @@ def test_sigterm_exits_zero_says_goodbye_and_keeps_identity(
 ) -> None:
     """SIGTERM: exit 0, goodbye drops it at once, reputation saved; restart keeps its id."""
     swarm = start_swarm(group, models, models.by_accuracy()[:3])
-    a, leaving, c = swarm.discovery.table
+    a, leaving, c = swarm.peers
     assert leaving.stop(signal.SIGTERM) == 0
     stderr = leaving.stderr_text()
     assert "Traceback" not in stderr
