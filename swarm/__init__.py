@@ -5,6 +5,6 @@ to classify an input; each answers its signed top-k; the requester combines the 
 with a vote that holds when some peers are faulty or lying.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 __all__ = ["PROTOCOL_VERSION"]

@@ -13,26 +13,21 @@ import dataclasses
 SERVICE_TYPE = "_vswarm._tcp.local."
 DEFAULT_SWARM = "default"
 
-# The canonical model input: N x 1 x 28 x 28 float32 in [0, 1] (pixel / 255).
+# The shipped family's model input: N x 1 x 28 x 28 float32 in [0, 1] (pixel / 255); on
+# the wire, 1 x 28 x 28 uint8 pixels.
 INPUT_NAME = "input"
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
 DEFAULT_TOP_K = 2
 MAX_TOP_K = NUM_CLASSES
 
-# Size limits (bytes). A request carries one 1x28x28 float32 tensor (3,136 bytes,
-# ~4.2 KB in base64) plus signed metadata; 64 KiB leaves room and bounds abuse.
-MAX_INFER_BODY = 64 * 1024
-# An image sent to /v1/classify: PNG/JPEG/.npy; decoded images are capped in pixels too.
+# Size limits (bytes). An image sent to /v1/classify: PNG/JPEG/.npy; decoded images are
+# capped in pixels too. Link messages are bounded by ``swarm.wire.codec`` from the family's
+# input size.
 MAX_CLASSIFY_BODY = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_REPLY_BODY = 16 * 1024
-# Batches of requests to one peer (swarm.wire.messages): at most this many items, one body.
+# A group of asks to one peer travels as one message: at most this many.
 MAX_BATCH_ITEMS = 32
-MAX_INFER_BATCH_BODY = MAX_BATCH_ITEMS * 8 * 1024
-MAX_REPLY_BATCH_BODY = MAX_BATCH_ITEMS * 2 * 1024
-# A session offer or acceptance (swarm.crypto.session): keys, ids and a signature.
-MAX_SESSION_BODY = 2 * 1024
 # RFC 6763 section 6.2: a TXT record should stay well under 1300 bytes in total.
 MAX_TXT_VALUE = 255
 MAX_TXT_RECORD = 1300
@@ -41,23 +36,28 @@ MAX_PEER_ADDRESSES = 8
 
 # Caps on tables keyed by peer-supplied data.
 MAX_PEERS = 1024
-MAX_SEEN_REQUEST_IDS = 65_536
-MAX_EVIDENCE = 1_000
 # Inputs waiting for the local model; callers past this wait for room (backpressure).
 MAX_INFER_QUEUE = 1024
 # Resolutions of announced services in flight at once.
 MAX_PENDING_RESOLVES = 64
-# The requester's pool of keep-alive HTTP connections to peers, in total and per peer
-# (host and port); a call past these waits for a free one, within its deadline.
+# The requester's HTTP connections to peers (links and health probes), in total.
 REQUESTER_MAX_CONNECTIONS = 128
-REQUESTER_MAX_CONNECTIONS_PER_PEER = 16
 # Exchanges a requester runs with one peer at once: one, and more only while a full batch
 # (MAX_BATCH_ITEMS) waits for that peer; asks beyond wait and go as a batch.
 REQUESTER_EXCHANGES_PER_PEER = 2
-# HTTP requests one peer serves at once, per route; past this it answers 503 with
-# Retry-After instead of queueing without bound. /v1/infer is cheap and micro-batched
-# (its queue, MAX_INFER_QUEUE, is larger still); /v1/classify fans out to the swarm.
-MAX_INFER_IN_FLIGHT = 512
+# A peer's caps (``swarm.link.websocket``, ``swarm.http.listener``): asks in flight on one
+# link (more are refused, item by item, as overloaded), links held in all and per remote
+# address, TCP connections in all and per remote address. Past a cap a peer refuses the
+# new link or connection with 503 and a log line, and keeps serving what it holds.
+MAX_LINK_ASKS = 256
+MAX_LINKS = 512
+MAX_LINKS_PER_ADDRESS = 8
+MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS_PER_ADDRESS = 32
+# Link hellos a peer remembers (each opens at most one link), until they are stale.
+MAX_SEEN_HELLOS = 65_536
+# /v1/classify requests one peer serves at once; past this it answers 503 with
+# Retry-After instead of queueing without bound (each fans out to the swarm).
 MAX_CLASSIFY_IN_FLIGHT = 64
 # A classify call that starts with this many of its requester's calls in flight (itself
 # included) asks a majority of its ballots first and the rest only if those leave the
@@ -65,15 +65,9 @@ MAX_CLASSIFY_IN_FLIGHT = 64
 # the latency of asking everyone at once.
 WAVE_IN_FLIGHT = 8
 RETRY_AFTER_S = 1
-# Sessions (swarm.crypto.session): how long a peer keeps one, how many it keeps (the oldest
-# is forgotten first; its requester opens a new one), the longest lifetime a peer may
-# announce, and the share of replies whose signatures a requester checks after the
-# answer when their session MAC already proved who sent them (dissenting replies are
-# all checked before the answer). A reply batch is drawn once: its one signature covers
-# all its replies, so they are checked together or not at all.
-SESSION_TTL_S = 600.0
-MAX_SESSIONS = 4096
-MAX_SESSION_TTL_MS = 86_400_000
+# The share of replies whose signatures a requester checks after the answer (the link
+# already proved who sent them; dissenting replies are all checked before the answer). A
+# reply batch is drawn once: its one signature covers all its replies.
 LATE_SIGNATURE_SAMPLE = 0.125
 
 
@@ -120,8 +114,16 @@ class Timings:
     mdns_resolve_timeout_s: float = 3.0
     mdns_register_timeout_s: float = 10.0
     mdns_start_stop_timeout_s: float = 3.0
-    # HTTP server: a client has this long to send a request body (bounds slow senders);
-    # at shutdown, requests in flight get this long to finish.
+    # Links (swarm.link): the hello and welcome must come within link_handshake_s; both
+    # ends ping every link_heartbeat_s (a vanished end is found within about twice that);
+    # a peer closes a link silent for link_idle_s (its requester opens another when needed).
+    link_handshake_s: float = 2.0
+    link_heartbeat_s: float = 10.0
+    link_idle_s: float = 600.0
+    # HTTP server: an idle keep-alive connection is closed after keepalive_s; a client has
+    # body_read_timeout_s to send a request body (bounds slow senders); at shutdown,
+    # requests in flight get http_shutdown_s to finish.
+    keepalive_s: float = 15.0
     body_read_timeout_s: float = 5.0
     http_shutdown_s: float = 3.0
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-from swarm.wire import codec as wire
+from swarm.wire import messages as wire
 
 
 def ipv4(text: str) -> str:

@@ -41,7 +41,7 @@ from swarm.errors import ConfigError, DiscoveryTimeoutError, NoDecisionError, Sw
 from swarm.inference.engine import Manifest, load_image_file, load_manifest
 from swarm.log import configure_logging, get_logger
 from swarm.requester.requester import ClassifyResult, Policy, Requester
-from swarm.wire import codec as wire
+from swarm.wire import messages as wire
 
 log = get_logger(__name__)
 

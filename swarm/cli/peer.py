@@ -38,6 +38,8 @@ from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
 from swarm.inference import autoselect
 from swarm.inference.engine import Engine, Manifest, ModelSpec, load_manifest
+from swarm.link.answer import Answerer
+from swarm.link.websocket import LinkServer
 from swarm.log import bind_peer, configure_logging, get_logger
 from swarm.metrics import Metrics
 from swarm.requester.requester import LocalInfer, Requester
@@ -151,14 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
         dest="batching",
         action="store_false",
         help="run every input alone (for comparison; batching is on by default)",
-    )
-    p.add_argument(
-        "--http",
-        choices=("lean", "aiohttp"),
-        default="lean",
-        help="lean: the peer-to-peer POSTs are read and answered by the peer's own lean "
-        "HTTP/1.1 path, every other request by aiohttp; aiohttp: every request by aiohttp "
-        "(for comparison; default %(default)s)",
     )
     p.add_argument("--log-format", choices=("json", "console"), default="console")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -318,10 +312,18 @@ async def _serve(
                 local=LocalInfer(engine),
             )
         )
+        answerer = Answerer(
+            identity,
+            engine,
+            swarm=args.swarm,
+            family=manifest.family_id,
+            input_shape=config.INPUT_SHAPE,
+        )
+        links = LinkServer.build(identity, answerer, trust=trust, timings=timings, metrics=metrics)
         ctx = ServerContext(
             identity=identity,
             swarm=args.swarm,
-            trust=trust,
+            links=links,
             model=engine,
             manifest=manifest,
             table=table,
@@ -335,7 +337,6 @@ async def _serve(
                 hosts=interfaces or [ANY_ADDRESS],
                 port=args.port,
                 timings=timings,
-                lean=args.http == "lean",
             )
         )
         await discovery.register(serving_announcement(args.swarm, identity, spec, http.port))

@@ -1,15 +1,16 @@
-"""The fan-out of one signed request: ask, hedge, verify, and stop as soon as it can.
+"""The fan-out of one request: ask, hedge, verify, and stop as soon as it can.
 
 The requester (``swarm.requester.requester``) plans which replicas of which variants to ask and
 decides from what this gathers. Here, for one call:
 
-- The request, signed and encoded once, goes to the best replica of every variant at
-  once, each ask bounded by the call's deadline.
+- The request goes to the best replica of every variant at once, each ask bounded by
+  the call's deadline.
 - A variant still unanswered after ``Timings.hedge_after_s`` is hedged with its next
   replica (Dean & Barroso, "The Tail at Scale": hedge after about the p95 latency). A
   variant whose asks all failed moves on to its next replica at once. The first valid
   reply of a variant counts; its siblings still out are cancelled.
-- Every reply is verified against the key its peer announced (``wire.verify_reply``).
+- Every reply is checked against the request and the peer asked (``verify.verify_reply``);
+  the signature of its batch for dissenters and a sample (``confirm_dissent``).
 - Early exit: once ``quorum`` ballots count and ``voting.can_change`` says the variants
   still out cannot change the label, whatever they answer, the rest are cancelled. At
   the deadline, what is still out is cancelled and the call decides with what is in.
@@ -32,15 +33,15 @@ decides from what this gathers. Here, for one call:
 Every peer asked ends up in exactly one list:
 
 - ``replies``: its valid reply was counted;
-- ``rejected``: it answered and the reply was refused (a ``wire.REJECT_REASONS`` token,
+- ``rejected``: it answered and the reply was refused (a ``verify.REJECT_REASONS`` token,
   or ``"malformed"`` when the body did not decode);
-- ``missing``: no answer: unreachable, an HTTP error, or still out at the deadline;
+- ``missing``: no answer: unreachable, refused, or still out at the deadline;
 - ``skipped``: cancelled because no longer needed: the decision could no longer change
   (early exit), or another replica of its variant answered first (a hedge).
 
 What a peer's conduct costs it: a transport failure, a timeout or a reply that is not
 provably its own (unsigned, malformed, wrongly signed) backs it off in the peer table;
-a reply rejected for a reason it signed (``wire.ATTRIBUTABLE_REPLY_REASONS``) counts as
+a reply rejected for a reason it signed (``verify.ATTRIBUTABLE_REPLY_REASONS``) counts as
 a disagreement in its reputation.
 """
 
@@ -71,7 +72,8 @@ from swarm.errors import (
 from swarm.inference.engine import ModelSpec
 from swarm.log import get_logger
 from swarm.metrics import Metrics
-from swarm.wire import codec as wire
+from swarm.wire import verify
+from swarm.wire.messages import InferReply, InferRequest, ReplyBatch, unix_ms
 
 log = get_logger(__name__)
 
@@ -98,16 +100,10 @@ class ReplyInfo:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Answer:
-    """What one ask brought back: a decoded reply, not yet checked against the request."""
+    """What one ask brought back: a decoded reply, not yet checked against the request,
+    and the check of the signature that covers it (None: the requester's own model's)."""
 
-    reply: wire.InferReply
-    # True when the reply came as an item of a reply batch whose one signature the
-    # requester already verified against the peer's key; the item carries none itself.
-    batch_verified: bool = False
-    # True when the reply's session MAC proved the peer sent it (``swarm.crypto.session``); its
-    # own signature is left for ``FanOut.confirm_dissent`` and the requester's sample.
-    mac_verified: bool = False
-    # The reply batch it came in, when that batch's signature is left unchecked too.
+    reply: InferReply
     batch: BatchCheck | None = None
 
 
@@ -116,7 +112,7 @@ class BatchCheck:
 
     __slots__ = ("_failure", "_sampled", "_verified", "batch", "record")
 
-    def __init__(self, batch: wire.ReplyBatch, record: PeerRecord) -> None:
+    def __init__(self, batch: ReplyBatch, record: PeerRecord) -> None:
         self.batch = batch
         self.record = record
         self._verified = False
@@ -136,11 +132,7 @@ class BatchCheck:
         """Raise ``VerificationError`` unless the peer's key signed the batch."""
         if not self._verified and self._failure is None:
             try:
-                wire.verify_reply_batch(
-                    self.batch,
-                    expected_peer_id=self.record.peer_id,
-                    expected_key=self.record.public_key,
-                )
+                verify.verify_reply_batch(self.batch, expected_key=self.record.public_key)
                 self._verified = True
             except VerificationError as exc:
                 self._failure = exc
@@ -150,23 +142,19 @@ class BatchCheck:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Unchecked:
-    """A counted reply whose signature is not checked yet (its session MAC was)."""
+    """A counted reply whose signature is not checked yet (its link proved the sender)."""
 
     record: PeerRecord
-    reply: wire.InferReply
-    batch: BatchCheck | None  # the batch whose one signature covers it, if any
+    reply: InferReply
+    batch: BatchCheck  # the batch whose one signature covers it
 
     def sampled(self, draw: Callable[[], bool]) -> bool:
-        """Whether this reply is in the sample of late signature checks: its own draw,
-        or its batch's (``BatchCheck.sampled``)."""
-        return draw() if self.batch is None else self.batch.sampled(draw)
+        """Whether this reply is in the sample of late signature checks (its batch's draw)."""
+        return self.batch.sampled(draw)
 
     def check(self) -> None:
         """Raise ``VerificationError`` unless the peer's key signed the reply."""
-        if self.batch is None:
-            wire.verify_reply_signature(self.reply, self.record.public_key)
-        else:
-            self.batch.check()
+        self.batch.check()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,9 +200,7 @@ class Asker(Protocol):
     @property
     def metrics(self) -> Metrics | None: ...
 
-    def ask_peer(
-        self, record: PeerRecord, request: wire.InferRequest, body: bytes
-    ) -> asyncio.Future[Answer]:
+    def ask_peer(self, record: PeerRecord, request: InferRequest) -> asyncio.Future[Answer]:
         """Ask ``record``'s peer: its decoded reply, or a ``SwarmError``, as a future
         the fan-out may cancel. It ends on its own only by an answer or a failure: the
         fan-out bounds the time."""
@@ -242,7 +228,7 @@ class FanOut:
     def __init__(
         self,
         owner: Asker,
-        request: wire.InferRequest,
+        request: InferRequest,
         *,
         plan: dict[str, Replicas],
         weights: Mapping[str, float],
@@ -256,7 +242,6 @@ class FanOut:
             raise ValueError(f"wave must be >= 1 or None (every slot at once), got {wave}")
         self.owner = owner
         self.request = request
-        self.body = wire.encode_request(request)
         self.variants = plan  # slot key -> Replicas (one ballot each; see Policy.replicas)
         # Which slot asked each peer: a variant's replicas may be split across slots.
         self._slot_of = {r.peer_id: v for v in plan.values() for r in v.queue}
@@ -272,7 +257,7 @@ class FanOut:
         self.rejected: list[Rejection] = []
         self.missing: list[str] = []
         self.skipped: list[str] = []
-        # Counted replies whose signatures are not checked yet (their session MAC was).
+        # Counted replies whose signatures are not checked yet (their link proved the sender).
         self.unchecked: dict[str, Unchecked] = {}
         self.asked = 0
         self._asked_at: dict[str, float] = {}  # peer id -> time.monotonic() when asked
@@ -346,7 +331,7 @@ class FanOut:
             return
         record = variant.queue.popleft()
         started = time.monotonic()
-        ask = self.owner.ask_peer(record, self.request, self.body)
+        ask = self.owner.ask_peer(record, self.request)
         variant.inflight[record.peer_id] = ask
         self._asked_at[record.peer_id] = started
         self.asked += 1
@@ -389,7 +374,7 @@ class FanOut:
             return  # cancelled meanwhile, and already listed as skipped or missing
         if isinstance(outcome.error, DecodeError):
             self._reject(record, MALFORMED, str(outcome.error))
-        elif isinstance(outcome.error, VerificationError):  # a reply batch's signature
+        elif isinstance(outcome.error, VerificationError):
             self._reject(record, outcome.error.reason, outcome.error.detail)
         elif outcome.error is not None:
             self._fail(record, outcome.error, outcome.seconds)
@@ -404,17 +389,16 @@ class FanOut:
         owner = self.owner
         reply = answer.reply
         try:
-            wire.verify_reply(
+            verify.verify_reply(
                 reply,
                 request=self.request,
                 expected_peer_id=record.peer_id,
                 expected_key=record.public_key,
                 trust=owner.trust,
-                now_ms=wire.unix_ms(),
+                now_ms=unix_ms(),
                 freshness_s=owner.timings.freshness_s,
                 expected_variant=record.variant,
                 expected_model_sha256=record.model_sha256,
-                signature_verified=answer.batch_verified or answer.mac_verified,
             )
         except VerificationError as exc:
             self._reject(record, exc.reason, exc.detail)
@@ -426,13 +410,13 @@ class FanOut:
         topk = reply.topk_probabilities()
         self.ballots.append(Ballot(record.peer_id, record.variant, topk, weight))
         self.replies.append(ReplyInfo(record.peer_id, record.variant, topk, seconds * 1000, weight))
-        if answer.mac_verified and not answer.batch_verified:
+        if answer.batch is not None:
             self.unchecked[record.peer_id] = Unchecked(record, reply, answer.batch)
         self._cancel(variant, skipped=True)
 
     def confirm_dissent(self, label: int) -> bool:
         """Check the signature of every counted reply that dissents from ``label`` and
-        that only its session MAC vouched for; drop the ballots whose signature fails.
+        that only its link vouched for; drop the ballots whose signature fails.
         True if one was dropped (the vote must be taken again)."""
         dropped = False
         for peer_id, unchecked in list(self.unchecked.items()):
@@ -445,7 +429,7 @@ class FanOut:
             except VerificationError as exc:
                 self.ballots = [b for b in self.ballots if b.peer_id != peer_id]
                 self.replies = [r for r in self.replies if r.peer != peer_id]
-                # Its session MAC verified: the peer itself sent this badly signed reply.
+                # Its link proved the sender: the peer itself sent this badly signed reply.
                 self._reject(record, exc.reason, exc.detail, attributable=True)
                 dropped = True
         return dropped
@@ -460,7 +444,7 @@ class FanOut:
         log.warning(
             "reply_rejected", peer=record.peer_id, reason=reason, detail=detail[:_DETAIL_CHARS]
         )
-        if attributable or reason in wire.ATTRIBUTABLE_REPLY_REASONS:
+        if attributable or reason in verify.ATTRIBUTABLE_REPLY_REASONS:
             owner.reputation.record(record.peer_id, agreed=False)
         else:
             # Unsigned or not signed by the peer: that address does not give us its answers.

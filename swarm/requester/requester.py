@@ -10,20 +10,18 @@ The path of a call (DESIGN.md, "The path of one classify call"):
    fast as the manifest's model latency, so it gets tried and measured), then fewer
    failures. The policy then drops replicas estimated over its latency budget and,
    most accurate variant first, variants that would overrun its MACs budget.
-2. Ask, hedge, verify and exit early: ``swarm.requester.fanout``. The request is signed and encoded
-   once for all peers. The peer's own variant is asked in-process (``LocalInfer``).
-   Coalescing: one exchange with a peer runs at a time; asks for that peer meanwhile wait
-   and go together, when it finishes, as one batch (``POST /v1/infer/batch``) signed
-   once each way. A lone call never waits: under concurrency, calls share the HTTP
-   exchange and both signatures, and the peer's model runs larger batches. Only when a
-   full batch (``config.MAX_BATCH_ITEMS``) waits does a further exchange open, up to
+2. Ask, hedge, verify and exit early: ``swarm.requester.fanout``. The request is built
+   once (its input in compact form) for all peers, which are asked through the transport
+   (``swarm.link``): one kept link per peer, sealed both ways. The peer's own variant is
+   asked in-process (``LocalInfer``). Coalescing: one exchange with a peer runs at a time;
+   asks for that peer meanwhile wait and go together, when it finishes, as one group
+   whose replies are signed once. A lone call never waits: under concurrency, calls share
+   the round trip and the signature, and the peer's model runs larger batches. Only when a
+   full group (``config.MAX_BATCH_ITEMS``) waits does a further exchange open, up to
    ``config.REQUESTER_EXCHANGES_PER_PEER``: the peer is then so busy that batches cannot
-   grow, and keeping its model fed during the round trip is the gain left.
-   Sessions (``swarm.crypto.session``, on by default): the first ask to a peer opens a session
-   with one signed key exchange; later requests carry a MAC instead of being checked by
-   signature, and a reply whose MAC verifies is known to come from that peer. Its
-   signature is then checked only if it dissents from the decision (before the answer)
-   or falls in the sample checked after it. A peer without sessions gets signatures.
+   grow, and keeping its model fed during the round trip is the gain left. The link
+   proves which peer sent a reply; its signature is checked only where it matters: every
+   reply that dissents from the decision before the answer, a sample of the others after.
 3. Vote: a ballot weighs the variant's validation accuracy x the peer's reputation weight;
    ``voting.decide`` under the caller's rule.
 4. Learn: reputation is recorded from a decision only if ``certified_f >= 1``. A decision
@@ -35,46 +33,34 @@ The path of a call (DESIGN.md, "The path of one classify call"):
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
-import contextlib
 import dataclasses
-import json
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, Final, Literal, Protocol, TypeVar
 
-import aiohttp
 import numpy as np
 import numpy.typing as npt
 
-from swarm import PROTOCOL_VERSION, config
+from swarm import config
 from swarm.config import DEFAULT_TIMINGS, Timings
 from swarm.crypto.identity import Identity, TrustStore
-from swarm.crypto.session import (
-    MAC_HEADER,
-    SESSION_HEADER,
-    SESSION_PATH,
-    UNKNOWN_SESSION,
-    Offer,
-    SessionKeys,
-    macs_equal,
-)
 from swarm.decision import voting
 from swarm.decision.reputation import ReputationBook
-from swarm.discovery.mdns import PeerRecord, PeerTable
+from swarm.discovery.table import PeerRecord, PeerTable
 from swarm.errors import (
     ConfigError,
-    DecodeError,
     InferenceError,
     NoDecisionError,
+    PeerTimeoutError,
     PeerUnreachableError,
     SwarmError,
     VerificationError,
 )
 from swarm.inference.engine import InferenceResult, Manifest, ModelSpec
+from swarm.link.transport import LinkConfig, Transport
+from swarm.link.websocket import WebSocketTransport
 from swarm.log import bound, get_logger
 from swarm.metrics import Metrics
 from swarm.requester.fanout import (
@@ -86,11 +72,10 @@ from swarm.requester.fanout import (
     Replicas,
     ReplyInfo,
     Unchecked,
-    first_wave_key,
 )
-from swarm.requester.httpclient import BadAnswer, ConnectFailed, HttpPool
 from swarm.resource import AsyncResource
-from swarm.wire import codec as wire
+from swarm.wire import codec
+from swarm.wire.messages import MAX_DEADLINE_MS, InferReply, InferRequest, build_request
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -107,18 +92,8 @@ __all__ = [
 log = get_logger(__name__)
 T = TypeVar("T")
 
-INFER_PATH: Final = "/v1/infer"
-BATCH_PATH: Final = "/v1/infer/batch"
 # Weight of the newest sample in a peer's round-trip estimate: the last few calls count.
 LATENCY_ALPHA: Final = 0.3
-_HEADERS: Final = {
-    "Content-Type": "application/json",
-    "Accept-Encoding": "identity",  # a reply is small; nothing to inflate from a peer
-    "User-Agent": f"vswarm/{PROTOCOL_VERSION}",
-}
-_MAC_HEADER_KEY: Final = MAC_HEADER.lower()  # swarm.requester.httpclient lower-cases header names
-# A session is renewed this long before the peer said it would forget it.
-_SESSION_MARGIN_S: Final = 30.0
 _SAMPLER: Final = secrets.SystemRandom()
 _MAX_PROBES: Final = 16  # suspected peers probed per round, a bound on the work
 
@@ -224,8 +199,8 @@ class LocalModel(Protocol):
 class LocalInfer:
     """This peer's own variant, asked in-process when it is the best replica.
 
-    The requester calls it with the request it signed and its own identity; the reply is
-    signed exactly as ``POST /v1/infer`` would sign it, and verified like any other.
+    Its reply is built exactly as the peer answers a link's ask, and checked like any
+    other; it needs no signature, being the requester's own.
     """
 
     __slots__ = ("_model",)
@@ -237,12 +212,12 @@ class LocalInfer:
     def spec(self) -> ModelSpec:
         return self._model.spec
 
-    async def __call__(self, request: wire.InferRequest, identity: Identity) -> wire.InferReply:
+    async def __call__(self, request: InferRequest, responder_id: str) -> InferReply:
         result = await self._model.infer(request.tensor())
         spec = self._model.spec
-        return wire.build_reply(
-            identity,
+        return codec.build_reply(
             request,
+            responder_id=responder_id,
             variant=spec.name,
             model_sha256=spec.sha256,
             probs=result.probs,
@@ -250,53 +225,16 @@ class LocalInfer:
         )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Response:
-    """One HTTP answer of a peer: its status, body (bounded) and session MAC header."""
-
-    status: int
-    body: bytes
-    mac: str | None
-
-    def error(self) -> str:
-        """The answer as an error message: its status and, if any, its JSON code and text."""
-        obj = self._json()
-        if obj is None:
-            return f"HTTP {self.status}"
-        code, message = str(obj.get("error", ""))[:40], str(obj.get("message", ""))
-        return f"HTTP {self.status} {code}: {message[:200]}"
-
-    def code(self) -> str | None:
-        """The JSON error code of an error answer, if it has one."""
-        obj = self._json()
-        code = None if obj is None else obj.get("error")
-        return code if isinstance(code, str) else None
-
-    def _json(self) -> dict[str, Any] | None:
-        # An error answer is the JSON object every route answers with, or anything at all.
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            obj = json.loads(self.body)
-            if isinstance(obj, dict):
-                return obj
-        return None
-
-
 @dataclasses.dataclass(slots=True)
 class _Waiting:
-    """An ask queued behind a peer's busy exchanges, to go in the next batch."""
+    """An ask queued behind a peer's busy exchanges, to go in the next group."""
 
-    request: wire.InferRequest
-    body: bytes
+    request: InferRequest
     future: asyncio.Future[Answer]
 
 
-class _Unwanted(Exception):  # a signal between two methods, not an error
-    """Every ask an exchange answers ended while it ran (their calls decided without
-    it): its reply is left unchecked and undecoded, since no one would read it."""
-
-
 @dataclasses.dataclass(slots=True)
-class _Link:
+class _Queue:
     """The exchanges with one peer: how many run, and the asks waiting for a turn."""
 
     busy: int = 0
@@ -304,7 +242,7 @@ class _Link:
 
 
 class Requester(AsyncResource):
-    """Fans one signed request out to the swarm and votes on the verified replies."""
+    """Fans one request out to the swarm and votes on the verified replies."""
 
     def __init__(
         self,
@@ -319,55 +257,42 @@ class Requester(AsyncResource):
         metrics: Metrics | None = None,
         local: LocalInfer | None = None,
         coalesce: bool = True,
-        sessions: bool = True,
+        transport: Transport | None = None,
     ) -> None:
         self.identity = identity
         self.swarm = swarm
         self.table = table
         self.manifest = manifest
+        self.family = manifest.family_id
+        self.input_shape = config.INPUT_SHAPE
         self.trust = trust
         self.reputation = reputation
         self.timings = timings
         self.metrics = metrics
         self.local = local
         self.coalesce = coalesce  # off: every ask is an exchange of its own
-        # Asks waiting for a peer that open a further exchange with it while one is out
-        # (up to config.REQUESTER_EXCHANGES_PER_PEER); None: a full batch.
-        self.further_exchange_at: int | None = None
-        # How the slots of a call in waves rank for the first wave, lowest first.
-        self.first_wave_key: Callable[[Replicas], Any] = first_wave_key
-        self.sessions = sessions  # off: every request and reply is checked by signature
-        # peer id -> its session and when to renew it (time.monotonic()); bounded LRU.
-        self._keys: collections.OrderedDict[str, tuple[SessionKeys, float]] = (
-            collections.OrderedDict()
+        # The links to peers (``swarm.link``); WebSockets unless a test gives another.
+        self.transport: Transport = transport or WebSocketTransport(
+            LinkConfig(identity, swarm, self.family, timings.freshness_s), timings=timings
         )
-        self._opening: dict[str, asyncio.Task[SessionKeys | None]] = {}
-        self._plain: set[str] = set()  # peers that answered 404 to a session offer
-        self._links: dict[str, _Link] = {}
+        self._queues: dict[str, _Queue] = {}
         self._in_flight = 0  # classify calls gathering replies (``Policy.wave`` "auto")
-        self._groups: set[asyncio.Task[Any]] = set()  # exchanges, uncoalesced and local asks
-        self._session: aiohttp.ClientSession | None = None  # health probes
-        self._pool: HttpPool | None = None  # exchanges with peers (swarm.requester.httpclient)
+        self._tasks: set[asyncio.Task[Any]] = set()  # exchanges, uncoalesced and local asks
         self._closed = False
         self._probe: asyncio.Task[None] | None = None
-        # HTTP exchanges whose caller gave up (early exit, hedge won), left to finish so
-        # their keep-alive connection returns to the pool instead of being torn down.
-        self._exchanges: set[asyncio.Task[_Response]] = set()
-        # peer id -> (round-trip estimate in ms, address that last worked); bounded LRU.
-        self._stats: collections.OrderedDict[str, tuple[float | None, str | None]] = (
-            collections.OrderedDict()
-        )
+        # peer id -> round-trip estimate in ms; bounded LRU.
+        self._stats: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open" if self._session else "new"
+        state = "closed" if self._closed else "open" if self._probe else "new"
         return f"<Requester {state} swarm={self.swarm!r} peer={self.identity.peer_id}>"
 
     async def start(self) -> None:
-        """Open the HTTP session (calls open it on demand too)."""
-        self._open_session()
+        """Start probing suspected peers (calls start it on demand too)."""
+        self._started()
 
     async def aclose(self) -> None:
-        """Close the HTTP session; idempotent."""
+        """Cancel what is still out and close the links; idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -375,25 +300,16 @@ class Requester(AsyncResource):
         if probe is not None:
             probe.cancel()
             await asyncio.wait([probe])
-        exchanges: set[asyncio.Task[Any]] = {
-            *self._exchanges,
-            *self._groups,
-            *self._opening.values(),
-        }
-        for task in exchanges:
+        tasks = set(self._tasks)
+        for task in tasks:
             task.cancel()
-        if exchanges:
-            await asyncio.wait(exchanges)
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.aclose()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self.transport.aclose()
 
     def latency_ms(self, peer_id: str) -> float | None:
         """This requester's round-trip estimate for ``peer_id``, if it has asked it."""
-        return self._stats.get(peer_id, (None, None))[0]
+        return self._stats.get(peer_id)
 
     def available_variants(self, policy: Policy = DEFAULT_POLICY) -> frozenset[str]:
         """The variants a classify call under ``policy`` would ask right now."""
@@ -401,7 +317,7 @@ class Requester(AsyncResource):
 
     async def classify(
         self,
-        tensor: npt.NDArray[np.float32],
+        tensor: npt.NDArray[np.float32] | npt.NDArray[np.uint8],
         *,
         rule: str = voting.DEFAULT_RULE,
         k: int = config.DEFAULT_TOP_K,
@@ -409,8 +325,9 @@ class Requester(AsyncResource):
         deadline_ms: int | None = None,
         quorum: int = 1,
     ) -> ClassifyResult:
-        """Classify one 1x28x28 input; NoDecisionError says why when nothing was decided."""
-        self._open_session()
+        """Classify one input (the family's C x H x W: uint8 pixels, or floats in [0, 1]);
+        NoDecisionError says why when nothing was decided."""
+        self._started()
         if rule not in voting.RULES:
             raise ConfigError(f"unknown voting rule {rule!r}: use one of {', '.join(voting.RULES)}")
         if quorum < 1:
@@ -418,10 +335,8 @@ class Requester(AsyncResource):
         if not 1 <= k <= config.MAX_TOP_K:
             raise ConfigError(f"k must be in [1, {config.MAX_TOP_K}], got {k}")
         budget_ms = round(self.timings.deadline_s * 1000) if deadline_ms is None else deadline_ms
-        if not 1 <= budget_ms <= wire.MAX_DEADLINE_MS:
-            raise ConfigError(
-                f"deadline_ms must be in [1, {wire.MAX_DEADLINE_MS}], got {budget_ms}"
-            )
+        if not 1 <= budget_ms <= MAX_DEADLINE_MS:
+            raise ConfigError(f"deadline_ms must be in [1, {MAX_DEADLINE_MS}], got {budget_ms}")
         started = time.monotonic()
         plan, weights = self._plan(policy)
         if not plan:
@@ -436,13 +351,14 @@ class Requester(AsyncResource):
                 f"({', '.join(sorted(plan))})"
             )
         try:
-            request = wire.build_request(
-                self.identity,
+            request = build_request(
                 swarm=self.swarm,
+                family=self.family,
+                requester_id=self.identity.peer_id,
                 tensor=tensor,
+                shape=self.input_shape,
                 k=k,
                 deadline_ms=budget_ms,
-                sign=not self._all_in_session(plan),
             )
         except ValueError as exc:
             raise ConfigError(f"cannot build the request: {exc}") from exc
@@ -456,7 +372,6 @@ class Requester(AsyncResource):
                 quorum=quorum,
                 deadline_at=started + budget_ms / 1000,
                 wave=self._wave(policy, len(plan), quorum),
-                rank=self.first_wave_key,
             )
             log.debug("classify_started", variants=sorted(plan), rule=rule, deadline_ms=budget_ms)
             self._in_flight += 1
@@ -540,94 +455,39 @@ class Requester(AsyncResource):
 
     def observe_latency(self, peer_id: str, ms: float, *, censored: bool = False) -> None:
         """Feed a round trip into the estimate; a censored one (cut off) only raises it."""
-        old, address = self._stats.pop(peer_id, (None, None))
+        old = self._stats.pop(peer_id, None)
         if censored and old is not None and ms <= old:
-            new: float | None = old
+            new = old
         else:
             new = ms if old is None else old + LATENCY_ALPHA * (ms - old)
-        self._stats[peer_id] = (new, address)
+        self._stats[peer_id] = new
         while len(self._stats) > config.MAX_PEERS:
             self._stats.popitem(last=False)
 
     # --- asking ---
 
-    def _all_in_session(self, plan: dict[str, Replicas]) -> bool:
-        """Whether every peer the call may ask (hedges included) holds a live session
-        with this requester, so that MACs authenticate the request and its signature
-        would go unchecked (its own peer's in-process model checks none either)."""
-        if not self.sessions:
-            return False
-        now = time.monotonic()
-        local = self.local
-        for variant in plan.values():
-            for record in variant.queue:
-                if local is not None and self._is_local(record, local.spec):
-                    continue
-                held = self._keys.get(record.peer_id)
-                if held is None or held[1] <= now:
-                    return False
-        return True
-
-    def _open_session(self) -> aiohttp.ClientSession:
+    def _started(self) -> None:
         if self._closed:
             raise ConfigError("the requester is closed")
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=config.REQUESTER_MAX_CONNECTIONS,
-                limit_per_host=config.REQUESTER_MAX_CONNECTIONS_PER_PEER,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.timings.connect_timeout_s
-                ),
-                cookie_jar=aiohttp.DummyCookieJar(),
-                headers=_HEADERS,
-            )
-            self._pool = HttpPool(
-                per_host=config.REQUESTER_MAX_CONNECTIONS_PER_PEER,
-                connect_timeout_s=self.timings.connect_timeout_s,
-                headers=_HEADERS,
-            )
         if self._probe is None:
             self._probe = asyncio.get_running_loop().create_task(
                 self._probe_suspected(), name="vswarm-probe"
             )
-        return self._session
 
     async def _probe_suspected(self) -> None:
         """Bring suspected peers back once they answer again.
 
         A suspected peer is never chosen, so no call would ever learn that it recovered
         (after a partition heals, say, a peer does not re-announce). Every
-        ``probe_interval_s`` its health endpoint is asked, with a short timeout.
+        ``probe_interval_s`` it is probed through the transport.
         """
-        interval = self.timings.probe_interval_s
         while True:
-            await asyncio.sleep(interval)
-            session = self._session
-            if session is None:
-                return
+            await asyncio.sleep(self.timings.probe_interval_s)
             for record in self.table.suspected()[:_MAX_PROBES]:
-                if await self._healthy(session, record):
+                if await self.transport.healthy(record):
                     self.table.report_success(record.peer_id)
 
-    async def _healthy(self, session: aiohttp.ClientSession, record: PeerRecord) -> bool:
-        for address in record.addresses:
-            try:
-                async with (
-                    asyncio.timeout(self.timings.connect_timeout_s),
-                    session.get(f"http://{address}:{record.port}/healthz") as resp,
-                ):
-                    if resp.status == 200:
-                        return True
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                continue
-        return False
-
-    def ask_peer(
-        self, record: PeerRecord, request: wire.InferRequest, body: bytes
-    ) -> asyncio.Future[Answer]:
+    def ask_peer(self, record: PeerRecord, request: InferRequest) -> asyncio.Future[Answer]:
         """One peer's decoded reply, or a SwarmError, as a future; the caller bounds the
         time, and cancels the future when it gives up. Coalesced, an ask is a plain
         future, no task of its own, queued for the peer (``_flush``): it goes at once
@@ -636,81 +496,89 @@ class Requester(AsyncResource):
         local = self.local
         if local is not None and self._is_local(record, local.spec):
             return self._task(self._ask_local(local, request), "vswarm-local")
+        waiting = _Waiting(request, asyncio.get_running_loop().create_future())
         if not self.coalesce:
-            return self._task(self._ask_one(record, request, body), "vswarm-ask")
-        link = self._links.setdefault(record.peer_id, _Link())
-        waiting = _Waiting(request, body, asyncio.get_running_loop().create_future())
-        link.waiting.append(waiting)
-        self._flush(link, record)  # a free link, or a full batch, opens an exchange now
+            self._task(self._exchange(record, [waiting]), "vswarm-ask")
+            return waiting.future
+        queue = self._queues.setdefault(record.peer_id, _Queue())
+        queue.waiting.append(waiting)
+        self._flush(queue, record)  # a free peer, or a full group, opens an exchange now
         return waiting.future
 
     def _task(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
         """``work`` as a task of this requester's: ``aclose`` cancels what is still out."""
         task = asyncio.get_running_loop().create_task(work, name=name)
-        self._groups.add(task)
-        task.add_done_callback(self._groups.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _ask_local(self, local: LocalInfer, request: wire.InferRequest) -> Answer:
+    async def _ask_local(self, local: LocalInfer, request: InferRequest) -> Answer:
         try:
-            return Answer(await local(request, self.identity))
+            return Answer(await local(request, self.identity.peer_id))
         except SwarmError:
             raise
         except Exception as exc:  # a bug there must cost one reply, not the call
             log.exception("local_infer_crashed")
             raise InferenceError(f"the local model failed: {exc!r}") from exc
 
-    def _may_open(self, link: _Link, waiting: int) -> bool:
+    def _may_open(self, queue: _Queue, waiting: int) -> bool:
         """Whether an exchange for ``waiting`` asks may open with the peer now: the first
         at once; a further one, up to ``config.REQUESTER_EXCHANGES_PER_PEER``, only for a
-        full batch (``further_exchange_at``), when the peer is so busy that batches cannot
-        grow and keeping its model fed during the round trip is the gain left."""
-        if not link.busy:
+        full group, when the peer is so busy that batches cannot grow and keeping its
+        model fed during the round trip is the gain left."""
+        if not queue.busy:
             return True
-        at = (
-            config.MAX_BATCH_ITEMS if self.further_exchange_at is None else self.further_exchange_at
+        return (
+            queue.busy < config.REQUESTER_EXCHANGES_PER_PEER and waiting >= config.MAX_BATCH_ITEMS
         )
-        return link.busy < config.REQUESTER_EXCHANGES_PER_PEER and waiting >= at
 
-    def _flush(self, link: _Link, record: PeerRecord) -> None:
-        """Send what waits for ``record``'s peer, as batches, while exchanges may open."""
-        while link.waiting and self._may_open(link, len(link.waiting)):
+    def _flush(self, queue: _Queue, record: PeerRecord) -> None:
+        """Send what waits for ``record``'s peer, as groups, while exchanges may open."""
+        while queue.waiting and self._may_open(queue, len(queue.waiting)):
             group: list[_Waiting] = []
-            while link.waiting and len(group) < config.MAX_BATCH_ITEMS:
-                waiting = link.waiting.popleft()
+            while queue.waiting and len(group) < config.MAX_BATCH_ITEMS:
+                waiting = queue.waiting.popleft()
                 if not waiting.future.done():
                     group.append(waiting)
             if not group:
                 break
-            link.busy += 1
-            self._task(self._send_group(link, record, group), "vswarm-batch")
-        if not link.busy and not link.waiting:
-            self._links.pop(record.peer_id, None)
+            queue.busy += 1
+            self._task(self._send_group(queue, record, group), "vswarm-batch")
+        if not queue.busy and not queue.waiting:
+            self._queues.pop(record.peer_id, None)
 
-    async def _send_group(self, link: _Link, record: PeerRecord, group: list[_Waiting]) -> None:
-        def unwanted() -> bool:
-            return all(waiting.future.done() for waiting in group)
-
+    async def _send_group(self, queue: _Queue, record: PeerRecord, group: list[_Waiting]) -> None:
         try:
-            if len(group) == 1:
-                only = group[0]
-                answers: list[Answer | SwarmError] = [
-                    await self._ask_one(record, only.request, only.body, unwanted=unwanted)
-                ]
-            else:
-                answers = await self._ask_batch(record, group, unwanted=unwanted)
-        except _Unwanted:
-            return  # every ask of the group has ended: no one reads the reply
+            await self._exchange(record, group)
+        finally:
+            queue.busy -= 1
+            self._flush(queue, record)
+
+    async def _exchange(self, record: PeerRecord, group: list[_Waiting]) -> None:
+        """Ask ``group`` of ``record``'s peer as one exchange; settle each ask's future."""
+        limit_s = max(w.request.deadline_ms for w in group) / 1000
+        answers: list[Answer | SwarmError]
+        try:
+            async with asyncio.timeout(limit_s):
+                link = await self.transport.link(record)
+                batch = await link.exchange([w.request for w in group])
+        except TimeoutError:
+            answers = [PeerTimeoutError(f"{record.peer_id} did not answer in {limit_s:g} s")]
+            answers *= len(group)
         except SwarmError as exc:
             answers = [exc] * len(group)
         except Exception as exc:  # a bug here must fail these asks, not hang them
-            log.exception("batch_ask_crashed", peer=record.peer_id)
-            answers = [InferenceError(f"the batch to {record.peer_id} failed: {exc!r}")] * len(
-                group
-            )
-        finally:
-            link.busy -= 1
-            self._flush(link, record)
+            log.exception("exchange_crashed", peer=record.peer_id)
+            answers = [InferenceError(f"the exchange with {record.peer_id} failed: {exc!r}")]
+            answers *= len(group)
+        else:
+            check = BatchCheck(batch, record)
+            answers = [
+                Answer(item, check)
+                if isinstance(item, InferReply)
+                else PeerUnreachableError(f"ask refused: {item.error}: {item.message}")
+                for item in batch.items
+            ]
         for waiting, answer in zip(group, answers, strict=True):
             if waiting.future.done():
                 continue
@@ -718,253 +586,6 @@ class Requester(AsyncResource):
                 waiting.future.set_result(answer)
             else:
                 waiting.future.set_exception(_copy_error(answer))
-
-    async def _ask_one(
-        self,
-        record: PeerRecord,
-        request: wire.InferRequest,
-        body: bytes,
-        *,
-        unwanted: Callable[[], bool] | None = None,
-    ) -> Answer:
-        raw, authenticated = await self._call(
-            record, INFER_PATH, body, request.deadline_ms / 1000, unwanted=unwanted
-        )
-        return Answer(wire.decode_reply(raw), mac_verified=authenticated)
-
-    async def _ask_batch(
-        self,
-        record: PeerRecord,
-        group: list[_Waiting],
-        *,
-        unwanted: Callable[[], bool] | None = None,
-    ) -> list[Answer | SwarmError]:
-        """Ask ``requests`` as one batch; a whole-batch failure raises, an item's is listed.
-
-        In a session the MACs authenticate both batches: the requester does not sign its
-        batch (the peer would not check it), and the reply batch's signature is checked
-        like a single reply's, for dissenters and a sample (``FanOut.confirm_dissent``).
-        """
-        requests = [w.request for w in group]
-        limit_s = max(r.deadline_ms for r in requests) / 1000
-        in_session = self.sessions and await self._session_for(record, limit_s) is not None
-        batch = wire.build_batch(self.identity, requests, sign=not in_session)
-        raw, authenticated = await self._call(
-            record,
-            BATCH_PATH,
-            wire.encode_batch(batch, bodies=[w.body for w in group]),  # each encoded once
-            limit_s,
-            config.MAX_REPLY_BATCH_BODY,
-            unwanted=unwanted,
-        )
-        replies = wire.decode_reply_batch(raw)
-        if len(replies.items) != len(requests):
-            raise DecodeError(
-                f"reply batch has {len(replies.items)} items for {len(requests)} requests"
-            )
-        wire.verify_reply_batch(
-            replies,
-            expected_peer_id=record.peer_id,
-            expected_key=record.public_key,
-            check_signature=not authenticated,
-        )
-        shared = BatchCheck(replies, record) if authenticated else None
-        return [
-            Answer(item, batch_verified=not authenticated, mac_verified=authenticated, batch=shared)
-            if isinstance(item, wire.InferReply)
-            else PeerUnreachableError(f"batch item refused: {item.error}: {item.message}")
-            for item in replies.items
-        ]
-
-    async def _call(
-        self,
-        record: PeerRecord,
-        path: str,
-        body: bytes,
-        limit_s: float,
-        max_reply: int = config.MAX_REPLY_BODY,
-        *,
-        retry: bool = True,
-        unwanted: Callable[[], bool] | None = None,
-    ) -> tuple[bytes, bool]:
-        """The body of ``record``'s 200 answer to ``body`` at ``path``, and whether a
-        session MAC proved that peer sent it. An error answer raises PeerUnreachableError,
-        a reply whose MAC does not verify VerificationError; ``_Unwanted`` if ``unwanted``
-        says, once the answer is in, that no one waits for it any more (it goes unchecked)."""
-        keys = await self._session_for(record, limit_s) if self.sessions else None
-        if keys is None:
-            resp = await self._post_to(record, path, body, limit_s, max_reply)
-            if unwanted is not None and unwanted():
-                raise _Unwanted
-            if resp.status != 200:
-                raise PeerUnreachableError(resp.error())
-            return resp.body, False
-        request_mac = keys.request_mac(path, body)
-        resp = await self._post_to(record, path, body, limit_s, max_reply, keys, request_mac)
-        forgotten = resp.status == 401 and resp.code() == UNKNOWN_SESSION and retry
-        if forgotten:  # the peer forgot the session (restart, expiry, a full table)
-            self._forget_session(record.peer_id, keys)
-        if unwanted is not None and unwanted():
-            raise _Unwanted  # a session forgotten is opened by the next call
-        if forgotten:  # open another, and ask again
-            return await self._call(
-                record, path, body, limit_s, max_reply, retry=False, unwanted=unwanted
-            )
-        if resp.status != 200:
-            raise PeerUnreachableError(resp.error())
-        try:
-            mac = base64.b64decode(resp.mac or "", validate=True)
-        except (binascii.Error, ValueError):
-            mac = b""
-        if not macs_equal(keys.reply_mac(request_mac, resp.status, resp.body), mac):
-            raise VerificationError(
-                wire.BAD_SIGNATURE, "the reply's session MAC is missing or does not verify"
-            )
-        return resp.body, True
-
-    async def _session_for(self, record: PeerRecord, limit_s: float) -> SessionKeys | None:
-        """This requester's session with ``record``'s peer, opened if need be; None for a
-        peer that has no sessions."""
-        peer_id = record.peer_id
-        held = self._keys.get(peer_id)
-        if held is not None and held[1] > time.monotonic():
-            self._keys.move_to_end(peer_id)
-            return held[0]
-        if peer_id in self._plain:
-            return None
-        opening = self._opening.get(peer_id)
-        if opening is None:
-            # Its own task: a caller that gives up (early exit) leaves it to finish for
-            # the next call, and concurrent callers share one key exchange.
-            opening = asyncio.get_running_loop().create_task(
-                self._open_session_with(record, limit_s), name="vswarm-session"
-            )
-            self._opening[peer_id] = opening
-            opening.add_done_callback(lambda task: self._session_opened(peer_id, task))
-        return await asyncio.shield(opening)
-
-    def _session_opened(self, peer_id: str, task: asyncio.Task[Any]) -> None:
-        if self._opening.get(peer_id) is task:
-            del self._opening[peer_id]
-        if not task.cancelled():
-            task.exception()  # retrieved: its callers raise it
-
-    async def _open_session_with(self, record: PeerRecord, limit_s: float) -> SessionKeys | None:
-        offer = Offer(self.identity, self.swarm)
-        resp = await self._post_to(
-            record,
-            SESSION_PATH,
-            wire.encode_hello(offer.hello),
-            limit_s,
-            config.MAX_SESSION_BODY,
-        )
-        if resp.status == 404:  # a peer without sessions: signatures it is
-            if len(self._plain) >= config.MAX_PEERS:  # a bound: asking again is harmless
-                self._plain.clear()
-            self._plain.add(record.peer_id)
-            log.info("peer_without_sessions", peer=record.peer_id)
-            return None
-        if resp.status != 200:
-            raise PeerUnreachableError(f"session refused: {resp.error()}")
-        welcome = wire.decode_welcome(resp.body)
-        keys = offer.accept(
-            welcome,
-            expected_peer_id=record.peer_id,
-            expected_key=record.public_key,
-            now_ms=wire.unix_ms(),
-            freshness_s=self.timings.freshness_s,
-        )
-        ttl_s = min(welcome.ttl_ms / 1000, config.SESSION_TTL_S)
-        renew_at = time.monotonic() + max(ttl_s - _SESSION_MARGIN_S, ttl_s / 2)
-        self._keys[record.peer_id] = (keys, renew_at)
-        self._keys.move_to_end(record.peer_id)
-        while len(self._keys) > config.MAX_PEERS:
-            self._keys.popitem(last=False)
-        log.debug("session_opened", peer=record.peer_id, ttl_s=ttl_s)
-        return keys
-
-    def _forget_session(self, peer_id: str, keys: SessionKeys) -> None:
-        held = self._keys.get(peer_id)
-        if held is not None and held[0] is keys:
-            del self._keys[peer_id]
-
-    async def _post_to(
-        self,
-        record: PeerRecord,
-        path: str,
-        body: bytes,
-        limit_s: float,
-        max_reply: int = config.MAX_REPLY_BODY,
-        keys: SessionKeys | None = None,
-        request_mac: bytes = b"",
-    ) -> _Response:
-        """POST ``body`` to ``record``'s peer, trying its addresses, the last good first;
-        with ``keys``, in that session, the MAC ``request_mac`` in its headers."""
-        headers = (
-            None
-            if keys is None
-            else {
-                SESSION_HEADER: keys.session_id,
-                MAC_HEADER: base64.b64encode(request_mac).decode("ascii"),
-            }
-        )
-        self._open_session()
-        preferred = self._stats.get(record.peer_id, (None, None))[1]
-        addresses = sorted(record.addresses, key=lambda a: a != preferred)
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                resp = await self._exchange(
-                    address, record.port, path, body, limit_s, max_reply, headers
-                )
-            except ConnectFailed as exc:
-                last = exc  # this address does not reach the peer; try the next one
-                continue
-            except (BadAnswer, aiohttp.ClientError) as exc:
-                raise PeerUnreachableError(f"{address}:{record.port}: {exc}") from exc
-            if address != preferred:
-                self._stats[record.peer_id] = (self.latency_ms(record.peer_id), address)
-            return resp
-        raise PeerUnreachableError(f"cannot connect to {addresses} port {record.port}: {last!r}")
-
-    async def _exchange(
-        self,
-        address: str,
-        port: int,
-        path: str,
-        body: bytes,
-        limit_s: float,
-        max_reply: int = config.MAX_REPLY_BODY,
-        headers: dict[str, str] | None = None,
-    ) -> _Response:
-        # Cancelling an exchange mid-answer closes its connection, and the next call to
-        # that peer pays a new TCP handshake; early exit and hedging cancel the slowest
-        # ask of most calls. So the exchange runs in its own task, bounded by the
-        # request's budget, and a cancelled caller leaves it to finish in the background.
-        task = asyncio.create_task(
-            self._post(address, port, path, body, limit_s, max_reply, headers),
-            name="vswarm-post",
-        )
-        self._exchanges.add(task)
-        task.add_done_callback(_exchange_done(self._exchanges))
-        return await asyncio.shield(task)
-
-    async def _post(
-        self,
-        address: str,
-        port: int,
-        path: str,
-        body: bytes,
-        limit_s: float,
-        max_reply: int,
-        headers: dict[str, str] | None,
-    ) -> _Response:
-        pool = self._pool
-        if pool is None:
-            raise ConfigError("the requester is closed")
-        async with asyncio.timeout(limit_s):
-            answer = await pool.post(address, port, path, body, headers=headers, max_body=max_reply)
-        return _Response(answer.status, answer.body, answer.headers.get(_MAC_HEADER_KEY))
 
     def _is_local(self, record: PeerRecord, spec: ModelSpec) -> bool:
         return record.peer_id == self.identity.peer_id and (
@@ -1063,14 +684,3 @@ def _copy_error(exc: SwarmError) -> SwarmError:
             copy = PeerUnreachableError(str(exc))
     copy.__cause__ = exc
     return copy
-
-
-def _exchange_done(
-    pending: set[asyncio.Task[_Response]],
-) -> Callable[[asyncio.Task[_Response]], None]:
-    def done(task: asyncio.Task[_Response]) -> None:
-        pending.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a caller that gave up does not want it logged
-
-    return done
