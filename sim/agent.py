@@ -1,13 +1,13 @@
 """``python -m sim.agent``: a peer with fault hooks, built from the swarm's own parts.
 
 An honest agent is indistinguishable from ``python -m swarm.peer``: the same identity
-file, engine, mDNS announcement and HTTP routes (``swarm.http.api.create_app``). The
-simulator uses it only for peers that need in-process faults:
+file, engine, mDNS announcement, link server and HTTP routes (``swarm.http.api.create_app``).
+The simulator uses it only for peers that need in-process faults:
 
 - a slowdown factor (a slower board: after each inference it sleeps ``factor - 1``
   times the time the model took) and a fixed extra delay;
-- a Byzantine mode (``sim.byzantine``): a middleware rewrites the signed reply of
-  ``POST /v1/infer``; ``claim`` serves another variant's engine while announcing its own.
+- a Byzantine mode (``sim.byzantine``): its answerer rewrites each group of replies before
+  signing it; ``claim`` serves another variant's engine while announcing its own.
 
 The mode can change while it runs, through a control server on a Unix socket
 (``--control PATH``; ``GET /state``, ``POST /mode`` with JSON ``{"attack", "target",
@@ -36,19 +36,19 @@ from swarm import PROTOCOL_VERSION, aio, config
 from swarm.cli.peer import serving_announcement
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.discovery.mdns import Discovery, PeerTable
-from swarm.errors import DecodeError, SwarmError
+from swarm.errors import SwarmError
 from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
 from swarm.inference.engine import Engine, InferenceResult, ModelSpec, load_manifest
+from swarm.link.answer import Answerer
+from swarm.link.websocket import LinkServer
 from swarm.log import bind_peer, configure_logging, get_logger
 from swarm.metrics import Metrics
-from swarm.wire import codec as wire
+from swarm.wire.messages import InferReply, ItemError, ReplyBatch
 
 log = get_logger("sim.agent")
 
 EXIT_STARTUP: Final = 2
-INFER_PATH: Final = "/v1/infer"
-BATCH_PATH: Final = "/v1/infer/batch"
 # Bounds on injected slowness: a slower board, not a dead one (that is SIGSTOP).
 MAX_SLOWDOWN: Final = 1000.0
 MAX_DELAY_MS: Final = 60_000.0
@@ -97,31 +97,15 @@ class FaultyModel:
         return result
 
 
-def _tamper_middleware(faults: Faults) -> Any:
-    @web.middleware
-    async def tamper(request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request)
-        if request.path not in (INFER_PATH, BATCH_PATH) or not isinstance(response, web.Response):
-            return response
-        if response.status != 200 or not isinstance(response.body, bytes):
-            return response
-        attacker = faults.attacker
-        try:
-            if request.path == BATCH_PATH:
-                honest_batch = wire.decode_reply_batch(response.body)
-                lies = attacker.tamper_batch(honest_batch)
-                body = None if lies is honest_batch else wire.encode_reply_batch(lies)
-            else:
-                honest = wire.decode_reply(response.body)
-                lie = attacker.tamper(honest)
-                body = None if lie is honest else wire.encode_reply(lie)
-        except DecodeError:  # pragma: no cover - our own server's reply always decodes
-            return response
-        if body is None:
-            return response
-        return web.Response(body=body, content_type="application/json")
+class FaultyAnswerer(Answerer):
+    """The peer's answers, as its current attack rewrites them (``Attacker.tamper_batch``)."""
 
-    return tamper
+    def __init__(self, faults: Faults, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._faults = faults
+
+    def sign(self, items: Sequence[InferReply | ItemError]) -> ReplyBatch:
+        return self._faults.attacker.tamper_batch(super().sign(items))
 
 
 def apply_mode(faults: Faults, body: object) -> None:
@@ -210,18 +194,30 @@ async def run_agent(args: argparse.Namespace) -> None:
         discovery = await stack.enter_async_context(
             Discovery(table, interfaces=[args.interface], timings=timings)
         )
+        model = FaultyModel(engine, faults, claim)
+        metrics = Metrics()
+        answerer = FaultyAnswerer(
+            faults,
+            identity,
+            model,
+            swarm=args.swarm,
+            family=manifest.family_id,
+            input_shape=config.INPUT_SHAPE,
+        )
+        links = LinkServer.build(
+            identity, answerer, trust=TrustStore.open(), timings=timings, metrics=metrics
+        )
         ctx = ServerContext(
             identity=identity,
             swarm=args.swarm,
-            trust=TrustStore.open(),
-            model=FaultyModel(engine, faults, claim),
+            links=links,
+            model=model,
             manifest=manifest,
             table=table,
-            metrics=Metrics(),
+            metrics=metrics,
             timings=timings,
         )
         app = create_app(ctx)
-        app.middlewares.append(_tamper_middleware(faults))
         http = await stack.enter_async_context(
             HttpServer(app, hosts=[args.interface], port=args.port, timings=timings)
         )

@@ -1,8 +1,8 @@
 """Byzantine behaviours: how a malicious peer turns its honest signed reply into a lie.
 
-Each attack takes the honest reply the peer's real model produced (``swarm.wire.codec``'s
-``InferReply``, already bound to the request) and returns what the malicious peer sends
-instead. Two families:
+Each attack takes the honest reply the peer's real model produced (an ``InferReply``,
+already bound to the request) and returns what the malicious peer sends instead; the
+group of replies is then signed by the peer (``Attacker.tamper_batch``). Two families:
 
 - Lies the requester must *outvote*: validly signed, well-formed, bound to the request,
   but naming a wrong class. ``random`` (a uniformly random class), ``targeted`` (always
@@ -26,7 +26,8 @@ from typing import Final
 
 from swarm import config
 from swarm.crypto.identity import Identity
-from swarm.wire import codec as wire
+from swarm.wire import codec, verify
+from swarm.wire.messages import PPM, InferReply, ItemError, ReplyBatch
 
 HONEST: Final = "honest"
 OUTVOTE_ATTACKS: Final = ("random", "targeted", "collude")
@@ -35,11 +36,11 @@ ATTACKS: Final = OUTVOTE_ATTACKS + REJECT_ATTACKS
 MODES: Final = (HONEST, *ATTACKS)
 # What the requester's verify_reply must answer to each rejectable attack.
 EXPECTED_REJECTION: Final = {
-    "inflate": wire.BAD_TOPK,
-    "replay": wire.WRONG_BINDING,
-    "misbind": wire.WRONG_BINDING,
-    "forge": wire.BAD_SIGNATURE,
-    "claim": wire.WRONG_VARIANT,
+    "inflate": verify.BAD_TOPK,
+    "replay": verify.WRONG_BINDING,
+    "misbind": verify.WRONG_BINDING,
+    "forge": verify.BAD_SIGNATURE,
+    "claim": verify.WRONG_VARIANT,
 }
 DEFAULT_TARGET: Final = 0  # the targeted flip's class ("T-shirt/top" in Fashion-MNIST)
 _MEMORY: Final = 64  # old replies a replaying peer keeps
@@ -50,9 +51,13 @@ def collude_class(honest_top1: int) -> int:
     return (honest_top1 + 1) % config.NUM_CLASSES
 
 
-def _resign(reply: wire.InferReply, signer: Identity, **changes: object) -> wire.InferReply:
-    unsigned = dataclasses.replace(reply, signature=b"", **changes)  # type: ignore[arg-type]
-    return dataclasses.replace(unsigned, signature=signer.sign(unsigned.signed_bytes()))
+def _rebuild(reply: InferReply, **changes: object) -> InferReply:
+    """``reply`` with ``changes``, encoded anew (its batch's signature will cover it)."""
+    fields: dict[str, object] = {
+        f.name: getattr(reply, f.name) for f in dataclasses.fields(reply) if f.name != "raw"
+    }
+    fields.update(changes)
+    return InferReply(**fields, raw=codec.encode_reply(**fields))  # type: ignore[arg-type]
 
 
 class Attacker:
@@ -72,7 +77,7 @@ class Attacker:
         self.target = target
         self.set_mode(mode, target)
         self._rng = random.Random(seed)
-        self._old: collections.deque[wire.InferReply] = collections.deque(maxlen=_MEMORY)
+        self._old: collections.deque[InferReply] = collections.deque(maxlen=_MEMORY)
         self.lies = 0
 
     def __repr__(self) -> str:
@@ -87,7 +92,7 @@ class Attacker:
             self.target = target
         self.mode = mode
 
-    def tamper(self, honest: wire.InferReply) -> wire.InferReply:  # noqa: PLR0911  # one return per attack reads best
+    def tamper(self, honest: InferReply) -> InferReply:  # noqa: PLR0911  # one return per attack reads best
         """What this peer sends instead of ``honest`` (``honest`` itself when honest)."""
         mode = self.mode
         old = self._old[0] if self._old else None
@@ -96,36 +101,38 @@ class Attacker:
             return honest  # "claim" lies in the model it serves, not in the reply
         self.lies += 1
         top1 = honest.topk[0][0]
-        me = self.identity
         if mode == "random":
-            return _resign(honest, me, topk=((self._rng.randrange(config.NUM_CLASSES), wire.PPM),))
+            return _rebuild(honest, topk=((self._rng.randrange(config.NUM_CLASSES), PPM),))
         if mode == "targeted":
-            return _resign(honest, me, topk=((self.target, wire.PPM),))
+            return _rebuild(honest, topk=((self.target, PPM),))
         if mode == "collude":
-            return _resign(honest, me, topk=((collude_class(top1), wire.PPM),))
+            return _rebuild(honest, topk=((collude_class(top1), PPM),))
         if mode == "inflate":
-            return _resign(honest, me, topk=((collude_class(top1), wire.PPM), (top1, wire.PPM)))
+            return _rebuild(honest, topk=((collude_class(top1), PPM), (top1, PPM)))
         if mode == "forge":
-            return _resign(honest, self.impostor, topk=((collude_class(top1), wire.PPM),))
+            return _rebuild(honest, topk=((collude_class(top1), PPM),))
         if mode == "replay":
             if old is None or old.request_id == honest.request_id:
-                return _resign(honest, me, request_id="0" * 32)  # nothing to replay yet
+                return _rebuild(honest, request_id="0" * 32)  # nothing to replay yet
             return old
         if mode == "misbind":
             other = "0" * 64 if old is None else old.input_sha256
             if other == honest.input_sha256:
                 other = "f" * 64
-            return _resign(honest, me, input_sha256=other, topk=((collude_class(top1), wire.PPM),))
+            return _rebuild(honest, input_sha256=other, topk=((collude_class(top1), PPM),))
         raise AssertionError(mode)  # pragma: no cover - set_mode admits only MODES
 
-    def tamper_batch(self, honest: wire.ReplyBatch) -> wire.ReplyBatch:
+    def tamper_batch(self, honest: ReplyBatch) -> ReplyBatch:
         """What this peer sends instead of the reply batch ``honest``: each reply tampered
         as alone, the batch signed by this peer (by the impostor key when forging)."""
         if self.mode in (HONEST, "claim"):
+            for item in honest.items:
+                if isinstance(item, InferReply):
+                    self._old.append(item)
             return honest
-        items = [i if isinstance(i, wire.ItemError) else self.tamper(i) for i in honest.items]
+        items = [i if isinstance(i, ItemError) else self.tamper(i) for i in honest.items]
         signer = self.impostor if self.mode == "forge" else self.identity
-        lie = wire.sign_replies(signer, items)
+        lie = codec.sign_replies(signer, items)
         return dataclasses.replace(lie, responder_id=honest.responder_id)
 
 

@@ -1,6 +1,6 @@
 """``python -m sim.driver``: the simulator's requester, a process in a host of its own.
 
-It joins the swarm like any requester (mDNS browsing on ``--interface``, HTTP to the
+It joins the swarm like any requester (mDNS browsing on ``--interface``, links to the
 peers) and takes JSON-line commands on stdin, answering JSON lines on stdout:
 
 - ``{"cmd": "wait", "peers": N, "timeout_s": T}``: until its table holds N serving peers
@@ -9,10 +9,11 @@ peers) and takes JSON-line commands on stdin, answering JSON lines on stdout:
 - ``{"cmd": "classify", "indices": [...], "rule", "deadline_ms", "variants", "interval_ms",
   "fresh_reputation"}``: each held-out test image through ``Requester.classify``, one
   ``{"event": "result", ...}`` line per image, then ``{"event": "done"}``.
-- ``{"cmd": "gather", "indices": [...], "deadline_ms"}``: one signed request per image to
-  *every* serving peer, every reply verified with ``wire.verify_reply`` exactly as the
-  requester does, then every voting rule applied to the same verified ballots (weights:
-  the variant's validation accuracy); one ``{"event": "gather", ...}`` line per image.
+- ``{"cmd": "gather", "indices": [...], "deadline_ms"}``: one request per image to
+  *every* serving peer over the requester's links, every reply's signature and binding
+  verified (``verify.verify_reply_batch``, ``verify.verify_reply``), then every voting rule
+  applied to the same verified ballots (weights: the variant's validation accuracy); one
+  ``{"event": "gather", ...}`` line per image.
 - ``{"cmd": "quit"}``.
 
 Times in results are unix seconds (``t``), comparable with the simulator's own clock.
@@ -42,7 +43,8 @@ from swarm.errors import DecodeError, DiscoveryTimeoutError, SwarmError, Verific
 from swarm.inference.engine import Manifest, load_manifest
 from swarm.log import configure_logging, get_logger
 from swarm.requester.requester import Policy, Requester
-from swarm.wire import codec as wire
+from swarm.wire import verify
+from swarm.wire.messages import InferRequest, ItemError, ReplyBatch, build_request, unix_ms
 from variants.data import load_split
 
 log = get_logger("sim.driver")
@@ -190,35 +192,45 @@ class Driver:
         _emit({"event": "done"})
 
     async def _gather_one(self, x: npt.NDArray[np.float32], deadline_ms: int) -> dict[str, Any]:
-        request = wire.build_request(
-            self.requester.identity, swarm=self.table.swarm, tensor=x, deadline_ms=deadline_ms
+        requester = self.requester
+        request = build_request(
+            swarm=self.table.swarm,
+            family=requester.family,
+            requester_id=requester.identity.peer_id,
+            tensor=x,
+            shape=requester.input_shape,
+            deadline_ms=deadline_ms,
         )
-        body = wire.encode_request(request)
         records = [r for r in self.table.records() if r.role == "peer"]
         ballots: list[voting.Ballot] = []
         rejected: list[list[str]] = []
         missing: list[str] = []
         # Each ask has the whole deadline: one hung peer costs its own reply only.
-        replies = await asyncio.gather(
-            *(asyncio.wait_for(self._ask(r, body), deadline_ms / 1000) for r in records),
+        batches = await asyncio.gather(
+            *(asyncio.wait_for(self._ask(r, request), deadline_ms / 1000) for r in records),
             return_exceptions=True,
         )
-        for record, got in zip(records, replies, strict=True):
+        for record, got in zip(records, batches, strict=True):
             if isinstance(got, BaseException):
                 if isinstance(got, DecodeError):
                     rejected.append([record.peer_id, "malformed"])
                 else:
                     missing.append(record.peer_id)
                 continue
+            item = got.items[0]
+            if isinstance(item, ItemError):
+                missing.append(record.peer_id)
+                continue
             try:
-                wire.verify_reply(
-                    got,
+                verify.verify_reply_batch(got, expected_key=record.public_key)
+                verify.verify_reply(
+                    item,
                     request=request,
                     expected_peer_id=record.peer_id,
                     expected_key=record.public_key,
-                    trust=self.requester.trust,
-                    now_ms=wire.unix_ms(),
-                    freshness_s=self.requester.timings.freshness_s,
+                    trust=requester.trust,
+                    now_ms=unix_ms(),
+                    freshness_s=requester.timings.freshness_s,
                     expected_variant=record.variant,
                     expected_model_sha256=record.model_sha256,
                 )
@@ -227,7 +239,7 @@ class Driver:
                 continue
             weight = self.manifest.get(record.variant).val_accuracy
             ballots.append(
-                voting.Ballot(record.peer_id, record.variant, got.topk_probabilities(), weight)
+                voting.Ballot(record.peer_id, record.variant, item.topk_probabilities(), weight)
             )
         preds: dict[str, int | None] = {}
         for rule in voting.RULES:
@@ -242,13 +254,9 @@ class Driver:
             "missing": missing,
         }
 
-    async def _ask(self, record: PeerRecord, body: bytes) -> wire.InferReply:
-        url = f"http://{record.addresses[0]}:{record.port}/v1/infer"
-        async with self.session.post(url, data=body) as resp:
-            raw = await resp.read()
-            if resp.status != 200:
-                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-        return wire.decode_reply(raw)
+    async def _ask(self, record: PeerRecord, request: InferRequest) -> ReplyBatch:
+        link = await self.requester.transport.link(record)
+        return await link.exchange([request])
 
 
 async def _commands() -> asyncio.StreamReader:

@@ -22,8 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 from swarm import config
 from swarm.crypto.identity import Identity
 from swarm.inference.engine import Manifest, load_manifest
-from swarm.wire.messages import InferReply, InferRequest, build_reply, build_request
-from tests.swarm.signed import MODEL_SHA, NOW
+from swarm.wire.codec import build_reply
+from swarm.wire.messages import InferReply, InferRequest, build_request
+from tests.swarm.signed import FAMILY, MODEL_SHA, NOW
 from variants import CLASS_NAMES as VARIANT_CLASS_NAMES
 
 CLASS_NAMES = list(VARIANT_CLASS_NAMES)
@@ -133,7 +134,7 @@ def no_thread_leaks() -> Iterator[None]:
     assert not still, f"test left non-daemon threads running: {still}"
 
 
-# --- signed messages: one requester, one responder, a request and its reply -------------
+# --- messages: one requester, one responder, a request and its reply --------------------
 
 
 @pytest.fixture
@@ -156,20 +157,27 @@ def tensor() -> np.ndarray:
 
 @pytest.fixture
 def request_msg(requester: Identity, tensor: np.ndarray) -> InferRequest:
-    """A signed request issued at NOW."""
-    return build_request(requester, swarm="lab", tensor=tensor, k=2, deadline_ms=2000, now_ms=NOW)
+    """A request of ``requester`` for ``tensor``."""
+    return build_request(
+        swarm="lab",
+        family=FAMILY,
+        requester_id=requester.peer_id,
+        tensor=tensor,
+        k=2,
+        deadline_ms=2000,
+    )
 
 
 @pytest.fixture
 def reply_msg(responder: Identity, request_msg: InferRequest) -> InferReply:
-    """A signed reply to ``request_msg`` issued 5 ms after it."""
+    """A reply of ``responder`` to ``request_msg`` issued at NOW (unsigned: its batch is)."""
     probs = np.array([0.05, 0.6, 0.05, 0.25, 0.05, 0, 0, 0, 0, 0], dtype=np.float32)
     return build_reply(
-        responder,
         request_msg,
+        responder_id=responder.peer_id,
         variant="mnv2-w035-r28",
         model_sha256=MODEL_SHA,
         probs=probs,
         infer_us=1234,
-        now_ms=NOW + 5,
+        now_ms=NOW,
     )

@@ -212,11 +212,12 @@ def test_http_bad_input_is_a_4xx_and_the_peer_keeps_serving(swarm5: Swarm) -> No
     """A live peer answers garbage on every endpoint with a JSON 4xx, never a 500."""
     peer = swarm5.peers[0]
     for method, path, body in [
-        ("POST", "/v1/infer", b"garbage"),
+        ("POST", "/v1/link", b"garbage"),
+        ("GET", "/v1/link", None),  # not a WebSocket upgrade
         ("POST", "/v1/classify", b"garbage"),
         ("POST", "/v1/classify?k=0", npy(np.zeros((28, 28), np.uint8))),
         ("POST", "/v1/classify?variants=NOPE", npy(np.zeros((28, 28), np.uint8))),
-        ("GET", "/v1/infer", None),
+        ("GET", "/v1/infer", None),  # retired with the links
         ("GET", "/nowhere", None),
     ]:
         status, answer = http(method, peer.url(path), body)
@@ -225,7 +226,8 @@ def test_http_bad_input_is_a_4xx_and_the_peer_keeps_serving(swarm5: Swarm) -> No
     assert http("GET", peer.url("/healthz"))[0] == 200
     status, text = http("GET", peer.url("/metrics"))
     assert status == 200
-    assert 'vswarm_requests_total{endpoint="/v1/infer",status="400"}' in text
+    assert 'vswarm_requests_total{endpoint="/v1/link",status="400"}' in text
+    assert 'vswarm_requests_total{endpoint="/v1/classify",status="400"}' in text
 
 
 @pytest.mark.skipif(shutil.which("dig") is None, reason="dig (dnsutils) is not installed")
