@@ -1,4 +1,4 @@
-"""Tests of swarm.crypto.session: the signed key exchange, the keys and MACs, the peer's table."""
+"""Tests of swarm.crypto.session: the link's signed key exchange and its sealing."""
 
 from __future__ import annotations
 
@@ -7,207 +7,203 @@ from typing import Any
 
 import pytest
 
-from swarm.crypto import session
 from swarm.crypto.identity import Identity, TrustStore
-from swarm.crypto.session import Offer, SessionKeys, SessionTable
-from swarm.errors import DecodeError, VerificationError
-from swarm.wire import codec as wire
+from swarm.crypto.session import HelloGuard, Offer, Sealer, SealError
+from swarm.errors import VerificationError
+from swarm.wire import codec, verify
+from swarm.wire.messages import HELLO_TAG, LinkHello, LinkWelcome, unix_ms
+from tests.swarm.signed import FAMILY
 
 SWARM = "test-swarm"
 FRESH_S = 30.0
 
 
-def table_of(peer: Identity, **kw: Any) -> SessionTable:
+def guard_of(peer: Identity, **kw: Any) -> HelloGuard:
     kw.setdefault("trust", TrustStore.open())
-    return SessionTable(peer, swarm=SWARM, freshness_s=FRESH_S, **kw)
+    kw.setdefault("family", FAMILY)
+    return HelloGuard(peer, swarm=SWARM, freshness_s=FRESH_S, max_asks=64, **kw)
 
 
 def handshake(
-    requester: Identity, peer: Identity, table: SessionTable
-) -> tuple[Offer, wire.SessionWelcome, SessionKeys]:
-    offer = Offer(requester, SWARM)
-    welcome = table.open(offer.hello, now_ms=wire.unix_ms())
-    keys = offer.accept(
+    requester: Identity, peer: Identity, guard: HelloGuard
+) -> tuple[Offer, LinkWelcome, tuple[Sealer, Sealer], tuple[Sealer, Sealer]]:
+    """(offer, welcome, the requester's (out, in), the peer's (out, in))."""
+    offer = Offer(requester, swarm=SWARM, family=FAMILY)
+    welcome, peer_out, peer_in = guard.accept(offer.hello, now_ms=unix_ms())
+    mine = offer.accept(
         welcome,
         expected_peer_id=peer.peer_id,
         expected_key=peer.public_key,
-        now_ms=wire.unix_ms(),
+        now_ms=unix_ms(),
         freshness_s=FRESH_S,
     )
-    return offer, welcome, keys
+    return offer, welcome, mine, (peer_out, peer_in)
 
 
-def resigned(msg: Any, signer: Identity, **changes: Any) -> Any:
-    unsigned = dataclasses.replace(msg, **changes, signature=b"")
-    return dataclasses.replace(unsigned, signature=signer.sign(unsigned.signed_bytes()))
+def hello_with(requester: Identity, signer: Identity | None = None, **changes: Any) -> LinkHello:
+    """A hello of ``requester`` with ``changes``, encoded and signed anew (by ``signer``)."""
+    fields = {
+        "swarm": SWARM,
+        "family": FAMILY,
+        "requester_id": requester.peer_id,
+        "requester_key": requester.public_key,
+        "exchange_key": Offer(requester, swarm=SWARM, family=FAMILY).hello.exchange_key,
+        "issued_at_ms": unix_ms(),
+    }
+    fields.update(changes)
+    body = codec.hello_body(**fields)
+    signature = (signer or requester).sign(HELLO_TAG + body)
+    return LinkHello(**fields, body=body, signature=signature)
 
 
-def test_both_ends_derive_the_same_keys_and_macs() -> None:
-    requester, peer = Identity.generate(), Identity.generate()
-    table = table_of(peer)
-    _, welcome, keys = handshake(requester, peer, table)
-    held = table.get(welcome.session_id)
-    assert held is not None
-    assert held.keys == keys
-    assert (held.requester_id, held.requester_key) == (requester.peer_id, requester.public_key)
-    assert keys.request_key != keys.reply_key
-    mac = keys.request_mac("/v1/infer", b"body")
-    assert session.macs_equal(held.keys.request_mac("/v1/infer", b"body"), mac)
-    # The MAC covers the path, the body, and for a reply its request and status.
-    assert keys.request_mac("/v1/infer/batch", b"body") != mac
-    assert keys.request_mac("/v1/infer", b"bodY") != mac
-    reply = keys.reply_mac(mac, 200, b"r")
-    assert reply == held.keys.reply_mac(mac, 200, b"r")
-    assert reply not in {keys.reply_mac(mac, 409, b"r"), keys.reply_mac(b"x" * 32, 200, b"r")}
-
-
-def test_every_session_has_its_own_keys() -> None:
-    requester, peer = Identity.generate(), Identity.generate()
-    table = table_of(peer)
-    first, second = handshake(requester, peer, table)[2], handshake(requester, peer, table)[2]
-    assert first.session_id != second.session_id
-    assert first.request_key != second.request_key
-
-
-def test_hello_and_welcome_round_trip_the_wire() -> None:
-    requester, peer = Identity.generate(), Identity.generate()
-    offer, welcome, _ = handshake(requester, peer, table_of(peer))
-    assert wire.decode_hello(wire.encode_hello(offer.hello)) == offer.hello
-    assert wire.decode_welcome(wire.encode_welcome(welcome)) == welcome
-
-
-@pytest.mark.parametrize(
-    ("body", "needle"),
-    [
-        (b"[]", "JSON object"),
-        (b'{"version": 1}', "lacks field"),
-        (b"x" * 5000, "limit"),
-    ],
-)
-def test_malformed_hello_is_a_decode_error(body: bytes, needle: str) -> None:
-    with pytest.raises(DecodeError, match=needle):
-        wire.decode_hello(body)
-
-
-def test_hello_with_a_short_exchange_key_does_not_decode() -> None:
-    requester = Identity.generate()
-    hello = Offer(requester, SWARM).hello
-    text = wire.encode_hello(hello).replace(
-        wire.encode_hello(hello).split(b'"exchange_key":"')[1].split(b'"')[0], b"AAAA"
+def test_both_ends_agree_on_two_keys_one_per_direction(
+    requester: Identity, responder: Identity
+) -> None:
+    """What one end seals the other opens, in each direction, and the directions differ."""
+    _, _, (mine_out, mine_in), (peer_out, peer_in) = handshake(
+        requester, responder, guard_of(responder)
     )
-    with pytest.raises(DecodeError, match="exchange_key"):
-        wire.decode_hello(text)
+    assert peer_in.open(mine_out.seal(b"ask")) == b"ask"
+    assert mine_in.open(peer_out.seal(b"answer")) == b"answer"
+    sealed = mine_out.seal(b"ask")
+    with pytest.raises(SealError):  # the peer's own sending key cannot open it
+        Sealer(b"\x00" * 32).open(sealed)
+
+
+def test_sealed_message_hides_its_bytes(requester: Identity, responder: Identity) -> None:
+    """A sealed message does not contain its plaintext (the input's pixels travel so)."""
+    _, _, (out, _), _ = handshake(requester, responder, guard_of(responder))
+    secret = bytes(range(200, 256)) * 8
+    assert secret[:16] not in out.seal(secret)
+
+
+@pytest.mark.parametrize("fault", ["replayed", "reordered", "dropped", "tampered", "truncated"])
+def test_a_message_out_of_order_or_altered_does_not_open(fault: str) -> None:
+    """Counter nonces: replayed, reordered, dropped, tampered or cut messages fail to open."""
+    key = bytes(range(32))
+    out, into = Sealer(key), Sealer(key)
+    first, second = out.seal(b"one"), out.seal(b"two")
+    if fault == "replayed":
+        assert into.open(first) == b"one"
+        bad = first
+    elif fault in ("reordered", "dropped"):
+        bad = second
+    elif fault == "tampered":
+        bad = bytes([first[0] ^ 1]) + first[1:]
+    else:
+        bad = first[:-1]
+    with pytest.raises(SealError) as info:
+        into.open(bad)
+    assert info.value.reason == verify.BAD_SIGNATURE
+
+
+def test_a_replayed_hello_opens_no_second_link(requester: Identity, responder: Identity) -> None:
+    """A hello opens at most one link: the same hello again is refused by a lookup."""
+    guard = guard_of(responder)
+    offer = Offer(requester, swarm=SWARM, family=FAMILY)
+    guard.accept(offer.hello, now_ms=unix_ms())
+    with pytest.raises(VerificationError) as info:
+        guard.accept(offer.hello, now_ms=unix_ms())
+    assert info.value.reason == verify.REPLAYED
+    assert len(guard) == 1
+    # A new hello of the same requester opens a new link.
+    guard.accept(Offer(requester, swarm=SWARM, family=FAMILY).hello, now_ms=unix_ms())
+
+
+def test_a_forged_copy_does_not_block_the_genuine_hello(
+    requester: Identity, responder: Identity
+) -> None:
+    """A hello refused for its signature is not remembered."""
+    guard = guard_of(responder)
+    genuine = hello_with(requester)
+    stranger = Identity.generate()
+    forged = dataclasses.replace(genuine, signature=stranger.sign(genuine.signed_bytes()))
+    with pytest.raises(VerificationError):
+        guard.accept(forged, now_ms=unix_ms())
+    guard.accept(genuine, now_ms=unix_ms())
+
+
+def test_remembered_hellos_are_bounded(requester: Identity, responder: Identity) -> None:
+    """Past its bound the guard forgets its oldest hellos."""
+    guard = guard_of(responder, max_entries=3)
+    for _ in range(5):
+        guard.accept(Offer(requester, swarm=SWARM, family=FAMILY).hello, now_ms=unix_ms())
+    assert len(guard) == 3
 
 
 @pytest.mark.parametrize(
-    ("change", "reason"),
+    ("changes", "reason"),
     [
-        ({"swarm": "other"}, wire.WRONG_SWARM),
-        ({"issued_at_ms": 1}, wire.STALE),
-        ({"requester_id": "0" * 20}, wire.WRONG_KEY),
-        ({"version": 99}, wire.WRONG_VERSION),
+        ({"swarm": "other"}, verify.WRONG_SWARM),
+        ({"family": "0b" * 16}, verify.WRONG_FAMILY),
+        ({"issued_at_ms": 1_000}, verify.STALE),
+        ({"requester_id": "f" * 20}, verify.WRONG_KEY),
     ],
 )
-def test_peer_refuses_a_bad_hello(change: dict[str, Any], reason: str) -> None:
-    requester, peer = Identity.generate(), Identity.generate()
-    table = table_of(peer)
-    hello = resigned(Offer(requester, SWARM).hello, requester, **change)
-    with pytest.raises(VerificationError) as err:
-        table.open(hello, now_ms=wire.unix_ms())
-    assert err.value.reason == reason
-    assert len(table) == 0
+def test_a_bad_hello_is_refused_with_its_reason(
+    requester: Identity, responder: Identity, changes: dict[str, Any], reason: str
+) -> None:
+    """The peer says why it refuses a hello."""
+    with pytest.raises(VerificationError) as info:
+        guard_of(responder).accept(hello_with(requester, **changes), now_ms=unix_ms())
+    assert info.value.reason == reason
 
 
-def test_peer_refuses_a_forged_or_untrusted_hello() -> None:
-    requester, peer, stranger = Identity.generate(), Identity.generate(), Identity.generate()
-    forged = resigned(Offer(requester, SWARM).hello, stranger)
-    with pytest.raises(VerificationError) as err:
-        table_of(peer).open(forged, now_ms=wire.unix_ms())
-    assert err.value.reason == wire.BAD_SIGNATURE
-    closed = table_of(peer, trust=TrustStore.from_keys([stranger.public_key]))
-    with pytest.raises(VerificationError) as err:
-        closed.open(Offer(requester, SWARM).hello, now_ms=wire.unix_ms())
-    assert err.value.reason == wire.UNTRUSTED_KEY
+def test_a_hello_signed_by_another_key_is_refused(requester: Identity, responder: Identity) -> None:
+    """The hello's signature must be its requester's."""
+    hello = hello_with(requester, signer=Identity.generate())
+    with pytest.raises(VerificationError) as info:
+        guard_of(responder).accept(hello, now_ms=unix_ms())
+    assert info.value.reason == verify.BAD_SIGNATURE
 
 
-def test_low_order_exchange_key_is_refused() -> None:
-    """An all-zero X25519 key would make the shared secret all zeros, known to anyone."""
-    requester, peer = Identity.generate(), Identity.generate()
-    hello = resigned(Offer(requester, SWARM).hello, requester, exchange_key=bytes(32))
-    with pytest.raises(VerificationError) as err:
-        table_of(peer).open(hello, now_ms=wire.unix_ms())
-    assert err.value.reason == wire.WRONG_KEY
+def test_an_untrusted_requester_is_refused(requester: Identity, responder: Identity) -> None:
+    """With an allow-list, only its keys open links."""
+    guard = guard_of(responder, trust=TrustStore.from_keys([responder.public_key]))
+    with pytest.raises(VerificationError) as info:
+        guard.accept(Offer(requester, swarm=SWARM, family=FAMILY).hello, now_ms=unix_ms())
+    assert info.value.reason == verify.UNTRUSTED_KEY
 
 
-@pytest.mark.parametrize(
-    ("change", "reason"),
-    [
-        ({"hello_sha256": "0" * 64}, wire.WRONG_BINDING),
-        ({"requester_id": "0" * 20}, wire.WRONG_BINDING),
-        ({"swarm": "other"}, wire.WRONG_BINDING),
-        ({"issued_at_ms": 1}, wire.STALE),
-    ],
-)
-def test_requester_refuses_a_welcome_not_for_its_hello(change: dict[str, Any], reason: str) -> None:
-    requester, peer = Identity.generate(), Identity.generate()
-    offer = Offer(requester, SWARM)
-    welcome = resigned(table_of(peer).open(offer.hello, now_ms=wire.unix_ms()), peer, **change)
-    with pytest.raises(VerificationError) as err:
+def test_the_requester_checks_the_welcome_against_the_announced_key(
+    requester: Identity, responder: Identity
+) -> None:
+    """A welcome signed by any key but the one the peer announced is refused."""
+    impostor = Identity.generate()
+    offer = Offer(requester, swarm=SWARM, family=FAMILY)
+    welcome, _, _ = guard_of(impostor).accept(offer.hello, now_ms=unix_ms())
+    with pytest.raises(VerificationError) as info:
         offer.accept(
             welcome,
-            expected_peer_id=peer.peer_id,
-            expected_key=peer.public_key,
-            now_ms=wire.unix_ms(),
+            expected_peer_id=responder.peer_id,
+            expected_key=responder.public_key,
+            now_ms=unix_ms(),
             freshness_s=FRESH_S,
         )
-    assert err.value.reason == reason
+    assert info.value.reason == verify.WRONG_KEY
 
 
-def test_requester_refuses_a_welcome_from_another_key() -> None:
-    """Someone at the peer's address answers with its own key: the welcome is not signed
-    by the key the peer announced, so no session is made with it."""
-    requester, peer, stranger = Identity.generate(), Identity.generate(), Identity.generate()
-    offer = Offer(requester, SWARM)
-    welcome = table_of(stranger).open(offer.hello, now_ms=wire.unix_ms())
-    for claimed in (welcome, resigned(welcome, stranger, responder_id=peer.peer_id)):
-        with pytest.raises(VerificationError) as err:
-            offer.accept(
-                claimed,
-                expected_peer_id=peer.peer_id,
-                expected_key=peer.public_key,
-                now_ms=wire.unix_ms(),
-                freshness_s=FRESH_S,
-            )
-        assert err.value.reason in (wire.WRONG_KEY, wire.BAD_SIGNATURE)
+def test_a_welcome_to_another_hello_is_refused(requester: Identity, responder: Identity) -> None:
+    """A welcome binds the hello it answers: one replayed from another link is refused."""
+    guard = guard_of(responder)
+    other = Offer(requester, swarm=SWARM, family=FAMILY)
+    welcome, _, _ = guard.accept(other.hello, now_ms=unix_ms())
+    offer = Offer(requester, swarm=SWARM, family=FAMILY)
+    with pytest.raises(VerificationError) as info:
+        offer.accept(
+            welcome,
+            expected_peer_id=responder.peer_id,
+            expected_key=responder.public_key,
+            now_ms=unix_ms(),
+            freshness_s=FRESH_S,
+        )
+    assert info.value.reason == verify.WRONG_BINDING
 
 
-def test_table_forgets_the_oldest_when_full() -> None:
-    requester, peer = Identity.generate(), Identity.generate()
-    table = table_of(peer, max_sessions=2)
-    ids = [handshake(requester, peer, table)[1].session_id for _ in range(3)]
-    assert len(table) == 2
-    assert table.get(ids[0]) is None
-    assert table.get(ids[1]) is not None
-    assert table.get(ids[2]) is not None
-
-
-def test_table_forgets_expired_sessions() -> None:
-    requester, peer = Identity.generate(), Identity.generate()
-    clock = [1000.0]
-    table = table_of(peer, ttl_s=60, clock=lambda: clock[0])
-    first = handshake(requester, peer, table)[1].session_id
-    clock[0] += 30
-    second = handshake(requester, peer, table)[1].session_id
-    assert table.get(first) is not None
-    clock[0] += 31  # the first is 61 s old, the second 31 s
-    assert table.get(first) is None
-    assert table.get(second) is not None
-    clock[0] += 60
-    handshake(requester, peer, table)  # opening prunes what expired
-    assert len(table) == 1
-
-
-@pytest.mark.parametrize("kw", [{"max_sessions": 0}, {"ttl_s": 0}, {"ttl_s": 10**9}])
-def test_table_bounds_are_checked(kw: dict[str, Any]) -> None:
-    with pytest.raises(ValueError, match=r"max_sessions|ttl_s"):
-        table_of(Identity.generate(), **kw)
+def test_handshake_messages_round_trip_through_the_codec(
+    requester: Identity, responder: Identity
+) -> None:
+    """Hello and welcome decode to what was sent, signatures included."""
+    offer, welcome, _, _ = handshake(requester, responder, guard_of(responder))
+    assert codec.decode_hello(codec.encode_handshake(offer.hello)) == offer.hello
+    assert codec.decode_welcome(codec.encode_handshake(welcome)) == welcome

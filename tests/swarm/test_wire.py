@@ -1,14 +1,16 @@
-"""Tests of the wire format: canonical bytes, building, decoding hostile bytes."""
+"""Tests of swarm.wire: the link messages, their exact bytes, and the one decoder of each.
+
+Every decoder takes hostile bytes: whatever arrives, it returns a well-formed message or
+raises ``DecodeError`` naming the field, never anything else (fuzzed with hypothesis).
+"""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import dataclasses
 import hashlib
-import json
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,564 +19,321 @@ from hypothesis import strategies as st
 from swarm import PROTOCOL_VERSION, config
 from swarm.crypto.identity import Identity, verify_signature
 from swarm.errors import DecodeError, MessageTooLargeError
-from swarm.wire import messages
-from swarm.wire.codec import (
+from swarm.wire import codec
+from swarm.wire.messages import (
+    BATCH_REPLY_TAG,
     REPLY_TAG,
-    REQUEST_TAG,
+    Answers,
+    Ask,
+    Asks,
     InferReply,
-    InferRequest,
     ItemError,
-    build_batch,
-    build_reply,
     build_request,
-    canonical_json,
-    decode_batch,
-    decode_reply,
-    decode_reply_batch,
-    decode_request,
-    encode_batch,
-    encode_reply,
-    encode_reply_batch,
-    encode_request,
-    sign_replies,
-    signed_reply_batch,
-    tensor_bytes,
+    pixels_from,
     topk_from_probs,
 )
-from tests.swarm.signed import MODEL_SHA, NOW
+from tests.swarm.signed import FAMILY, MODEL_SHA, NOW
 
 FUZZ = settings(max_examples=300, deadline=None)
+INPUT_LEN = 784
 
 
-def _body(msg: bytes) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(msg)
-    return out
+def pack(obj: object) -> bytes:
+    return bytes(msgpack.packb(obj, use_bin_type=True))
 
 
-# --- canonical JSON -------------------------------------------------------------------
-
-
-def test_canonical_json_sorts_keys_without_whitespace() -> None:
-    """Keys are sorted, separators carry no spaces, nesting is preserved."""
-    assert canonical_json({"b": [1, True, None], "a": {"d": "x", "c": -5}}) == (
-        b'{"a":{"c":-5,"d":"x"},"b":[1,true,null]}'
+def asks_of(n: int = 2) -> Asks:
+    return Asks(
+        7,
+        tuple(Ask(f"{i:032x}", 2, 1500, bytes([i]) * INPUT_LEN) for i in range(n)),
     )
 
 
-def test_canonical_json_writes_utf8_and_rfc8785_escapes() -> None:
-    """Non-ASCII is raw UTF-8; control characters use RFC 8785's escapes."""
-    assert canonical_json('é€\n\x01"\\/') == '"é€\\n\\u0001\\"\\\\/"'.encode()
+# --- requests and inputs ----------------------------------------------------------------
 
 
-def test_canonical_json_orders_keys_by_utf16_code_units() -> None:
-    """RFC 8785 3.2.3: U+1F600 (UTF-16 D83D...) sorts before U+E000."""
-    assert canonical_json({"\ue000": 1, "\U0001f600": 2}) == '{"😀":2,"\ue000":1}'.encode()
-
-
-@pytest.mark.parametrize(
-    "value",
-    [0.5, 1e6, float("nan"), {"p": 0.25}, [1.0], np.float32(0.5)],
-)
-def test_canonical_json_refuses_floats(value: object) -> None:
-    """Floats anywhere are refused with a message pointing at ppm integers."""
-    with pytest.raises(TypeError, match="floats are not allowed"):
-        canonical_json(value)
-
-
-@pytest.mark.parametrize("value", [(1, 2), b"raw", {1: "x"}, np.int64(3), {"a": {1, 2}}])
-def test_canonical_json_refuses_other_types(value: object) -> None:
-    """Only dict, list, str, int, bool and None are accepted."""
-    with pytest.raises(TypeError):
-        canonical_json(value)
-
-
-def test_canonical_json_refuses_unsafe_integers_and_lone_surrogates() -> None:
-    """Integers beyond 2**53 - 1 and invalid Unicode cannot be signed canonically."""
-    with pytest.raises(ValueError, match="2\\*\\*53"):
-        canonical_json(2**53)
-    with pytest.raises(ValueError, match="surrogate"):
-        canonical_json("\ud800")
-
-
-_SIGNER = Identity.from_seed(b"\x05" * 32)
-REQUEST = build_request(
-    _SIGNER, swarm="lab", tensor=np.zeros(config.INPUT_SHAPE, np.float32), deadline_ms=9, now_ms=NOW
-)
-REPLY = build_reply(
-    _SIGNER,
-    REQUEST,
-    variant="V1",
-    model_sha256=MODEL_SHA,
-    probs=np.full(config.NUM_CLASSES, 0.1, np.float32),
-    infer_us=5,
-    now_ms=NOW,
-)
-_UNSAFE = st.one_of(st.integers(), st.booleans(), st.just(2**53), st.just(-(2**53)))
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    topk=st.lists(st.tuples(_UNSAFE, _UNSAFE), max_size=4),
-    flat=st.lists(_UNSAFE, max_size=4),
-    signature=st.binary(max_size=64),
-)
-def test_message_json_is_the_canonical_json_of_the_payload(
-    topk: list[tuple[Any, Any]], flat: list[Any], signature: bytes
-) -> None:
-    """The messages' own encoder writes, or refuses, exactly what ``canonical_json`` of
-    the message's fields does: tuples of integers (top-k pairs, a shape) included, with
-    booleans and integers past 2**53 - 1 among them."""
-    reply = dataclasses.replace(REPLY, topk=tuple(topk), signature=signature)
-    request = dataclasses.replace(REQUEST, input_shape=tuple(flat))
-    for msg in (reply, request):
-        for skip in (frozenset(), frozenset({"signature"})):
-            try:
-                expected: bytes | type[Exception] = canonical_json(messages._payload(msg, skip))
-            except (TypeError, ValueError) as exc:
-                expected = type(exc)
-            if isinstance(expected, bytes):
-                assert messages._message_json(msg, skip) == expected
-            else:
-                with pytest.raises(expected):
-                    messages._message_json(msg, skip)
-
-
-# --- top-k ----------------------------------------------------------------------------
-
-
-def test_topk_from_probs_orders_and_rounds_to_ppm() -> None:
-    """Top-k is most probable first, in rounded parts per million."""
-    probs = [0.1, 0.2000004, 0.0, 0.6999996]
-    assert topk_from_probs(probs, 2) == ((3, 700_000), (1, 200_000))
-    assert topk_from_probs(probs, 1) == ((3, 700_000),)
-
-
-def test_topk_from_probs_breaks_ties_by_lower_class() -> None:
-    """Equal probabilities keep the lower class index first."""
-    assert topk_from_probs([0.25, 0.25, 0.25, 0.25], 3) == (
-        (0, 250_000),
-        (1, 250_000),
-        (2, 250_000),
+def test_a_request_carries_its_input_compact(requester: Identity) -> None:
+    """A float image in [0, 1] travels as its uint8 pixels, hashed as sent."""
+    x = np.linspace(0.0, 1.0, INPUT_LEN, dtype=np.float32).reshape(config.INPUT_SHAPE)
+    req = build_request(
+        swarm="lab", family=FAMILY, requester_id=requester.peer_id, tensor=x, deadline_ms=10
     )
+    assert len(req.input) == INPUT_LEN
+    assert req.input_sha256 == hashlib.sha256(req.input).hexdigest()
+    np.testing.assert_allclose(req.tensor(), x, atol=0.5 / 255)
+    assert req.tensor().dtype == np.float32
 
 
-def test_topk_from_probs_scales_down_float32_overshoot() -> None:
-    """A softmax summing to slightly above 1 never yields more than 1e6 ppm in total."""
-    probs = np.full(10, 0.1000001, dtype=np.float32)
-    assert sum(ppm for _, ppm in topk_from_probs(probs, 10)) <= 1_000_000 + 5
-
-
-@pytest.mark.parametrize(
-    ("probs", "k", "match"),
-    [
-        ([0.5, 0.5], 0, "k must be"),
-        ([0.5, 0.5], 3, "k must be"),
-        ([np.nan, 0.5], 1, "finite"),
-        ([-0.1, 0.5], 1, "non-negative"),
-        ([0.9, 0.9], 1, "sum to 1"),
-        ([[0.5, 0.5]], 1, "one vector"),
-    ],
-)
-def test_topk_from_probs_rejects_bad_input(probs: list[float], k: int, match: str) -> None:
-    """Out-of-range k, NaN, negative or non-softmax vectors are refused."""
-    with pytest.raises(ValueError, match=match):
-        topk_from_probs(probs, k)
-
-
-# --- building and round trips ---------------------------------------------------------
-
-
-def test_request_roundtrips_through_bytes(request_msg: InferRequest, tensor: np.ndarray) -> None:
-    """encode then decode gives back an equal request and the same tensor."""
-    decoded = decode_request(encode_request(request_msg))
-    assert decoded == request_msg
-    np.testing.assert_array_equal(decoded.tensor(), tensor)
-    assert decoded.tensor().dtype == np.float32
-
-
-def test_request_fields_are_set_and_signed(
-    request_msg: InferRequest, requester: Identity, tensor: np.ndarray
-) -> None:
-    """build_request fills ids, key, input hash and a signature over the tagged bytes."""
-    assert request_msg.version == PROTOCOL_VERSION
-    assert request_msg.requester_id == requester.peer_id
-    assert request_msg.input_sha256 == hashlib.sha256(tensor.astype("<f4").tobytes()).hexdigest()
-    assert len(request_msg.request_id) == 32
-    signed = request_msg.signed_bytes()
-    assert signed.startswith(REQUEST_TAG)
-    assert verify_signature(requester.public_key, request_msg.signature, signed)
-
-
-def test_request_ids_are_random(requester: Identity, tensor: np.ndarray) -> None:
-    """Two requests for the same input get different ids."""
-    a = build_request(requester, swarm="lab", tensor=tensor, deadline_ms=100)
-    b = build_request(requester, swarm="lab", tensor=tensor, deadline_ms=100)
-    assert a.request_id != b.request_id
+def test_uint8_pixels_travel_exactly() -> None:
+    """uint8 pixels are sent as they are."""
+    pixels = np.arange(INPUT_LEN, dtype=np.uint32).astype(np.uint8).reshape(config.INPUT_SHAPE)
+    assert pixels_from(pixels, config.INPUT_SHAPE) == pixels.tobytes()
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    "bad",
     [
-        ({"swarm": "has space"}, "swarm name"),
-        ({"swarm": "x" * 64}, "swarm name"),
-        ({"k": 0}, "k must be"),
-        ({"k": config.MAX_TOP_K + 1}, "k must be"),
-        ({"deadline_ms": 0}, "deadline_ms"),
-        ({"request_id": "ABC"}, "request_id"),
-        ({"tensor": np.zeros((28, 28), dtype=np.float32)}, "shape"),
-        ({"tensor": np.full(config.INPUT_SHAPE, 2.0, dtype=np.float32)}, r"\[0, 1\]"),
-        ({"tensor": np.zeros(config.INPUT_SHAPE, dtype=np.uint8)}, "dtype"),
+        np.zeros((28, 28), np.float32),  # no channel axis
+        np.full(config.INPUT_SHAPE, 1.5, np.float32),
+        np.full(config.INPUT_SHAPE, np.nan, np.float32),
+        np.zeros(config.INPUT_SHAPE, np.int64),
     ],
 )
-def test_build_request_rejects_bad_arguments(
-    requester: Identity, tensor: np.ndarray, kwargs: dict[str, Any], match: str
+def test_a_bad_input_is_a_value_error(bad: np.ndarray[Any, Any]) -> None:
+    """Shapes, ranges and dtypes other than the family's input are refused with why."""
+    with pytest.raises(ValueError, match="input"):
+        pixels_from(bad, config.INPUT_SHAPE)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"swarm": "bad name"},
+        {"family": "xyz"},
+        {"k": 0},
+        {"k": config.MAX_TOP_K + 1},
+        {"deadline_ms": 0},
+        {"request_id": "abc"},
+    ],
+)
+def test_build_request_refuses_bad_fields(requester: Identity, kw: dict[str, Any]) -> None:
+    """build_request says which field is wrong."""
+    args: dict[str, Any] = {
+        "swarm": "lab",
+        "family": FAMILY,
+        "requester_id": requester.peer_id,
+        "tensor": np.zeros(config.INPUT_SHAPE, np.uint8),
+        "deadline_ms": 10,
+    } | kw
+    with pytest.raises(ValueError, match=next(iter(kw)).split("_")[0]):
+        build_request(**args)
+
+
+# --- replies ----------------------------------------------------------------------------
+
+
+def test_reply_round_trips_through_its_exact_bytes(reply_msg: InferReply) -> None:
+    """A reply decodes from its bytes to itself, and those bytes are what was encoded."""
+    decoded = codec.decode_reply(reply_msg.raw)
+    assert decoded == reply_msg
+    assert decoded.raw == reply_msg.raw
+    assert decoded.topk == ((1, 600_000), (3, 250_000))
+
+
+def test_batch_signature_covers_the_exact_reply_bytes(
+    responder: Identity, reply_msg: InferReply
 ) -> None:
-    """Bad names, k, deadlines, ids and tensors are refused before signing."""
-    args: dict[str, Any] = {"swarm": "lab", "tensor": tensor, "k": 2, "deadline_ms": 100}
-    args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
-        build_request(requester, **args)
+    """The signature is over the tag and each reply's digest, checkable by a third party."""
+    batch = codec.sign_replies(responder, [reply_msg])
+    digest = hashlib.sha256(REPLY_TAG + reply_msg.raw).digest()
+    assert batch.signed_bytes() == BATCH_REPLY_TAG + digest
+    assert verify_signature(responder.public_key, batch.signature, BATCH_REPLY_TAG + digest)
 
 
-def test_reply_roundtrips_through_bytes(reply_msg: InferReply, responder: Identity) -> None:
-    """encode then decode gives back an equal reply, signed over the tagged bytes."""
-    assert decode_reply(encode_reply(reply_msg)) == reply_msg
-    assert reply_msg.topk == ((1, 600_000), (3, 250_000))
-    assert reply_msg.topk_probabilities() == ((1, 0.6), (3, 0.25))
-    assert reply_msg.signed_bytes().startswith(REPLY_TAG)
-    assert verify_signature(responder.public_key, reply_msg.signature, reply_msg.signed_bytes())
+def test_a_batch_of_errors_only_is_unsigned(responder: Identity) -> None:
+    """An error is not evidence: a batch without replies carries no signature."""
+    batch = codec.sign_replies(responder, [ItemError("0" * 32, "overloaded", "busy")])
+    assert batch.signature == b""
 
 
-def test_reply_refuses_k_above_request(responder: Identity, request_msg: InferRequest) -> None:
-    """A reply cannot carry more classes than the request asked for."""
-    with pytest.raises(ValueError, match="k must be"):
-        build_reply(
-            responder,
-            request_msg,
-            variant="v",
-            model_sha256=MODEL_SHA,
-            probs=np.full(10, 0.1),
-            k=3,
-            infer_us=1,
-        )
-
-
-def test_request_signature_does_not_verify_as_reply(
-    request_msg: InferRequest, requester: Identity
+def test_answers_round_trip_with_replies_and_errors(
+    responder: Identity, reply_msg: InferReply
 ) -> None:
-    """Domain separation: a request's signature is not valid over reply-tagged bytes."""
-    payload = request_msg.signed_bytes()[len(REQUEST_TAG) :]
-    assert not verify_signature(requester.public_key, request_msg.signature, REPLY_TAG + payload)
+    """An answers message keeps its items' order, kinds and signature."""
+    batch = codec.sign_replies(responder, [reply_msg, ItemError("1" * 32, "overloaded", "busy")])
+    data = codec.encode_answers(Answers(3, batch))
+    got = codec.decode_answers(data, responder_id=responder.peer_id)
+    assert got.exchange == 3
+    assert got.batch.items == batch.items
+    assert got.batch.signature == batch.signature
 
 
-def test_encoded_body_is_canonical(request_msg: InferRequest) -> None:
-    """The body on the wire is itself canonical JSON with base64 binary fields."""
-    body = encode_request(request_msg)
-    assert canonical_json(_body(body)) == body
-    assert base64.b64decode(_body(body)["signature"]) == request_msg.signature
+def test_asks_round_trip() -> None:
+    """Asks decode to what was sent."""
+    asks = asks_of(3)
+    assert codec.decode_asks(codec.encode_asks(asks), input_len=INPUT_LEN) == asks
 
 
-# --- decoding hostile bytes -----------------------------------------------------------
+def test_topk_from_probs_rounds_to_ppm_and_breaks_ties_low() -> None:
+    """Top-k as (class, ppm), most probable first, ties to the lower class."""
+    probs = np.array([0.25, 0.25, 0.5, 0, 0, 0, 0, 0, 0, 0], np.float32)
+    assert topk_from_probs(probs, 2) == ((2, 500_000), (0, 250_000))
 
 
-def test_decode_rejects_oversized_bodies() -> None:
-    """Bodies over the configured limits raise MessageTooLargeError before parsing."""
+# --- decoding hostile bytes --------------------------------------------------------------
+
+
+def reply_fields(**changes: Any) -> list[Any]:
+    fields: list[Any] = [
+        PROTOCOL_VERSION,
+        "lab",
+        bytes.fromhex(FAMILY),
+        b"\x01" * 16,
+        "a" * 20,
+        b"\x02" * 32,
+        "b" * 20,
+        "V1",
+        bytes.fromhex(MODEL_SHA),
+        [[1, 600_000]],
+        NOW,
+        10,
+    ]
+    names = [
+        "version", "swarm", "family", "request_id", "requester_id", "input_sha256",
+        "responder_id", "variant", "model_sha256", "topk", "issued_at_ms", "infer_us",
+    ]  # fmt: skip
+    for name, value in changes.items():
+        fields[names.index(name)] = value
+    return fields
+
+
+def test_valid_reply_fields_decode() -> None:
+    """The reference layout of the bad-field tests decodes."""
+    assert codec.decode_reply(pack(reply_fields())).variant == "V1"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("version", 1),
+        ("version", True),
+        ("swarm", "no spaces"),
+        ("family", b"\x00" * 15),
+        ("request_id", "00" * 16),
+        ("requester_id", "A" * 20),
+        ("input_sha256", b"\x00" * 31),
+        ("variant", ""),
+        ("topk", []),
+        ("topk", [[1]]),
+        ("topk", [[True, 5]]),
+        ("topk", [[1, 1_000_001]]),
+        ("topk", [[1, 2.5]]),
+        ("issued_at_ms", -1),
+        ("issued_at_ms", False),
+        ("infer_us", 2**60),
+    ],
+)
+def test_a_bad_reply_field_is_a_decode_error_naming_it(field: str, value: object) -> None:
+    """Each field's type, range and length is checked; bools are not integers."""
+    with pytest.raises(DecodeError, match=f"reply.{field}"):
+        codec.decode_reply(pack(reply_fields(**{field: value})))
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (pack([]), "array of 12"),
+        (pack([*reply_fields(), 1]), "array of 12"),
+        (pack({"a": 1}), "msgpack|array"),
+        (pack(reply_fields()) + b"\x00", "msgpack"),
+        (b"\xc1", "msgpack"),
+        (b"", "msgpack"),
+    ],
+)
+def test_malformed_reply_bytes_are_decode_errors(data: bytes, what: str) -> None:
+    """Wrong arity, maps, trailing bytes and invalid msgpack are refused."""
+    with pytest.raises(DecodeError, match=what):
+        codec.decode_reply(data)
+
+
+def test_an_oversized_message_is_refused_before_decoding() -> None:
+    """Size is bounded first, from the family's input size."""
+    big = codec.encode_asks(asks_of(2))
     with pytest.raises(MessageTooLargeError):
-        decode_request(b" " * (config.MAX_INFER_BODY + 1))
-    with pytest.raises(MessageTooLargeError):
-        decode_reply(b" " * (config.MAX_REPLY_BODY + 1))
+        codec.decode_asks(big + b"\x00" * codec.max_asks_size(INPUT_LEN), input_len=INPUT_LEN)
+    with pytest.raises(DecodeError, match=r"ask\.input"):
+        codec.decode_asks(big, input_len=INPUT_LEN - 1)
 
 
 @pytest.mark.parametrize(
-    ("mutate", "match"),
+    ("message", "field"),
     [
-        (lambda b: b.pop("k"), "lacks field"),
-        (lambda b: b.update(extra=1), "unexpected field"),
-        (lambda b: b.update(k=0), "'k'"),
-        (lambda b: b.update(k=True), "'k'"),
-        (lambda b: b.update(swarm=""), "'swarm'"),
-        (lambda b: b.update(request_id="A" * 32), "'request_id'"),
-        (lambda b: b.update(requester_id="xyz"), "'requester_id'"),
-        (lambda b: b.update(requester_key="AAAA"), "'requester_key'"),
-        (lambda b: b.update(input_shape=[1, 1, 28, 28]), "'input_shape'"),
-        (lambda b: b.update(input=base64.b64encode(b"\0" * 3132).decode()), "'input'"),
-        (lambda b: b.update(signature="!" * 88), "'signature'"),
-        (lambda b: b.update(deadline_ms=10**9), "'deadline_ms'"),
-        (lambda b: b.update(issued_at_ms=-1), "'issued_at_ms'"),
-        (lambda b: b.update(version=2), "protocol version 2"),
+        ([codec.ASKS, 1, []], "asks.items"),
+        ([codec.ASKS, 1, [[b"\x00" * 16, 2, 10, b"\x00"]] * 33], "asks.items"),
+        ([codec.ASKS, -1, [[b"\x00" * 16, 2, 10, b"\x00" * INPUT_LEN]]], "asks.exchange"),
+        ([codec.ASKS, 1, [[b"\x00" * 16, 0, 10, b"\x00" * INPUT_LEN]]], "ask.k"),
+        ([codec.ASKS, 1, [[b"\x00" * 16, 2, 60_001, b"\x00" * INPUT_LEN]]], "ask.deadline_ms"),
+        ([codec.ANSWERS, 1, [[b"\x00" * 16, 2, 10, b""]]], "asks.kind"),
     ],
 )
-def test_decode_request_names_the_wrong_field(
-    request_msg: InferRequest, mutate: Any, match: str
-) -> None:
-    """Each malformed field raises DecodeError saying which field and what is expected."""
-    body = _body(encode_request(request_msg))
-    mutate(body)
-    with pytest.raises(DecodeError, match=match):
-        decode_request(json.dumps(body).encode())
+def test_bad_asks_are_decode_errors_naming_the_field(message: list[Any], field: str) -> None:
+    """Asks are bounded in count, ranges and input length."""
+    with pytest.raises(DecodeError, match=field):
+        codec.decode_asks(pack(message), input_len=INPUT_LEN)
 
 
-def _spare_bits_set(text: str) -> str:
-    """``text`` (base64 ending in padding) with its last digit's unused bits set: the
-    same bytes under strict decoding, but not the canonical text (RFC 4648 3.5)."""
-    digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    pos = len(text.rstrip("=")) - 1
-    mask = 0b1111 if text.endswith("==") else 0b11
-    return text[:pos] + digits[digits.index(text[pos]) | mask] + text[pos + 1 :]
-
-
-@pytest.mark.parametrize("field", ["requester_key", "signature"])
-def test_decode_request_refuses_non_canonical_base64(request_msg: InferRequest, field: str) -> None:
-    """One value has one text: base64 whose unused bits are set decodes to the same bytes
-    but is refused, so a signed message cannot travel in two spellings."""
-    body = _body(encode_request(request_msg))
-    text = body[field]
-    assert text.endswith("=")  # 32 and 64 bytes leave spare bits
-    twin = _spare_bits_set(text)
-    assert base64.b64decode(twin, validate=True) == base64.b64decode(text)
-    body[field] = twin
-    with pytest.raises(DecodeError, match=f"'{field}'"):
-        decode_request(json.dumps(body).encode())
-    body[field] = text
-    assert decode_request(json.dumps(body).encode()) == request_msg
-
-
-@pytest.mark.parametrize(
-    ("pixels", "match"),
-    [(np.float32(np.nan), "finite"), (np.float32(1.5), r"\[0, 1\]"), (np.float32(-1), r"\[0, 1\]")],
-)
-def test_decode_request_rejects_bad_pixels(
-    request_msg: InferRequest, pixels: np.float32, match: str
-) -> None:
-    """NaN, infinite or out-of-range pixels are refused at decode."""
-    raw = np.frombuffer(request_msg.input, dtype="<f4").copy()
-    raw[17] = pixels
-    body = _body(encode_request(request_msg))
-    body["input"] = base64.b64encode(raw.tobytes()).decode()
-    with pytest.raises(DecodeError, match=match):
-        decode_request(json.dumps(body).encode())
-
-
-@pytest.mark.parametrize(
-    ("topk", "match"),
-    [
-        ([], "topk"),
-        ([[10, 5]], "topk"),
-        ([[1, 1_000_001]], "topk"),
-        ([[1, 5, 6]], "topk"),
-        ([[1, 0.5]], "floats"),
-        ([[1, 5]] * 11, "topk"),
-        ("1,5", "topk"),
-    ],
-)
-def test_decode_reply_rejects_bad_topk(reply_msg: InferReply, topk: object, match: str) -> None:
-    """Malformed top-k lists are refused with the field named."""
-    body = _body(encode_reply(reply_msg))
-    body["topk"] = topk
-    with pytest.raises(DecodeError, match=match):
-        decode_reply(json.dumps(body).encode())
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"",
-        b"[]",
-        b"null",
-        b"\xff\xfe{}",
-        b'{"version": 1, "version": 1}',
-        b'{"version": NaN}',
-        b"[" * 50_000,
-        b'{"version": 1' + b"9" * 5000 + b"}",
-    ],
-)
-def test_decode_rejects_non_message_bytes(raw: bytes) -> None:
-    """Non-JSON, non-objects, duplicate keys, NaN, deep nesting: DecodeError only."""
-    with pytest.raises(DecodeError):
-        decode_request(raw)
-    with pytest.raises(DecodeError):
-        decode_reply(raw[: config.MAX_REPLY_BODY])
+def test_answers_with_replies_need_a_signature(reply_msg: InferReply) -> None:
+    """A group with replies and no signature is refused as malformed."""
+    data = pack([codec.ANSWERS, 1, [reply_msg.raw], b""])
+    with pytest.raises(DecodeError, match=r"answers\.signature"):
+        codec.decode_answers(data, responder_id="b" * 20)
 
 
 @FUZZ
-@given(st.binary(max_size=512))
-def test_decode_random_bytes_raises_only_decode_error(raw: bytes) -> None:
-    """No byte string makes decode_* raise anything but DecodeError."""
-    for decode in (decode_request, decode_reply):
-        with contextlib.suppress(DecodeError):
-            decode(raw)
-
-
-_JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
-    max_leaves=8,
-)
-
-
-@FUZZ
-@given(data=st.data())
-def test_decode_mutated_messages_raises_only_decode_error(data: st.DataObject) -> None:
-    """Valid messages with fields deleted or replaced by any JSON: DecodeError or a message."""
-    requester, responder = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
-    tensor = np.full(config.INPUT_SHAPE, 0.5, dtype=np.float32)
-    req = build_request(requester, swarm="lab", tensor=tensor, deadline_ms=50, now_ms=NOW)
-    reply = build_reply(
-        responder, req, variant="v", model_sha256=MODEL_SHA, probs=np.full(10, 0.1), infer_us=1
-    )
-    for body, decode in (
-        (encode_request(req), decode_request),
-        (encode_reply(reply), decode_reply),
+@given(st.binary(max_size=2048))
+def test_fuzz_every_decoder_raises_only_decode_errors(data: bytes) -> None:
+    """Arbitrary bytes: a message or a DecodeError, from every decoder."""
+    for decode in (
+        codec.decode_hello,
+        codec.decode_welcome,
+        codec.decode_reply,
+        lambda d: codec.decode_asks(d, input_len=INPUT_LEN),
+        lambda d: codec.decode_answers(d, responder_id="b" * 20),
     ):
-        obj = _body(body)
-        for key in data.draw(st.lists(st.sampled_from(sorted(obj)), max_size=3)):
-            if data.draw(st.booleans()):
-                obj.pop(key, None)
-            else:
-                obj[key] = data.draw(_JSON)
         with contextlib.suppress(DecodeError):
-            decode(json.dumps(obj).encode())
+            decode(data)
 
 
-# --- batches ---------------------------------------------------------------------------
-
-
-def _batch_pair() -> tuple[Identity, Identity, list[InferRequest]]:
-    requester, responder = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
-    reqs = [
-        build_request(
-            requester,
-            swarm="lab",
-            tensor=np.full(config.INPUT_SHAPE, i / 4, dtype=np.float32),
-            deadline_ms=50,
-            now_ms=NOW,
-        )
-        for i in range(3)
-    ]
-    return requester, responder, reqs
-
-
-def test_batches_roundtrip_under_one_signature_each_way() -> None:
-    """A batch of requests and its reply batch decode to what was built; each signature
-    covers every item in order, and the items carry none of their own."""
-    requester, responder, reqs = _batch_pair()
-    batch = build_batch(requester, reqs)
-    back = decode_batch(encode_batch(batch))
-    assert back == batch
-    assert [i.request_id for i in back.items] == [r.request_id for r in reqs]
-    assert all(i.signature == b"" for i in back.items)
-    assert verify_signature(requester.public_key, back.signature, back.signed_bytes())
-    swapped = dataclasses.replace(back, items=back.items[::-1])
-    assert not verify_signature(requester.public_key, swapped.signature, swapped.signed_bytes())
-    replies = [
-        build_reply(
-            responder,
-            r,
-            variant="v",
-            model_sha256=MODEL_SHA,
-            probs=np.full(10, 0.1),
-            infer_us=1,
-            sign=False,
-        )
-        for r in reqs[:2]
-    ]
-    items = [replies[0], ItemError(reqs[1].request_id, "stale", "old"), replies[1]]
-    signed = sign_replies(responder, items)
-    out = decode_reply_batch(encode_reply_batch(signed))
-    assert out == signed
-    # The server's path: the replies encoded once, for the signature and the body alike.
-    once, texts = signed_reply_batch(responder, items)
-    assert once == signed
-    assert encode_reply_batch(once, texts=texts) == encode_reply_batch(signed)
-    with pytest.raises(ValueError, match="more texts"):
-        encode_reply_batch(once, texts=[*texts, texts[0]])
-    assert isinstance(out.items[1], ItemError)
-    assert verify_signature(responder.public_key, out.signature, out.signed_bytes())
-    # An error entry is not evidence and is not signed; a reply changed is caught.
-    relabelled = dataclasses.replace(
-        out, items=(dataclasses.replace(replies[0], topk=((7, 900_000),)), *out.items[1:])
-    )
-    assert not verify_signature(
-        responder.public_key, relabelled.signature, relabelled.signed_bytes()
-    )
-    # A batch signature never verifies as a single message's, nor the other way round.
-    assert not verify_signature(requester.public_key, reqs[0].signature, back.signed_bytes())
-
-
-def test_batch_of_pre_encoded_bodies_decodes_to_the_same_batch() -> None:
-    """Items spliced in as their own signed bodies decode as the items built; their own
-    signatures are dropped (the batch's covers them), and an unsigned batch has zeros."""
-    requester, _, reqs = _batch_pair()
-    batch = build_batch(requester, reqs)
-    spliced = encode_batch(batch, bodies=[encode_request(r) for r in reqs])
-    assert decode_batch(spliced) == batch
-    unsigned = build_batch(requester, reqs, sign=False)
-    assert unsigned.signature == bytes(64)
-    assert decode_batch(encode_batch(unsigned)).items == batch.items
-    with pytest.raises(ValueError, match="bodies"):
-        encode_batch(batch, bodies=[encode_request(reqs[0])])
-
-
-def test_build_batch_refuses_other_requesters_and_bad_sizes() -> None:
-    requester, responder, reqs = _batch_pair()
-    with pytest.raises(ValueError, match="signer"):
-        build_batch(responder, reqs)
-    with pytest.raises(ValueError, match="1 to"):
-        build_batch(requester, [])
-    with pytest.raises(ValueError, match="1 to"):
-        build_batch(requester, reqs * (config.MAX_BATCH_ITEMS // 3 + 1))
-
-
-@pytest.mark.parametrize(
-    ("mutate", "match"),
-    [
-        (lambda o: o.update(items=[]), "items"),
-        (lambda o: o.update(items={}), "items"),
-        (lambda o: o.update(items=[1]), "must be a JSON object"),
-        (lambda o: o["items"][0].pop("k"), "lacks field"),
-        (lambda o: o["items"][0].update(signature="x"), "signature"),  # allowed, if well formed
-        (lambda o: o["items"][0].update(extra=1), "unexpected field"),
-        (lambda o: o.update(version="1"), "version"),
-        (lambda o: o.pop("signature"), "lacks field"),
-    ],
+_MSGPACK_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=30)
+    | st.binary(max_size=40),
+    lambda children: st.lists(children, max_size=5),
+    max_leaves=20,
 )
-def test_decode_batch_names_what_is_wrong(mutate: Any, match: str) -> None:
-    requester, _, reqs = _batch_pair()
-    obj = _body(encode_batch(build_batch(requester, reqs)))
-    mutate(obj)
-    with pytest.raises(DecodeError, match=match):
-        decode_batch(json.dumps(obj).encode())
-
-
-@pytest.mark.parametrize(
-    ("item", "match"),
-    [
-        ({"request_id": "x", "error": "stale", "message": ""}, "request_id"),
-        ({"request_id": "a" * 32, "error": "Bad Code", "message": ""}, "error code"),
-        ({"request_id": "a" * 32, "error": "stale", "message": "m" * 301}, "at most 300"),
-        ({"request_id": "a" * 32, "error": "stale"}, "lacks field"),
-    ],
-)
-def test_decode_reply_batch_checks_item_errors(item: dict[str, Any], match: str) -> None:
-    _, responder, reqs = _batch_pair()
-    signed = sign_replies(responder, [ItemError(reqs[0].request_id, "stale", "old")])
-    obj = _body(encode_reply_batch(signed))
-    obj["items"] = [item]
-    with pytest.raises(DecodeError, match=match):
-        decode_reply_batch(json.dumps(obj).encode())
 
 
 @FUZZ
-@given(st.binary(max_size=512))
-def test_decode_batch_random_bytes_raises_only_decode_error(raw: bytes) -> None:
-    for decode in (decode_batch, decode_reply_batch):
-        with contextlib.suppress(DecodeError):
-            decode(raw)
+@given(st.data())
+def test_fuzz_near_valid_messages_decode_or_name_a_field(data: st.DataObject) -> None:
+    """A valid reply or asks with one item replaced by any msgpack value: a well-formed
+    message or a DecodeError, never another exception."""
+    reply = reply_fields()
+    reply[data.draw(st.integers(0, len(reply) - 1))] = data.draw(_MSGPACK_VALUES)
+    with contextlib.suppress(DecodeError):
+        codec.decode_reply(pack(reply))
+    ask: list[Any] = [b"\x00" * 16, 2, 10, b"\x00" * INPUT_LEN]
+    ask[data.draw(st.integers(0, 3))] = data.draw(_MSGPACK_VALUES)
+    with contextlib.suppress(DecodeError):
+        codec.decode_asks(pack([codec.ASKS, 1, [ask]]), input_len=INPUT_LEN)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1.5, -0.1])
-def test_tensor_bytes_refuses_non_finite_and_out_of_range_pixels(bad: float) -> None:
-    tensor = np.full(config.INPUT_SHAPE, 0.5, dtype=np.float32)
-    tensor[0, 3, 3] = bad
-    with pytest.raises(ValueError, match=r"finite values in \[0, 1\]"):
-        tensor_bytes(tensor)
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(st.integers(0, config.NUM_CLASSES - 1), st.integers(0, 1_000_000)),
+        min_size=1,
+        max_size=config.MAX_TOP_K,
+    ),
+    st.integers(0, 2**53 - 1),
+)
+def test_fuzz_replies_round_trip(topk: list[tuple[int, int]], issued: int) -> None:
+    """Any reply the codec can build decodes back to itself."""
+    fields: dict[str, Any] = {
+        "swarm": "lab",
+        "family": FAMILY,
+        "request_id": "0f" * 16,
+        "requester_id": "d" * 20,
+        "input_sha256": "e" * 64,
+        "responder_id": "c" * 20,
+        "variant": "V2",
+        "model_sha256": MODEL_SHA,
+        "topk": tuple(topk),
+        "issued_at_ms": issued,
+        "infer_us": 5,
+    }
+    raw = codec.encode_reply(**fields)
+    assert codec.decode_reply(raw) == InferReply(**fields, raw=raw)
