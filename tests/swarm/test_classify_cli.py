@@ -2,8 +2,9 @@
 
 Argument and file errors run ``main`` in-process (they fail before any socket opens).
 The runs that browse mDNS start the CLI as a subprocess with ``--interface 127.0.0.1``
-and a swarm name of their own, so concurrent runs on this machine cannot meet; its fake
-peers are real HTTP servers on 127.0.0.1 registered with ``Discovery`` on loopback only.
+and a swarm name of their own, so concurrent runs on this machine cannot meet; its peers
+are real link servers on 127.0.0.1 (a fixed answer instead of a model) registered with
+``Discovery`` on loopback only.
 """
 
 from __future__ import annotations
@@ -21,17 +22,52 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from swarm import config
 from swarm.cli.classify import main
 from swarm.config import Timings
-from swarm.crypto.identity import Identity
+from swarm.crypto.identity import Identity, TrustStore
 from swarm.discovery.mdns import Announcement, Discovery, PeerTable
-from swarm.inference.engine import Manifest
+from swarm.http.api import ServerContext, create_app
+from swarm.http.listener import HttpServer
+from swarm.inference.engine import InferenceResult, Manifest, ModelSpec
+from swarm.link.answer import Answerer
+from swarm.link.websocket import LinkServer
 from swarm.log import reset_logging
-from tests.swarm.test_requester import FakePeer, says
+from swarm.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = ["127.0.0.1"]
 PROG = "python -m swarm.classify: error: "
+
+
+class Says:
+    """A model that answers class ``label`` with probability 0.9."""
+
+    def __init__(self, spec: ModelSpec, label: int) -> None:
+        self.spec = spec
+        self._probs = np.full(10, 0.1 / 9, np.float32)
+        self._probs[label] = 0.9
+
+    async def infer(self, x: object) -> InferenceResult:
+        return InferenceResult(self._probs.copy(), 0.0001, 1)
+
+
+def link_peer(manifest: Manifest, spec: ModelSpec, swarm: str, identity: Identity) -> HttpServer:
+    """A peer's HTTP server and link server on 127.0.0.1, answering class 1."""
+    model = Says(spec, 1)
+    answerer = Answerer(
+        identity, model, swarm=swarm, family=manifest.family_id, input_shape=config.INPUT_SHAPE
+    )
+    ctx = ServerContext(
+        identity=identity,
+        swarm=swarm,
+        links=LinkServer.build(identity, answerer, trust=TrustStore.open()),
+        model=model,
+        manifest=manifest,
+        table=PeerTable(swarm),
+        metrics=Metrics(),
+    )
+    return HttpServer(create_app(ctx), hosts=LOOPBACK, port=0)
 
 
 @pytest.fixture(autouse=True)
@@ -164,9 +200,10 @@ async def test_classifies_with_peers_found_on_mdns(
     async with AsyncExitStack() as stack:
         registrations = []
         for spec in tiny_manifest.variants:
-            peer = FakePeer(spec, says({1: 0.9}), Identity.generate())
-            await peer.start()
-            stack.push_async_callback(peer.aclose)
+            identity = Identity.generate()
+            server = await stack.enter_async_context(
+                link_peer(tiny_manifest, spec, swarm_name, identity)
+            )
             disc = await stack.enter_async_context(
                 Discovery(
                     PeerTable(swarm_name),
@@ -176,10 +213,10 @@ async def test_classifies_with_peers_found_on_mdns(
             )
             announcement = Announcement(
                 swarm=swarm_name,
-                peer_id=peer.peer_id,
-                public_key=peer.identity.public_key,
+                peer_id=identity.peer_id,
+                public_key=identity.public_key,
                 role="peer",
-                port=peer.port,
+                port=server.port,
                 variant=spec.name,
                 model_sha256=spec.sha256,
                 macs=spec.macs,
