@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,114 @@ def test_five_namespaced_peers_classify_and_survive_two_crashes(
         )
         if models.trained:
             assert after_correct >= 0.8 * N_IMAGES
+
+
+def test_a_capture_on_the_bridge_holds_no_run_of_the_images_pixels(
+    lab: netns.Lab, tmp_path: Path, models: Models
+) -> None:
+    """The links are sealed: recorded on the requester's bridge port during a classify, the
+    traffic shows the link's WebSocket upgrade but no 8-byte run of the image's pixels,
+    as uint8 or as float32."""
+    swarm = f"ns-{uuid.uuid4().hex[:10]}"
+    variants = [s.name for s in models.manifest.variants][:2]
+    hosts = [lab.hosts[f"host{i}"] for i in (1, 2)]
+    asker = lab.hosts["host3"]
+    pixels = np.random.default_rng(7).integers(0, 256, size=(28, 28), dtype=np.uint8)
+    image = tmp_path / "secret.npy"
+    np.save(image, pixels)
+    capture = tmp_path / "bridge.pcap"
+    with ProcessGroup(tmp_path / "procs") as group:
+        peers = [
+            group.start_peer(
+                variant,
+                swarm=swarm,
+                interface=host.ip,
+                name=f"{host.name}-{variant}",
+                extra=models.flags,
+                prefix=host.exec_prefix(),
+            )
+            for host, variant in zip(hosts, variants, strict=True)
+        ]
+        for peer in peers:
+            peer.wait_ready()
+        recorder = group.start_module(
+            "sim.capture",
+            ["--interface", asker.port, "--out", str(capture), "--seconds", "90"],
+            name="capture",
+            prefix=["ip", "netns", "exec", lab.hub],
+        )
+        assert recorder.popen.stdout is not None
+        assert read_line_unbuffered(recorder.popen.stdout).strip() == b"ready"
+        lines = classify_from(
+            group, asker, swarm=swarm, models=models, wait_peers=len(peers), images=[image]
+        )
+        assert lines[0]["replies"]
+        recorder.stop(signal.SIGTERM)
+    recorded = capture.read_bytes()
+    assert b"GET /v1/link" in recorded  # the capture saw the links being opened
+    # A client's WebSocket frames are masked (RFC 6455 section 5.3), which hides nothing:
+    # search the unmasked payloads too.
+    payloads = websocket_payloads(recorded)
+    assert len(payloads) >= 2 * len(peers)  # hello and asks to each peer, at least
+    for raw in (pixels.tobytes(), (pixels.astype(np.float32) / 255).tobytes()):
+        runs = [raw[i : i + 8] for i in range(len(raw) - 8)]
+        leaked = [run for run in runs if any(run in p for p in [recorded, *payloads])]
+        assert not leaked, f"{len(leaked)} runs of the image's bytes are on the wire"
+
+
+def tcp_streams(pcap: bytes) -> list[bytes]:
+    """The TCP payload of each direction of each IPv4 flow in a pcap, reassembled by seq."""
+    flows: dict[tuple[bytes, int, bytes, int], dict[int, bytes]] = {}
+    at = 24  # the pcap file header
+    while at + 16 <= len(pcap):
+        (length,) = struct.unpack_from("<I", pcap, at + 8)
+        frame = pcap[at + 16 : at + 16 + length]
+        at += 16 + length
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:  # IPv4, TCP
+            continue
+        ip = frame[14:]
+        ihl = (ip[0] & 0x0F) * 4
+        total = struct.unpack_from(">H", ip, 2)[0]
+        tcp = ip[ihl:total]
+        sport, dport, seq = struct.unpack_from(">HHI", tcp)
+        payload = tcp[(tcp[12] >> 4) * 4 :]
+        if payload:
+            flows.setdefault((ip[12:16], sport, ip[16:20], dport), {})[seq] = payload
+    streams = []
+    for segments in flows.values():
+        data, end = b"", None
+        for seq in sorted(segments):
+            chunk = segments[seq]
+            if end is not None and seq < end:
+                chunk = chunk[end - seq :]  # a retransmission overlaps what we have
+            data += chunk
+            end = seq + len(segments[seq]) if end is None else max(end, seq + len(segments[seq]))
+        streams.append(data)
+    return streams
+
+
+def websocket_payloads(pcap: bytes) -> list[bytes]:
+    """The unmasked payload of every WebSocket frame after an HTTP upgrade in ``pcap``."""
+    payloads = []
+    for stream in tcp_streams(pcap):
+        head = stream.find(b"\r\n\r\n")
+        if head < 0 or (
+            b"Upgrade: websocket" not in stream[:head] and b"upgrade" not in stream[:head]
+        ):
+            continue
+        at = head + 4
+        while at + 2 <= len(stream):
+            masked, length = stream[at + 1] & 0x80, stream[at + 1] & 0x7F
+            at += 2
+            if length == 126:
+                (length,) = struct.unpack_from(">H", stream, at)
+                at += 2
+            elif length == 127:
+                (length,) = struct.unpack_from(">Q", stream, at)
+                at += 8
+            key = stream[at : at + 4] if masked else b"\x00" * 4
+            at += 4 if masked else 0
+            body = stream[at : at + length]
+            at += length
+            payloads.append(bytes(b ^ key[i % 4] for i, b in enumerate(body)))
+    return payloads
