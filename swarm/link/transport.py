@@ -38,6 +38,7 @@ from swarm.wire.messages import Answers, Ask, Asks, InferRequest, ItemError, Rep
 log = get_logger(__name__)
 
 OVERLOADED: Final = "overloaded"
+INTERNAL_ERROR: Final = "internal_error"
 _REASON_CHARS: Final = 200
 
 
@@ -307,6 +308,11 @@ class _Server:
     async def _answer(self, asks: Asks) -> None:
         try:
             batch = await self._answerer.answer(self._requester, asks.items)
+        except Exception:  # a bug answering must cost these asks, not the requester's wait
+            log.exception("answer_crashed", requester=self._requester, asks=len(asks.items))
+            message = "this peer failed to answer; the failure was logged"
+            items = tuple(ItemError(a.request_id, INTERNAL_ERROR, message) for a in asks.items)
+            batch = ReplyBatch(self._answerer.peer_id, items, b"")
         finally:
             self._in_flight -= len(asks.items)
         await self._send(Answers(asks.exchange, batch))

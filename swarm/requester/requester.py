@@ -305,6 +305,11 @@ class Requester(AsyncResource):
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        queues, self._queues = self._queues, {}
+        for queue in queues.values():
+            for waiting in queue.waiting:
+                if not waiting.future.done():
+                    waiting.future.set_exception(PeerUnreachableError("the requester closed"))
         await self.transport.aclose()
 
     def latency_ms(self, peer_id: str) -> float | None:
@@ -565,6 +570,11 @@ class Requester(AsyncResource):
         except TimeoutError:
             answers = [PeerTimeoutError(f"{record.peer_id} did not answer in {limit_s:g} s")]
             answers *= len(group)
+        except asyncio.CancelledError:  # the requester is closing: its callers learn so now
+            for waiting in group:
+                if not waiting.future.done():
+                    waiting.future.set_exception(PeerUnreachableError("the requester closed"))
+            raise
         except SwarmError as exc:
             answers = [exc] * len(group)
         except Exception as exc:  # a bug here must fail these asks, not hang them

@@ -357,11 +357,6 @@ async def test_a_malformed_answer_ends_the_link_and_the_next_call_opens_another(
     assert transport_of(requester).opened == {peer.peer_id: 2}
 
 
-@pytest.mark.xfail(
-    reason="swarm.link.transport._Server._answer sends nothing for a group whose answerer "
-    "raised: neither item errors nor a closed link, so the requester waits out its deadline",
-    strict=True,
-)
 async def test_a_peer_whose_answer_crashes_costs_only_that_reply(rig: Rig) -> None:
     """A bug in a peer's answering (its answerer raises) costs that peer's reply, not the
     call: it is missing at once, and its next ask is answered."""
@@ -654,6 +649,20 @@ async def test_aclose_is_idempotent_and_final(rig: Rig) -> None:
     await requester.aclose()
     with pytest.raises(ConfigError, match="closed"):
         await classify(requester)
+
+
+async def test_aclose_ends_the_calls_still_waiting_at_once(rig: Rig) -> None:
+    """Calls waiting on peers when the requester closes end now, not at their deadline."""
+    rig.peer("V1", hangs({3: 0.9}))
+    requester = rig.requester()
+    await requester.start()
+    calls = [asyncio.ensure_future(classify(requester, deadline_ms=30_000)) for _ in range(3)]
+    await asyncio.sleep(0.05)  # one exchange out, two asks queued behind it
+    started = asyncio.get_running_loop().time()
+    await requester.aclose()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+    assert all(isinstance(r, NoDecisionError) for r in results)
+    assert asyncio.get_running_loop().time() - started < 5
 
 
 # --- replicas, stragglers, recovery ------------------------------------------------------
