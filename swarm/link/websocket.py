@@ -106,7 +106,9 @@ class WebSocketTransport(LinkPool):
         for address in addresses:
             url = URL.build(scheme="http", host=address, port=record.port, path=LINK_PATH)
             try:
-                async with asyncio.timeout(self._timings.connect_timeout_s):
+                # TCP connect is bounded by the session (connect_timeout_s); the upgrade,
+                # a round trip through the peer's HTTP server, as the handshake is.
+                async with asyncio.timeout(self._timings.link_handshake_s):
                     ws = await session.ws_connect(
                         url,
                         timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT_S),

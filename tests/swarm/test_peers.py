@@ -88,7 +88,7 @@ def test_invalid_local_announcement(kw: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"proto": "2"}, "protocol_version"),
+        ({"proto": "9"}, "protocol_version"),
         ({"proto": None}, None),
         ({"swarm": "s2"}, "other_swarm"),
         ({"id": "0" * 20}, "peer_id_mismatch"),
