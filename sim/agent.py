@@ -228,7 +228,9 @@ async def run_agent(args: argparse.Namespace) -> None:
             await control.setup()
             stack.push_async_callback(control.cleanup)
             await web.UnixSite(control, str(args.control)).start()
-        await discovery.register(serving_announcement(args.swarm, identity, spec, http.port))
+        await discovery.register(
+            serving_announcement(args.swarm, identity, spec, http.port, manifest.family_id)
+        )
         ready = {
             "event": "ready",
             "peer_id": identity.peer_id,

@@ -232,9 +232,9 @@ async def run_peer(
 
 
 def serving_announcement(
-    swarm: str, identity: Identity, spec: ModelSpec, port: int
+    swarm: str, identity: Identity, spec: ModelSpec, port: int, family: str
 ) -> Announcement:
-    """What a peer serving ``spec`` on ``port`` says about itself on mDNS."""
+    """What a peer serving ``spec`` of ``family`` on ``port`` says about itself on mDNS."""
     return Announcement(
         swarm=swarm,
         peer_id=identity.peer_id,
@@ -245,6 +245,7 @@ def serving_announcement(
         model_sha256=spec.sha256,
         macs=spec.macs,
         accuracy=spec.val_accuracy,
+        family=family,
     )
 
 
@@ -339,7 +340,9 @@ async def _serve(
                 timings=timings,
             )
         )
-        await discovery.register(serving_announcement(args.swarm, identity, spec, http.port))
+        await discovery.register(
+            serving_announcement(args.swarm, identity, spec, http.port, manifest.family_id)
+        )
         aio.serving_gc()  # after startup: what it built is kept for the peer's life
         life.ready = True
         on_ready(

@@ -1,7 +1,8 @@
 """Who is in the swarm: the announcement each peer makes, and the table of live peers.
 
 A peer's ``Announcement`` travels in the TXT record of its DNS-SD service: protocol
-version, swarm, peer id, public key, variant, model hash, MACs, accuracy, role.
+version, swarm, peer id, public key, role, and for a serving peer its family, variant,
+model hash, MACs and accuracy.
 ``parse_announcement`` checks one from the network, and the ``PeerTable`` keeps only
 records of our protocol version and swarm whose peer id is bound to their key.
 
@@ -43,11 +44,12 @@ PeerListener = Callable[[PeerEvent, "PeerRecord"], None]
 # "proto" plays the role of section 6.7's txtvers: a peer of another version is ignored
 # before any other key is read, so a later version may change the rest freely.
 K_PROTO, K_SWARM, K_ID, K_KEY, K_ROLE = "proto", "swarm", "id", "pk", "role"
-K_VARIANT, K_SHA, K_MACS, K_ACC = "variant", "sha256", "macs", "acc"
+K_VARIANT, K_SHA, K_MACS, K_ACC, K_FAMILY = "variant", "sha256", "macs", "acc", "family"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _PEER_ID = re.compile(r"[0-9a-f]{20}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_FAMILY = re.compile(r"[0-9a-f]{32}")
 _KEY_BYTES: Final = 32  # raw Ed25519 public key
 _MAX_MACS: Final = 10**15
 _DETAIL_CHARS: Final = 200  # peer-supplied text quoted in a log line is cut to this
@@ -66,6 +68,7 @@ class Announcement:
     model_sha256: str = ""
     macs: int = 0
     accuracy: float = 0.0
+    family: str = ""  # the family id of a serving peer's models (Manifest.family_id)
     protocol: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
@@ -84,6 +87,7 @@ class Announcement:
         }
         if self.role == "peer":
             pairs |= {
+                K_FAMILY: self.family,
                 K_VARIANT: self.variant,
                 K_SHA: self.model_sha256,
                 K_MACS: str(self.macs),
@@ -106,6 +110,7 @@ def _problem(a: Announcement) -> str | None:
         checks += [
             (bool(_NAME.fullmatch(a.variant)), "variant must be 1-63 of [A-Za-z0-9._-]"),
             (bool(_SHA256.fullmatch(a.model_sha256)), "model sha256 must be 64 hex digits"),
+            (bool(_FAMILY.fullmatch(a.family)), "family must be 32 hex digits"),
         ]
     for ok, problem in checks:
         if not ok:
@@ -158,6 +163,7 @@ def parse_announcement(
             model_sha256=text(K_SHA) if serving else "",
             macs=int(text(K_MACS)) if serving else 0,
             accuracy=float(text(K_ACC)) if serving else 0.0,
+            family=text(K_FAMILY) if serving else "",
         )
     except (binascii.Error, ValueError, ConfigError) as exc:
         raise DecodeError(f"malformed TXT record: {exc}") from exc
@@ -182,6 +188,7 @@ class PeerRecord:
     # candidates() skips the peer before this time: the end of its backoff, or
     # math.inf once it is suspected.
     suspected_until: float = 0.0
+    family: str = ""  # its models' family id (a serving peer's)
 
     @property
     def suspected(self) -> bool:
@@ -314,6 +321,7 @@ class PeerTable:
             port=ann.port,
             first_seen=old.first_seen if old else now,
             last_seen=now,
+            family=ann.family,
         )  # a re-announcement clears the failure history
         self._peers[record.peer_id] = record
         log.info(

@@ -411,7 +411,11 @@ class Requester(AsyncResource):
             spec = allowed.get(record.variant)
             if spec is None:
                 continue
-            if record.model_sha256 != spec.sha256 or not self.trust.allows(record.public_key):
+            if (
+                record.family != self.family
+                or record.model_sha256 != spec.sha256
+                or not self.trust.allows(record.public_key)
+            ):
                 log.debug("peer_not_eligible", peer=record.peer_id, variant=record.variant)
                 continue
             groups.setdefault(record.variant, []).append(record)

@@ -31,6 +31,7 @@ def announcement(swarm: str = "s1", *, key: bytes | None = None, **kw: Any) -> A
         "model_sha256": "ab" * 32,
         "macs": 7840,
         "accuracy": 0.81,
+        "family": "fa" * 16,
     }
     fields.update(kw)
     return Announcement(**fields)

@@ -268,8 +268,10 @@ class CountingTransport(MemoryTransport):
         return await super().healthy(record)
 
 
-def announce(table: PeerTable, identity: Identity, spec: ModelSpec, **kw: object) -> None:
-    """Put a serving peer in ``table`` as the mDNS browser would."""
+def announce(
+    table: PeerTable, identity: Identity, spec: ModelSpec, *, family: str, **kw: object
+) -> None:
+    """Put a serving peer of ``family`` in ``table`` as the mDNS browser would."""
     fields: dict[str, object] = {
         "swarm": SWARM,
         "peer_id": identity.peer_id,
@@ -280,6 +282,7 @@ def announce(table: PeerTable, identity: Identity, spec: ModelSpec, **kw: object
         "model_sha256": spec.sha256,
         "macs": spec.macs,
         "accuracy": spec.val_accuracy,
+        "family": family,
     }
     fields.update(kw)
     ann = Announcement(**fields)  # type: ignore[arg-type]
@@ -356,7 +359,7 @@ class Rig:
         self.network.peers[peer.peer_id] = MemoryPeer(
             self.guard(served.identity), served, reachable=reachable
         )
-        announce(self.table, peer.identity, model, **announced)
+        announce(self.table, peer.identity, model, **({"family": self.family} | announced))
         return peer
 
     def requester(self, *, timings: Timings = TIMINGS, **kw: object) -> Requester:

@@ -38,6 +38,7 @@ def add_peer(table: PeerTable, variant: str) -> None:
         model_sha256="ab" * 32,
         macs=1,
         accuracy=0.9,
+        family="fa" * 16,
     )
     txt = {k.encode(): v.encode() for k, v in ann.txt().items()}
     assert table.offer(f"{peer_id}.{config.SERVICE_TYPE}", txt, ["127.0.0.1"], 9000)

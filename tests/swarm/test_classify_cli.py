@@ -221,6 +221,7 @@ async def test_classifies_with_peers_found_on_mdns(
                 model_sha256=spec.sha256,
                 macs=spec.macs,
                 accuracy=spec.val_accuracy,
+                family=tiny_manifest.family_id,
             )
             registrations.append(disc.register(announcement))
         await asyncio.gather(*registrations)

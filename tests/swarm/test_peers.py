@@ -43,9 +43,21 @@ def test_announcement_round_trips_through_txt() -> None:
 
 def test_requester_announcement_needs_no_variant() -> None:
     """A requester announces without variant fields and parses back the same."""
-    ann = announcement(role="requester", variant="", model_sha256="", macs=0, accuracy=0.0)
+    ann = announcement(
+        role="requester", variant="", model_sha256="", macs=0, accuracy=0.0, family=""
+    )
     assert "variant" not in ann.txt()
+    assert "family" not in ann.txt()
     assert parse_announcement(txt_bytes(ann), port=8080, swarm="s1") == ann
+
+
+def test_a_serving_peer_announces_its_family() -> None:
+    """The family id travels in the TXT record and must be one (32 hex digits)."""
+    ann = announcement()
+    assert ann.txt()["family"] == ann.family
+    assert parse_announcement(txt_bytes(ann), port=8080, swarm="s1").family == ann.family
+    with pytest.raises(ConfigError, match="family"):
+        announcement(family="nope")
 
 
 def test_txt_record_is_small() -> None:

@@ -532,6 +532,18 @@ async def test_peers_with_unknown_models_or_keys_are_not_asked(rig: Rig) -> None
     assert wrong_hash.asks == unknown.asks == untrusted.asks == []
 
 
+async def test_peers_of_another_family_are_never_asked(rig: Rig) -> None:
+    """A peer announcing another family, even with the same model, gets no ask: families
+    sharing a swarm name never mix their votes."""
+    good = rig.peer("V1", says({3: 0.9}))
+    stranger = rig.peer("V2", says({7: 1.0}), family="0b" * 16)
+    requester = rig.requester()
+    assert requester.available_variants() == {"V1"}
+    result = await classify(requester)
+    assert [r.peer for r in result.replies] == [good.peer_id]
+    assert stranger.asks == []
+
+
 async def test_policy_variants_and_budgets() -> None:
     """A policy narrows the variants: a named set, a MACs budget, a latency budget."""
     cheap = Rig(
@@ -588,7 +600,7 @@ async def test_local_replica_is_asked_in_process(rig: Rig) -> None:
 
     model = Model(rig.manifest.get("V1"))
     # It is on no network: an ask over a link would fail and show up as missing.
-    announce(rig.table, rig.identity, model.spec)
+    announce(rig.table, rig.identity, model.spec, family=rig.family)
     rig.peer("V2", says({3: 0.9}))
     requester = rig.requester(local=LocalInfer(model))
     result = await classify(requester)

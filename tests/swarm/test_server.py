@@ -223,6 +223,7 @@ async def test_info_describes_peer_and_the_peers_it_sees(
             model_sha256="cd" * 32,
             macs=1,
             accuracy=0.8,
+            family=tiny_manifest.family_id,
         )
         txt = {k.encode(): v.encode() for k, v in ann.txt().items()}
         assert harness.table.offer(
