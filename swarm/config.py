@@ -26,6 +26,9 @@ MAX_TOP_K = NUM_CLASSES
 # input size.
 MAX_CLASSIFY_BODY = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 4096 * 4096
+# A JPEG's decoder shrinks it by up to 8 on a side before any pixel exists (its DCT
+# scaling), so a phone's photo of up to 64 megapixels costs what 1 megapixel would.
+MAX_JPEG_PIXELS = 64 * 1024 * 1024
 # A group of asks to one peer travels as one message: at most this many.
 MAX_BATCH_ITEMS = 32
 # RFC 6763 section 6.2: a TXT record should stay well under 1300 bytes in total.

@@ -27,9 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, NoReturn, TextIO
 
-import numpy as np
-import numpy.typing as npt
-
 from swarm import aio, config
 from swarm.cli import args as cliargs
 from swarm.config import DEFAULT_TIMINGS
@@ -38,7 +35,8 @@ from swarm.decision import voting
 from swarm.decision.reputation import ReputationBook
 from swarm.discovery.mdns import ALL_INTERFACES, Discovery, PeerTable
 from swarm.errors import ConfigError, DiscoveryTimeoutError, NoDecisionError, SwarmError
-from swarm.inference.engine import Manifest, load_image_file, load_manifest
+from swarm.inference.imaging import PixelArray, load_image_file
+from swarm.inference.manifest import Manifest, load_manifest
 from swarm.log import configure_logging, get_logger
 from swarm.requester.requester import ClassifyResult, Policy, Requester
 from swarm.wire import messages as wire
@@ -185,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 class _Setup:
     manifest: Manifest
     policy: Policy
-    images: tuple[tuple[str, npt.NDArray[np.float32]], ...]
+    images: tuple[tuple[str, PixelArray], ...]
     identity: Identity
     trust: TrustStore
     reputation: ReputationBook

@@ -37,7 +37,8 @@ from swarm.errors import (
     MessageTooLargeError,
     NoDecisionError,
 )
-from swarm.inference.engine import FloatArray, Manifest, decode_image
+from swarm.inference.imaging import PixelArray, decode_image_async
+from swarm.inference.manifest import Manifest
 from swarm.link.websocket import LinkServer
 from swarm.log import get_logger
 from swarm.metrics import Metrics, render
@@ -78,9 +79,12 @@ class ClassifyOutcome(Protocol):
 class Classifier(Protocol):
     """What the server needs of a requester (``requester.Requester`` is one)."""
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]: ...
+
     async def classify(
         self,
-        tensor: FloatArray,
+        tensor: PixelArray,
         *,
         rule: str = ...,
         k: int = ...,
@@ -169,7 +173,11 @@ class _Routes:
         with self.classify_slots.slot():
             body = await self._read_body(request, config.MAX_CLASSIFY_BODY)
             try:
-                tensor = decode_image(body, content_type=request.headers.get("Content-Type"))
+                pixels = await decode_image_async(
+                    body,
+                    ctx.classifier.input_shape,
+                    content_type=request.headers.get("Content-Type"),
+                )
             except MessageTooLargeError as exc:
                 raise _HttpFailure(413, "body_too_large", str(exc)) from None
             except DecodeError as exc:
@@ -181,7 +189,7 @@ class _Routes:
             try:
                 async with asyncio.timeout(budget_s):
                     outcome = await ctx.classifier.classify(
-                        tensor, deadline_ms=deadline_ms, **params
+                        pixels, deadline_ms=deadline_ms, **params
                     )
             except NoDecisionError as exc:
                 raise _HttpFailure(503, "no_decision", str(exc)) from None

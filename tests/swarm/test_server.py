@@ -62,6 +62,8 @@ class FakeOutcome:
 class FakeClassifier:
     """Records each call; answers label 1, or raises what it is told to."""
 
+    input_shape = config.INPUT_SHAPE
+
     def __init__(self) -> None:
         self.calls: list[tuple[FloatArray, dict[str, Any]]] = []
         self.raises: Exception | None = None
@@ -275,7 +277,7 @@ async def test_classify_npy_uses_defaults(harness: Harness) -> None:
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["label"] == 1
     [(tensor, kwargs)] = harness.classifier.calls
-    np.testing.assert_allclose(tensor[0], pixels / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(tensor[0], pixels)
     assert kwargs == {
         "rule": "robust",
         "k": config.DEFAULT_TOP_K,
@@ -305,7 +307,7 @@ async def test_classify_png_with_every_parameter(harness: Harness) -> None:
     )
     assert resp.status == 200, await resp.text()
     [(tensor, kwargs)] = harness.classifier.calls
-    np.testing.assert_allclose(tensor[0], pixels / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(tensor[0], pixels)
     assert kwargs == {
         "rule": "sum",
         "k": 3,
