@@ -62,6 +62,9 @@ MAX_SEEN_HELLOS = 65_536
 # /v1/classify requests one peer serves at once; past this it answers 503 with
 # Retry-After instead of queueing without bound (each fans out to the swarm).
 MAX_CLASSIFY_IN_FLIGHT = 64
+# Of those, bodies read into memory at once (each up to MAX_CLASSIFY_BODY); the others
+# wait their turn with their bytes still in the socket.
+MAX_CLASSIFY_UPLOADS = 4
 # A classify call that starts with this many of its requester's calls in flight (itself
 # included) asks a majority of its ballots first and the rest only if those leave the
 # label open (``Policy.wave`` "auto"): under load the swarm's capacity is worth more than

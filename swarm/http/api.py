@@ -161,6 +161,8 @@ class _Routes:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.classify_slots = _InFlight("/v1/classify", ctx.max_classify_in_flight)
+        # Bodies read at once: each may be MAX_CLASSIFY_BODY, so this bounds their memory.
+        self.uploads = asyncio.Semaphore(config.MAX_CLASSIFY_UPLOADS)
         self.variant_names = tuple(s.name for s in ctx.manifest.variants)
 
     # --- client to requester ---
@@ -171,17 +173,19 @@ class _Routes:
             raise _HttpFailure(503, "not_a_requester", "this peer does not act as a requester")
         params = self._classify_params(request)
         with self.classify_slots.slot():
-            body = await self._read_body(request, config.MAX_CLASSIFY_BODY)
-            try:
-                pixels = await decode_image_async(
-                    body,
-                    ctx.classifier.input_shape,
-                    content_type=request.headers.get("Content-Type"),
-                )
-            except MessageTooLargeError as exc:
-                raise _HttpFailure(413, "body_too_large", str(exc)) from None
-            except DecodeError as exc:
-                raise _HttpFailure(400, "malformed_image", str(exc)) from None
+            async with self.uploads:  # the body is in memory until it is decoded
+                body = await self._read_body(request, config.MAX_CLASSIFY_BODY)
+                try:
+                    pixels = await decode_image_async(
+                        body,
+                        ctx.classifier.input_shape,
+                        content_type=request.headers.get("Content-Type"),
+                    )
+                except MessageTooLargeError as exc:
+                    raise _HttpFailure(413, "body_too_large", str(exc)) from None
+                except DecodeError as exc:
+                    raise _HttpFailure(400, "malformed_image", str(exc)) from None
+                del body
             deadline_ms = params.pop("deadline_ms")
             budget_s = (
                 ctx.timings.deadline_s if deadline_ms is None else deadline_ms / 1000
