@@ -42,7 +42,8 @@ from swarm.inference.manifest import Manifest
 from swarm.link.websocket import LinkServer
 from swarm.log import get_logger
 from swarm.metrics import Metrics, render
-from swarm.requester.requester import AUTO_WAVE, LocalModel, Policy
+from swarm.requester.call import AUTO_WAVE, Policy
+from swarm.requester.requester import LocalModel
 from swarm.wire.messages import MAX_DEADLINE_MS
 
 log = get_logger(__name__)
