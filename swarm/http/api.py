@@ -48,6 +48,8 @@ from swarm.errors import (
     NoDecisionError,
     VerificationError,
 )
+from swarm.http.page import add_page_routes
+from swarm.http.view import PageSources
 from swarm.inference.engine import FloatArray, Manifest, decode_image
 from swarm.log import bound, get_logger
 from swarm.metrics import Metrics, render
@@ -127,6 +129,7 @@ class ServerContext:
     timings: config.Timings = config.DEFAULT_TIMINGS
     max_infer_in_flight: int = config.MAX_INFER_IN_FLIGHT
     max_classify_in_flight: int = config.MAX_CLASSIFY_IN_FLIGHT
+    page: PageSources | None = None  # the page at GET / (swarm.http.page); None: no page
 
 
 class _HttpFailure(Exception):
@@ -645,4 +648,6 @@ def create_app(ctx: ServerContext) -> web.Application:
     app.router.add_get("/v1/info", routes.info)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/metrics", routes.metrics)
+    if ctx.page is not None:
+        add_page_routes(app, ctx.page)
     return app
