@@ -139,11 +139,14 @@ function renderStats(stats) {
 
 // --- decisions ---
 
-function bars(reply) {
-  return el("div", { class: `reply${reply.dissent ? " dissent" : ""}`, "data-peer": reply.peer },
+function bars(reply, decided) {
+  // The feed says whether a reply dissented; POST /v1/classify's answer leaves it to us.
+  const dissent = reply.dissent ?? reply.topk[0][0] !== decided;
+  const weight = reply.weight === undefined ? "" : ` · weight ${fmt(reply.weight, 2)}`;
+  return el("div", { class: `reply${dissent ? " dissent" : ""}`, "data-peer": reply.peer },
     el("div", { class: "who" },
-      el("span", { text: peerName(reply.peer) }),
-      el("span", { class: "muted", text: `${fmt(reply.latency_ms)} ms · weight ${fmt(reply.weight, 2)}${reply.dissent ? " · dissents" : ""}` })),
+      el("span", { text: peerName(reply.peer), title: dissent ? "its top-1 is not the decision" : null }),
+      el("span", { class: "muted", text: `${fmt(reply.latency_ms)} ms${weight}` })),
     ...reply.topk.map(([cls, prob]) => el("div", { class: "bar" },
       el("span", { class: "fill", width: `${Math.max(0, Math.min(1, prob)) * 100}%` }),
       el("span", { class: "text", text: `${className(cls)} ${fmt(prob * 100, 1)}%` }))),
@@ -177,7 +180,7 @@ function decisionView(doc, thumbnail) {
       el("div", { class: "head" }, el("strong", { class: "label", text: doc.label }), el("span", { class: "muted", text: when })),
       el("div", { class: "facts", text: facts,
         title: `certified f: how many of the counted replies could be lies without changing this label` }),
-      el("div", { class: "replies" }, ...doc.replies.map(bars)),
+      el("div", { class: "replies" }, ...doc.replies.map((r) => bars(r, doc.class))),
       peerList("rejected", "rejected", rejected), peerList("missing", "missing", missing),
       peerList("skipped", "skipped", skipped)));
 }
