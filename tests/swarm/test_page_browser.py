@@ -191,3 +191,22 @@ def test_page_shows_the_swarm_classifies_a_drop_and_marks_a_dead_peer(
         shoot(page, "desktop-suspected")
         assert not [c for c in console if c.startswith("pageerror")]
         page.close()
+
+
+def test_peer_with_ui_off_serves_no_page(tmp_path: Path) -> None:
+    """``python -m swarm.peer --ui off``: its ready line says so, the page's routes answer
+    404, and the API is served as before."""
+    models = load_models(tmp_path / "models")
+    with process_group(tmp_path / "procs") as group:
+        peer = group.start_peer(
+            models.by_accuracy()[0],
+            swarm=f"ui-{uuid.uuid4().hex[:12]}",
+            extra=[*models.flags, "--ui", "off"],
+        )
+        assert peer.wait_ready()["ui"] is False
+        for path in ("/", "/ui/state", "/ui/events"):
+            status, body = http("GET", peer.url(path))
+            assert status == 404, body
+            assert body["error"] == "not_found"
+        status, body = http("GET", peer.url("/healthz"))
+        assert (status, body["status"]) == (200, "ok")

@@ -57,6 +57,10 @@ function connect() {
     renderSelf();
     renderPeers(doc.peers);
     renderStats(doc.stats);
+    // A hello follows every (re)connection, and a restarted peer numbers its calls anew:
+    // the snapshot replaces the feed.
+    document.getElementById("feed").replaceChildren();
+    view.shown.clear();
     for (const entry of doc.decisions) addToFeed(entry);
     setStatus("live", "live");
   });
@@ -141,7 +145,7 @@ function renderStats(stats) {
 
 function bars(reply, decided) {
   // The feed says whether a reply dissented; POST /v1/classify's answer leaves it to us.
-  const dissent = reply.dissent ?? reply.topk[0][0] !== decided;
+  const dissent = reply.dissent ?? (reply.topk.length > 0 && reply.topk[0][0] !== decided);
   const weight = reply.weight === undefined ? "" : ` · weight ${fmt(reply.weight, 2)}`;
   return el("div", { class: `reply${dissent ? " dissent" : ""}`, "data-peer": reply.peer },
     el("div", { class: "who" },
