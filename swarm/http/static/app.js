@@ -97,7 +97,10 @@ function peerRow(p, gone) {
     el("td", { class: "num", text: p.self ? "local" : p.latency_ms === null ? "–" : `${fmt(p.latency_ms)} ms` }),
     el("td", { class: "num", text: p.reputation === null ? "new" : fmt(p.reputation, 3), title: `${p.observations} answers on record` }),
     el("td", { class: "num", text: fmt(p.weight, 2) }),
-    el("td", {}, el("code", { text: p.address })),
+    // Every peer serves this page too (unless run with --ui off): its view of the swarm.
+    el("td", {}, p.role === "peer" && !p.self && !gone
+      ? el("a", { href: `http://${p.address}/`, title: "this peer's own page" }, el("code", { text: p.address }))
+      : el("code", { text: p.address })),
     el("td", { title: p.family || "not this peer's family" }, el("code", { text: p.family ? short(p.family) : "other" })),
   );
 }
