@@ -155,10 +155,20 @@ async def test_page_and_its_files_are_served_with_a_strict_policy(make_page: Fac
     assert "default-src 'none'" in policy
     assert "connect-src 'self'" in policy
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert "http" not in html
+    texts = {}
     for path, kind in (("/ui/app.js", "text/javascript"), ("/ui/style.css", "text/css")):
         asset = await page.client.get(path)
         assert (asset.status, asset.content_type) == (200, kind)
-        assert "http://" not in await asset.text()  # nothing fetched from elsewhere
+        texts[path] = await asset.text()
+    assert "http" not in texts["/ui/style.css"]
+    # The script talks to this peer only; its one absolute URL is a link to another
+    # peer's page, followed only when the viewer clicks it.
+    script = texts["/ui/app.js"]
+    assert 'new EventSource("/ui/events")' in script
+    assert 'fetch("/v1/classify"' in script
+    assert script.count("http://") == 1
+    assert "href: `http://${p.address}/`" in script
     for path in ("/ui/index.html", "/ui/../api.py", "/ui/page.py", "/static/app.js"):
         assert (await page.client.get(path)).status == 404
 
