@@ -29,6 +29,7 @@ PAGE_TICK_S: Final = 1.0  # how often a live view gets the peer table and number
 SUSPECTED: Final = "suspected"  # failed config.Timings.suspect_after_failures calls in a row
 EXCLUDED: Final = "excluded"  # its reputation weight is 0: its ballots count for nothing
 BACKING_OFF: Final = "backing off"  # a call failed lately; not asked until its backoff ends
+FAILING: Final = "failing"  # its last calls failed; asked again, suspected if the next fail too
 HEALTHY: Final = "healthy"
 REQUESTER: Final = "requester"  # announces no model; only asks
 
@@ -66,7 +67,7 @@ def self_view(src: PageSources) -> dict[str, Any]:
 
 
 def peer_state(record: PeerRecord, weight: float, now: float) -> str:
-    """One of SUSPECTED, EXCLUDED, BACKING_OFF, HEALTHY, REQUESTER."""
+    """One of SUSPECTED, EXCLUDED, BACKING_OFF, FAILING, HEALTHY, REQUESTER."""
     if record.role != "peer":
         return REQUESTER
     if record.suspected:
@@ -75,6 +76,8 @@ def peer_state(record: PeerRecord, weight: float, now: float) -> str:
         return EXCLUDED
     if not record.usable(now):
         return BACKING_OFF
+    if record.failures:
+        return FAILING
     return HEALTHY
 
 

@@ -189,17 +189,20 @@ async def test_state_shows_each_peer_as_this_peer_sees_it(
     make_page: Factory, tiny_manifest: Manifest
 ) -> None:
     """Each peer's variant, family, address, measured latency, reputation and state:
-    healthy, backing off, suspected, excluded; a requester; a peer of another family."""
+    healthy, backing off, failing, suspected, excluded; a requester; a peer of another
+    family."""
     page = await make_page()
     t1, t2, t3 = (tiny_manifest.get(n).sha256 for n in ("T1", "T2", "T3"))
     healthy = offer(page.table, "T2", t2)
     backing = offer(page.table, "T3", t3)
     suspected = offer(page.table, "T1", t1)
     excluded = offer(page.table, "T2", t2)
+    failing = offer(page.table, "T3", t3)
     stranger = offer(page.table, "X9", "ef" * 32)
     asker = offer(page.table, "", "", role="requester")
     now = time.monotonic()
     page.table.report_failure(backing, now)
+    page.table.report_failure(failing, now - 3600)  # its backoff is over: asked again
     for _ in range(3):
         page.table.report_failure(suspected, now)
     for _ in range(40):
@@ -214,6 +217,7 @@ async def test_state_shows_each_peer_as_this_peer_sees_it(
     assert {k: peers[k]["state"] for k in peers} == {
         healthy: "healthy",
         backing: "backing off",
+        failing: "failing",
         suspected: "suspected",
         excluded: "excluded",
         stranger: "healthy",

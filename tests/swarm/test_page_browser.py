@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sim.screenshots import CHROMIUM, CHROMIUM_ARGS
 from tests.swarm.procs import (
     PeerProcess,
     ProcessGroup,
@@ -36,16 +37,6 @@ from tests.swarm.procs import (
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DISCOVERY_S = 30.0
 UI_TIMEOUT_MS = 15_000  # a page element appearing: seconds at most on a busy 2-core box
 DESKTOP = {"width": 1280, "height": 900}
@@ -71,7 +62,9 @@ def browser() -> Iterator[Any]:
     if shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
     with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=list(CHROMIUM_ARGS)
+        )
         yield chromium
         chromium.close()
 
