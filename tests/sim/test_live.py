@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from aiohttp import web
 
 from sim.live import LiveRun, LiveServer
 from sim.procs import Cluster, Proc, SimError
+from sim.screenshots import CHROMIUM, CHROMIUM_ARGS
 from tests.sim.conftest import assert_nothing_left
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,3 +181,63 @@ async def test_an_agent_turning_faulty_is_an_event(tmp_path: Path) -> None:
         assert procs["p1"]["mode"]["attack"] == "collude"
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.slow
+def test_live_page_in_a_browser_shows_the_run(tmp_path: Path) -> None:
+    """The live page of ``sim.run crash --serve 0`` in headless Chromium: no console error,
+    every process listed, the kills on the event list and the chart, the report linked
+    once the run is over."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright missing")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (make test does)")
+    err = (tmp_path / "sim.err").open("w+")
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "sim.run", "crash", "--loopback", "--no-progress"),
+            *("--serve", "0", "--images", "20", "--out", str(tmp_path / "run")),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
+    try:
+        url = ""
+        for _ in range(300):
+            err.seek(0)
+            first = err.readline()
+            if first.startswith("live: "):
+                url = first.split()[1]
+                break
+            assert proc.poll() is None, err.read()
+            time.sleep(0.1)
+        assert url, "sim.run did not print the page's address"
+        problems: list[str] = []
+        with playwright_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=list(CHROMIUM_ARGS)
+            )
+            page = browser.new_page()
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.set_default_timeout(240_000)
+            page.goto(url)
+            page.wait_for_selector("#report a[href='/run/report.html']")
+            assert page.locator("#status").inner_text() == "finished"
+            names = page.locator("#procs tr td:first-child").all_inner_texts()
+            assert {"p0", "p1", "driver"} <= set(names)
+            events = page.locator("#events li").all_inner_texts()
+            assert any(": kill" in e for e in events), events
+            assert page.locator("#chart polyline.line").count() == 1
+            assert page.locator("#chart line.fault").count() >= 2
+            assert "NaN" not in page.locator("#chart").inner_html()
+            browser.close()
+        assert problems == []
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) in (0, 1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
+    assert_nothing_left(tmp_path / "run")
