@@ -1,12 +1,15 @@
-# Two entry points, each doing its own set-up on a fresh machine:
+# Entry points, each doing its own set-up on a fresh machine:
 #   make demo   a local swarm of six peers classifying held-out images, ending in a table
+#   make view   a local swarm with its live page, until Ctrl-C (installs no PyTorch)
 #   make test   the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-stamp
+VIEW_STAMP := $(VENV)/.runtime-stamp
+CHROMIUM := /usr/bin/chromium
 DATA   := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-.PHONY: demo test evaluate setup debian-packages lint clean
+.PHONY: demo view test evaluate setup debian-packages browser lint clean
 
 setup: $(STAMP) debian-packages
 
@@ -23,6 +26,26 @@ debian-packages:
 	  exit 1; \
 	fi
 
+# Debian's chromium, for the page's browser test (Playwright drives it; it never
+# downloads a browser of its own). Installed only when missing.
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian package: chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium >/dev/null; \
+	else \
+	  echo "error: missing Debian package; run: sudo apt-get install chromium" >&2; \
+	  exit 1; \
+	fi
+
+# The runtime alone (no extras: no PyTorch), for make view; a full install covers it.
+$(VIEW_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e .
+	touch $(VIEW_STAMP)
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
@@ -32,7 +55,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/python -m sim.demo
 
-test: setup
+view: $(VIEW_STAMP) debian-packages
+	$(VENV)/bin/python -m sim.view
+
+test: setup browser
 	$(VENV)/bin/python -m pytest -q
 
 evaluate: setup

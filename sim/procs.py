@@ -19,7 +19,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -34,6 +34,8 @@ LOOPBACK: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 60.0  # onnxruntime import and mDNS probing, on a slow box
 STOP_TIMEOUT_S: Final = 10.0
 STATE_FILE: Final = "state.json"
+# Told of every fault the cluster applies and every result the driver reports (sim.live).
+Observer = Callable[[dict[str, Any]], None]
 
 
 class SimError(RuntimeError):
@@ -78,10 +80,18 @@ class Proc:
 class Cluster:
     """A swarm of processes on one machine; an async context manager that cleans up."""
 
-    def __init__(self, out: Path, *, use_netns: bool, swarm: str | None = None) -> None:
+    def __init__(
+        self,
+        out: Path,
+        *,
+        use_netns: bool,
+        swarm: str | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.out = out
         self.use_netns = use_netns
         self.swarm = swarm or f"sim{secrets.token_hex(3)}"
+        self.observer = observer
         self.lab: netns.Lab | None = None
         self.procs: dict[str, Proc] = {}
         self._closed = False
@@ -187,7 +197,7 @@ class Cluster:
         proc = Proc(name, "driver", argv, ip, host, data_dir, self.out / "logs" / f"{name}.log")
         self.procs[name] = proc
         await self.start(proc)
-        return Driver(proc)
+        return Driver(proc, self.observer)
 
     async def start(self, proc: Proc) -> None:
         """(Re)start ``proc`` and wait for its first JSON line ("ready" or "started")."""
@@ -227,6 +237,8 @@ class Cluster:
             os.kill(proc.pid, sig)
         proc.paused = sig == signal.SIGSTOP
         log.info("sim_signal", name=name, signal=sig.name)
+        actions = {signal.SIGKILL: "kill", signal.SIGSTOP: "pause", signal.SIGCONT: "resume"}
+        self._observe(actions.get(sig, sig.name), name)
 
     async def kill(self, name: str) -> None:
         """SIGKILL: a crash, no goodbye on mDNS."""
@@ -240,12 +252,14 @@ class Cluster:
         """SIGTERM: a clean leave (goodbye on mDNS), SIGKILL if it lingers."""
         await self._stop(self.procs[name])
         self.write_state()
+        self._observe("leave", name)
 
     async def restart(self, name: str) -> Proc:
         proc = self.procs[name]
         if proc.alive:
             await self._stop(proc)
         await self.start(proc)
+        self._observe("restart", name)
         return proc
 
     def partition(self, groups: Sequence[Sequence[str]]) -> None:
@@ -253,11 +267,17 @@ class Cluster:
             raise SimError("partitions need network namespaces (run as root)")
         self.lab.partition(groups)
         log.info("sim_partition", groups=[list(g) for g in groups])
+        self._observe("partition", " | ".join(",".join(g) for g in groups))
 
     def heal(self) -> None:
         if self.lab is not None:
             self.lab.heal()
             log.info("sim_heal")
+            self._observe("heal", "")
+
+    def _observe(self, action: str, target: str) -> None:
+        if self.observer is not None:
+            self.observer({"kind": "fault", "action": action, "peer": target, "t": time.time()})
 
     # --- stopping ---
 
@@ -337,8 +357,9 @@ class Cluster:
 class Driver:
     """The JSON-line conversation with ``python -m sim.driver``."""
 
-    def __init__(self, proc: Proc) -> None:
+    def __init__(self, proc: Proc, observer: Observer | None = None) -> None:
         self.proc = proc
+        self.observer = observer
 
     async def send(self, cmd: dict[str, Any]) -> None:
         process = self.proc.process
@@ -362,6 +383,8 @@ class Driver:
                     raise SimError(f"driver: {event.get('error')}")
                 if event.get("event") == "done":
                     return
+                if self.observer is not None and event.get("event") in ("result", "gather"):
+                    self.observer({**event, "kind": "result"})
                 yield event
                 if event.get("event") == "ready":
                     return

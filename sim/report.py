@@ -1,4 +1,5 @@
-"""Writing a run's report: ``report.json`` (what other tools read), ``report.md``, PNG plots."""
+"""Writing a run's report: ``report.json`` (what other tools read), ``report.md``, PNG plots,
+and ``report.html`` (``sim.pages``: the report and its plots as one page)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from sim import pages
 from sim.runners.common import Report
 
 _COLUMNS: Final = (
@@ -87,6 +89,7 @@ def write(report: Report, out: Path) -> list[Path]:
     (out / "report.md").write_text("\n".join(md))
     files = [out / "report.json", out / "report.md"]
     files += _plots(report, out)
+    files.append(pages.write_page(out))  # report.md and the plots as one page
     return files
 
 

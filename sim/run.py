@@ -25,6 +25,7 @@ from typing import Any, Final
 import structlog
 
 from sim import netns, report
+from sim.live import LiveRun, LiveServer
 from sim.procs import Cluster, SimError
 from sim.runners import byzantine, churn, crash, paper, partition, straggler
 from sim.runners.common import Report
@@ -60,9 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loopback", action="store_true", help="run everything on 127.0.0.1 even as root"
     )
+    p.add_argument(
+        "--serve",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="show the run live at http://127.0.0.1:PORT/ (0: any free port), and keep the "
+        "page up after the run, with its report, until Ctrl-C",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--log-level", default="warning")
     return p
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port in 0..65535")
+    return int(text)
 
 
 def resolve(args: argparse.Namespace) -> Scenario:
@@ -88,21 +103,28 @@ async def run(
     *,
     use_netns: bool,
     progress: bool = True,
+    live: LiveRun | None = None,
 ) -> Report:
-    """Run ``scenario`` on a fresh cluster, always cleaning up; write the report."""
+    """Run ``scenario`` on a fresh cluster, always cleaning up; write the report (and tell
+    ``live`` what happens, for its page)."""
     bar = None
     if progress:
         from tqdm import tqdm  # noqa: PLC0415  # the sim extra's; only with a progress bar
 
         bar = tqdm(total=scenario.images, desc=scenario.name, unit="req", file=sys.stderr)
     try:
-        async with Cluster(out, use_netns=use_netns) as cluster:
+        observer = None if live is None else live.observe
+        async with Cluster(out, use_netns=use_netns, observer=observer) as cluster:
+            if live is not None:
+                live.cluster = cluster
             result = await RUNNERS[scenario.kind](cluster, scenario, bar)
     finally:
         if bar is not None:
             bar.close()
     result.extra.setdefault("network", "netns" if use_netns else "loopback")
     report.write(result, out)
+    if live is not None:
+        live.finish()
     return result
 
 
@@ -112,9 +134,26 @@ async def _main_async(scenario: Scenario, out: Path, args: argparse.Namespace) -
     assert task is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    return await run(
-        scenario, out, use_netns=use_namespaces(args.loopback), progress=not args.no_progress
-    )
+    use_netns = use_namespaces(args.loopback)
+    if args.serve is None:
+        return await run(scenario, out, use_netns=use_netns, progress=not args.no_progress)
+    live = LiveRun(scenario.name, out)
+    async with LiveServer(live, args.serve) as server:
+        sys.stderr.write(f"live: {server.url}\n")
+        sys.stderr.flush()
+        result = await run(
+            scenario, out, use_netns=use_netns, progress=not args.no_progress, live=live
+        )
+        sys.stderr.write(
+            f"the run is over; its page stays at {server.url} (report: "
+            f"{server.url}run/report.html) until Ctrl-C\n"
+        )
+        sys.stderr.flush()
+        stop = asyncio.Event()  # from here a signal ends the page, not a run
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,4 +61,19 @@ class InferenceError(SwarmError):
 
 
 class NoDecisionError(SwarmError):
-    """A classify call could not reach a decision (no peers, quorum not met, deadline)."""
+    """A classify call could not reach a decision (no peers, quorum not met, deadline).
+
+    ``rejected`` ((peer id, reason token) pairs) and ``missing`` (peer ids) say what became
+    of the peers asked, when any were, so a caller can report them beside the message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        rejected: tuple[tuple[str, str], ...] = (),
+        missing: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+        self.missing = missing

@@ -4,12 +4,16 @@ It joins the swarm as a requester: it browses mDNS for the swarm's peers and doe
 announce itself (a requester serves nothing; registering would add the seconds of
 RFC 6762 probing to every run and publish a port nobody listens on). It waits up to
 ``--wait`` seconds until ``--wait-peers`` variants are served (by default every variant
-asked), then classifies each image in turn, with a table on stdout or, with ``--json``,
-one JSON object per image per line. Logs go to stderr.
+asked), then classifies each image in turn, with a table on stdout (the last column
+names the peers whose top-1 dissented from the decision) or, with ``--json``, one JSON
+object per image per line, in the order given: the decision, or for an image that got
+none (unreadable, no peers, quorum not met, nothing valid before the deadline)
+``{"image", "error", "rejected", "missing"}``, so a script never loses an image. Logs
+go to stderr.
 
-Exit status: 0 when every image was classified; 1 when some image got no decision (no
-peers found, quorum not met, nothing valid before the deadline), with one line per
-failure on stderr; 2 for a bad flag, file or setting; 130 when interrupted.
+Exit status: 0 when every image was classified; 1 when some image got no decision or
+could not be read, with one line per failure on stderr; 2 for a bad flag or setting, or
+when no image can be read; 130 when interrupted.
 
 Without ``--data-dir`` the requester uses a fresh key for this run and keeps no
 reputation; with it, the key and the reputation book (``reputation.json``, the file a
@@ -25,7 +29,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, NoReturn, TextIO
+from typing import Any, Final, NoReturn, TextIO
 
 from swarm import aio, config
 from swarm.cli import args as cliargs
@@ -34,7 +38,13 @@ from swarm.crypto.identity import Identity, TrustStore
 from swarm.decision import voting
 from swarm.decision.reputation import ReputationBook
 from swarm.discovery.mdns import ALL_INTERFACES, Discovery, PeerTable
-from swarm.errors import ConfigError, DiscoveryTimeoutError, NoDecisionError, SwarmError
+from swarm.errors import (
+    ConfigError,
+    DecodeError,
+    DiscoveryTimeoutError,
+    NoDecisionError,
+    SwarmError,
+)
 from swarm.inference.imaging import PixelArray, load_image_file
 from swarm.inference.manifest import Manifest, load_manifest
 from swarm.log import configure_logging, get_logger
@@ -49,6 +59,7 @@ DEFAULT_WAIT_S: Final = 5.0
 EXIT_NO_DECISION: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
+PEER_CHARS: Final = 8  # a peer id in the table: enough to tell the peers of a swarm apart
 
 
 class _Parser(argparse.ArgumentParser):
@@ -183,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 class _Setup:
     manifest: Manifest
     policy: Policy
-    images: tuple[tuple[str, PixelArray], ...]
+    # (name, pixels) of each image, or (name, why it cannot be read), in the order given
+    images: tuple[tuple[str, PixelArray | str], ...]
     identity: Identity
     trust: TrustStore
     reputation: ReputationBook
@@ -214,7 +226,7 @@ def _prepare(args: argparse.Namespace) -> _Setup:
     wait_peers = len(names) if args.wait_peers is None else args.wait_peers
     if wait_peers > len(names):
         raise ConfigError(f"--wait-peers {wait_peers} exceeds the {len(names)} variants asked")
-    images = tuple((str(path), load_image_file(path)) for path in args.images)
+    images = tuple((str(path), _read_image(path)) for path in args.images)
     trust = TrustStore.open() if args.trust is None else TrustStore.from_file(args.trust)
     if args.data_dir is None:
         identity, reputation, path = Identity.generate(), ReputationBook(), None
@@ -223,6 +235,15 @@ def _prepare(args: argparse.Namespace) -> _Setup:
         path = args.data_dir / REPUTATION_FILE
         reputation = ReputationBook.load(path, half_life_s=DEFAULT_TIMINGS.reputation_half_life_s)
     return _Setup(manifest, policy, images, identity, trust, reputation, path, wait_peers)
+
+
+def _read_image(path: Path) -> PixelArray | str:
+    """The input tensor of ``path``, or why it cannot be read (a message for the user)."""
+    try:
+        return load_image_file(path)
+    except (ConfigError, DecodeError) as exc:
+        message = str(exc)
+        return message if str(path) in message else f"{path}: {message}"
 
 
 async def _run(args: argparse.Namespace, setup: _Setup, out: TextIO) -> int:
@@ -248,27 +269,35 @@ async def _run(args: argparse.Namespace, setup: _Setup, out: TextIO) -> int:
         def enough(_: PeerTable) -> bool:
             return len(requester.available_variants(setup.policy)) >= setup.wait_peers
 
-        try:
-            await table.wait_for(enough, timeout=args.wait)
-        except DiscoveryTimeoutError:
-            found = sorted(requester.available_variants(setup.policy))
-            if not found:
-                where = "all interfaces" if args.interface is None else ", ".join(args.interface)
-                _fail(
-                    f"no peers found: no peer of swarm {args.swarm!r} serving the variants "
-                    f"asked answered on mDNS ({where}) within {args.wait:g} s; "
-                    f"{len(table.candidates())} other peer(s) seen"
-                )
-                return EXIT_NO_DECISION
-            log.warning("wait_peers_not_met", found=found, wanted=setup.wait_peers)
         printer = _Printer(
             out,
             json_lines=args.json,
             names=[n for n, _ in setup.images],
             classes=setup.manifest.class_names,
         )
+        try:
+            await table.wait_for(enough, timeout=args.wait)
+        except DiscoveryTimeoutError:
+            found = sorted(requester.available_variants(setup.policy))
+            if not found:
+                where = "all interfaces" if args.interface is None else ", ".join(args.interface)
+                message = (
+                    f"no peers found: no peer of swarm {args.swarm!r} serving the variants "
+                    f"asked answered on mDNS ({where}) within {args.wait:g} s; "
+                    f"{len(table.candidates())} other peer(s) seen"
+                )
+                for name, _ in setup.images:
+                    printer.error(name, message)
+                _fail(message)
+                return EXIT_NO_DECISION
+            log.warning("wait_peers_not_met", found=found, wanted=setup.wait_peers)
         status = 0
         for name, tensor in setup.images:
+            if isinstance(tensor, str):
+                printer.error(name, tensor)
+                _fail(tensor)
+                status = EXIT_NO_DECISION
+                continue
             try:
                 result = await requester.classify(
                     tensor,
@@ -279,6 +308,7 @@ async def _run(args: argparse.Namespace, setup: _Setup, out: TextIO) -> int:
                     quorum=args.quorum,
                 )
             except NoDecisionError as exc:
+                printer.error(name, f"no decision: {exc}", exc.rejected, exc.missing)
                 _fail(f"{name}: no decision: {exc}")
                 status = EXIT_NO_DECISION
                 continue
@@ -287,7 +317,8 @@ async def _run(args: argparse.Namespace, setup: _Setup, out: TextIO) -> int:
 
 
 class _Printer:
-    """Results on stdout: an aligned table for people, or JSON lines for machines."""
+    """Results on stdout: an aligned table for people, or JSON lines for machines (an
+    error line too for each image without a decision)."""
 
     # (title, width) of the right-aligned columns after IMAGE and CLASS.
     COLUMNS: Final = (
@@ -307,6 +338,7 @@ class _Printer:
         self._json = json_lines
         self._image_width = max(len("IMAGE"), *(len(n) for n in names))
         self._class_width = max(len("CLASS"), *(len(c) for c in classes))
+        self._classes = tuple(classes)
         self._header_done = False
 
     def row(self, name: str, result: ClassifyResult) -> None:
@@ -326,13 +358,44 @@ class _Printer:
                     f"{result.latency_ms:.1f} ms",
                     *(str(len(c)) for c in counts),
                 ],
+                dissent=self._dissent(result),
             )
         self._out.flush()
 
-    def _line(self, image: str, label: str, cells: Sequence[str]) -> None:
+    def error(
+        self,
+        name: str,
+        message: str,
+        rejected: Sequence[tuple[str, str]] = (),
+        missing: Sequence[str] = (),
+    ) -> None:
+        """An image without a decision: a JSON line (the table leaves it to stderr)."""
+        if not self._json:
+            return
+        doc: dict[str, Any] = {
+            "image": name,
+            "error": message,
+            "rejected": [{"peer": peer, "reason": reason} for peer, reason in rejected],
+            "missing": list(missing),
+        }
+        self._out.write(json.dumps(doc) + "\n")
+        self._out.flush()
+
+    def _line(self, image: str, label: str, cells: Sequence[str], dissent: str = "DISSENT") -> None:
         parts = [f"{image:<{self._image_width}}", f"{label:<{self._class_width}}"]
         parts += [f"{cell:>{width}}" for cell, (_, width) in zip(cells, self.COLUMNS, strict=True)]
+        parts.append(dissent)
         self._out.write("  ".join(parts) + "\n")
+
+    def _dissent(self, result: ClassifyResult) -> str:
+        """The replies whose top-1 is not the decision, ``VARIANT:PEER=CLASS``; or ``-``."""
+        out = []
+        for reply in result.replies:
+            top = voting.top_class(reply.topk)
+            if top != result.label:
+                name = self._classes[top] if 0 <= top < len(self._classes) else str(top)
+                out.append(f"{reply.variant}:{reply.peer[:PEER_CHARS]}={name}")
+        return ", ".join(out) or "-"
 
 
 def _save_reputation(book: ReputationBook, path: Path) -> None:
@@ -355,6 +418,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = _prepare(args)
     except SwarmError as exc:
         _fail(str(exc))
+        return EXIT_USAGE
+    if all(isinstance(tensor, str) for _, tensor in setup.images):
+        # Nothing to classify: a usage error, reported image by image before any socket.
+        printer = _Printer(
+            sys.stdout,
+            json_lines=args.json,
+            names=[n for n, _ in setup.images],
+            classes=setup.manifest.class_names,
+        )
+        for name, why in setup.images:
+            printer.error(name, str(why))
+            _fail(str(why))
         return EXIT_USAGE
     try:
         return aio.run(_run(args, setup, sys.stdout))

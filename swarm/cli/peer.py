@@ -36,12 +36,14 @@ from swarm.discovery.mdns import ALL_INTERFACES, Announcement, Discovery, PeerTa
 from swarm.errors import ConfigError, SwarmError
 from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
+from swarm.http.view import PageSources
 from swarm.inference import autoselect
 from swarm.inference.engine import Engine, Manifest, ModelSpec, load_manifest
 from swarm.link.answer import Answerer
 from swarm.link.websocket import LinkServer
 from swarm.log import bind_peer, configure_logging, get_logger
 from swarm.metrics import Metrics
+from swarm.requester.events import DecisionFeed, RecordedClassifier
 from swarm.requester.requester import LocalInfer, Requester
 
 log = get_logger("swarm.peer")  # not "__main__" when run with -m
@@ -153,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         dest="batching",
         action="store_false",
         help="run every input alone (for comparison; batching is on by default)",
+    )
+    p.add_argument(
+        "--ui",
+        choices=("on", "off"),
+        default="on",
+        help="on: serve the live page of this peer and its swarm at GET / (default); off: "
+        "no page (404)",
     )
     p.add_argument("--log-format", choices=("json", "console"), default="console")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -321,6 +330,21 @@ async def _serve(
             input_shape=config.INPUT_SHAPE,
         )
         links = LinkServer.build(identity, answerer, trust=trust, timings=timings, metrics=metrics)
+        page = None
+        if args.ui == "on":  # the page's feed records every call of this requester
+            feed = DecisionFeed()
+            page = PageSources(
+                peer_id=identity.peer_id,
+                public_key=identity.public_key_b64,
+                swarm=args.swarm,
+                manifest=manifest,
+                spec=spec,
+                table=table,
+                reputation=reputation,
+                metrics=metrics,
+                feed=feed,
+                latency_ms=requester.latency_ms,
+            )
         ctx = ServerContext(
             identity=identity,
             swarm=args.swarm,
@@ -329,8 +353,9 @@ async def _serve(
             manifest=manifest,
             table=table,
             metrics=metrics,
-            classifier=requester,
+            classifier=requester if page is None else RecordedClassifier(requester, page.feed),
             timings=timings,
+            page=page,
         )
         http = await stack.enter_async_context(
             HttpServer(
@@ -357,6 +382,7 @@ async def _serve(
                 "interfaces": interfaces or ["all"],
                 "protocol": PROTOCOL_VERSION,
                 "pid": os.getpid(),
+                "ui": page is not None,
             }
         )
         log.info("peer_ready", variant=spec.name, port=http.port, swarm=args.swarm)

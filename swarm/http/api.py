@@ -37,6 +37,8 @@ from swarm.errors import (
     MessageTooLargeError,
     NoDecisionError,
 )
+from swarm.http.page import add_page_routes
+from swarm.http.view import PageSources
 from swarm.inference.imaging import PixelArray, decode_image_async
 from swarm.inference.manifest import Manifest
 from swarm.link.websocket import LinkServer
@@ -109,6 +111,7 @@ class ServerContext:
     classifier: Classifier | None = None
     timings: config.Timings = config.DEFAULT_TIMINGS
     max_classify_in_flight: int = config.MAX_CLASSIFY_IN_FLIGHT
+    page: PageSources | None = None  # the page at GET / (swarm.http.page); None: no page
 
 
 class _HttpFailure(Exception):
@@ -404,4 +407,6 @@ def create_app(ctx: ServerContext) -> web.Application:
     app.router.add_get("/v1/info", routes.info)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/metrics", routes.metrics)
+    if ctx.page is not None:
+        add_page_routes(app, ctx.page)
     return app

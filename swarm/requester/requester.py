@@ -600,7 +600,11 @@ def _check_quorum(call: FanOut, budget_ms: int) -> None:
         )
         message = f"{what} from {call.asked} peers within {budget_ms} ms: {call.summary()}"
         log.warning("classify_no_decision", reason=message)
-        raise NoDecisionError(message)
+        raise NoDecisionError(
+            message,
+            rejected=tuple((r.peer, r.reason) for r in call.rejected),
+            missing=tuple(call.missing),
+        )
 
 
 def _copy_error(exc: SwarmError) -> SwarmError:

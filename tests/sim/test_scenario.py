@@ -144,5 +144,6 @@ def test_report_writes_json_markdown_and_plot(tmp_path: Path) -> None:
         targets=[{"target": "t", "ok": True, "detail": "d"}],
     )
     files = report.write(rep, tmp_path)
-    assert {f.name for f in files} == {"report.json", "report.md", "byzantine.png"}
+    assert {f.name for f in files} == {"report.json", "report.md", "byzantine.png", "report.html"}
     assert "PASS: t" in (tmp_path / "report.md").read_text()
+    assert '<img src="byzantine.png"' in (tmp_path / "report.html").read_text()

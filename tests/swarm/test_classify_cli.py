@@ -10,6 +10,7 @@ are real link servers on 127.0.0.1 (a fixed answer instead of a model) registere
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from swarm import config
-from swarm.cli.classify import main
+from swarm.cli.classify import _Printer, main
 from swarm.config import Timings
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.discovery.mdns import Announcement, Discovery, PeerTable
@@ -34,6 +35,8 @@ from swarm.link.answer import Answerer
 from swarm.link.websocket import LinkServer
 from swarm.log import reset_logging
 from swarm.metrics import Metrics
+from swarm.requester.requester import ClassifyResult, Rejection, ReplyInfo
+from tests.swarm.conftest import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = ["127.0.0.1"]
@@ -129,8 +132,6 @@ def test_no_image_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["MISSING"], "does not exist"),
-        (["GARBAGE"], "unsupported input"),
         (["--variants", "T1,V9"], "no model named 'V9'"),
         (["--variants", ","], "--variants needs 'all' or a comma-separated list"),
         (["--wait-peers", "4"], "--wait-peers 4 exceeds the 3 variants asked"),
@@ -144,10 +145,8 @@ def test_bad_file_or_setting_exits_2(
     tiny_manifest: Manifest,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A bad image, variant name or allow-list: exit 2 before touching the network."""
-    garbage = image.parent / "garbage.png"
-    garbage.write_bytes(b"hello, not an image")
-    names = {"MISSING": str(image.parent / "nope.png"), "GARBAGE": str(garbage)}
+    """A bad variant name, count or allow-list: exit 2 before touching the network."""
+    names = {"MISSING": str(image.parent / "nope.png")}
     argv = [names.get(a, a) for a in extra]
     code = main([str(image), *argv, "--manifest", str(tiny_manifest.path)])
     assert code == 2
@@ -155,6 +154,75 @@ def test_bad_file_or_setting_exits_2(
     assert err.startswith(PROG)
     assert message in err
     assert err.count("\n") == 1
+
+
+def test_no_readable_image_exits_2_with_a_line_per_image(
+    tmp_path: Path, tiny_manifest: Manifest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only unreadable images: exit 2 before the network; with --json one error line per
+    image on stdout, in the order given, and one line per image on stderr."""
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"hello, not an image")
+    missing = tmp_path / "nope.png"
+    code = main([str(missing), str(garbage), "--json", "--manifest", str(tiny_manifest.path)])
+    assert code == 2
+    captured = capsys.readouterr()
+    docs = [json.loads(line) for line in captured.out.splitlines()]
+    assert [d["image"] for d in docs] == [str(missing), str(garbage)]
+    assert "does not exist" in docs[0]["error"]
+    assert "unsupported input" in docs[1]["error"]
+    assert all(d["rejected"] == [] and d["missing"] == [] for d in docs)
+    lines = captured.err.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith(PROG) for line in lines)
+    assert "does not exist" in lines[0]
+    assert str(garbage) in lines[1]
+
+
+def _result(label: int, *tops: int) -> ClassifyResult:
+    replies = tuple(
+        ReplyInfo(f"{i:02d}" + "ab" * 9, f"T{i}", ((top, 0.8), (9, 0.1)), 3.0, 0.9)
+        for i, top in enumerate(tops, start=1)
+    )
+    return ClassifyResult(
+        label=label,
+        class_name=CLASS_NAMES[label],
+        confidence=0.7,
+        certified_f=1,
+        rule="robust",
+        latency_ms=12.5,
+        replies=replies,
+        rejected=(Rejection("03" + "cd" * 9, "bad_signature"),),
+        missing=(),
+    )
+
+
+def test_table_names_the_peers_that_dissented() -> None:
+    """The table's last column lists each reply whose top-1 is not the decision, as
+    VARIANT:PEER=CLASS, and '-' when all agreed."""
+    out = io.StringIO()
+    printer = _Printer(out, json_lines=False, names=["a.png", "b.png"], classes=CLASS_NAMES)
+    printer.row("a.png", _result(1, 1, 1, 4))
+    printer.row("b.png", _result(1, 1, 1))
+    header, dissent, agreed = out.getvalue().splitlines()
+    assert header.split()[-1] == "DISSENT"
+    assert dissent.endswith("  T3:03ababab=Coat")
+    assert agreed.endswith("  -")
+    assert dissent.index("Trouser") == header.index("CLASS")
+
+
+def test_json_error_line_carries_rejected_and_missing_peers() -> None:
+    """A call without a decision is a JSON line with the image, the error, and what became
+    of the peers asked."""
+    out = io.StringIO()
+    printer = _Printer(out, json_lines=True, names=["a.png"], classes=CLASS_NAMES)
+    printer.error("a.png", "no decision: quorum not met", [("p1", "bad_signature")], ["p2"])
+    assert json.loads(out.getvalue()) == {
+        "image": "a.png",
+        "error": "no decision: quorum not met",
+        "rejected": [{"peer": "p1", "reason": "bad_signature"}],
+        "missing": ["p2"],
+    }
 
 
 def test_missing_manifest_exits_2(
@@ -185,7 +253,7 @@ def test_no_peers_exits_1_within_wait(
     )
     elapsed = time.monotonic() - started
     assert done.returncode == 1, done.stderr
-    assert done.stdout == ""
+    assert done.stdout == ""  # the table's failures go to stderr only
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith(f"{PROG}no peers found: no peer of swarm '{swarm_name}'")
@@ -245,14 +313,28 @@ async def test_classifies_with_peers_found_on_mdns(
         assert {r["variant"] for r in doc["replies"]} <= {"T1", "T2", "T3"}
         assert doc["rejected"] == doc["missing"] == []
 
+        # An unreadable image among readable ones: its error line, in its place; exit 1.
+        garbage = image.parent / "garbage.png"
+        garbage.write_bytes(b"not an image")
+        out, err, code = await _run(str(garbage), str(image), "--json", *common)
+        assert code == 1, err
+        bad, good = (json.loads(line) for line in out.splitlines())
+        assert bad["image"] == str(garbage)
+        assert "unsupported input" in bad["error"]
+        assert (bad["rejected"], bad["missing"]) == ([], [])
+        assert (good["image"], good["label"]) == (str(image), "Trouser")
+        assert f"{PROG}" in err and str(garbage) in err
+
         out, err, code = await _run(str(image), "--variants", "T2,T3", *common)
         assert code == 0, err
         header, row = out.splitlines()
         assert header.split() == [
             "IMAGE", "CLASS", "CONF", "F", "LATENCY", "REPLIES", "REJECTED", "MISSING", "SKIPPED",
+            "DISSENT",
         ]  # fmt: skip
         assert row.startswith(str(image))
         assert row.index("Trouser") == header.index("CLASS")
+        assert row.endswith("  -")  # every peer said Trouser: nobody dissented
 
 
 async def _run(*args: str) -> tuple[str, str, int]:
