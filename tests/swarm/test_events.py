@@ -157,6 +157,8 @@ def test_subscribers_are_bounded_and_freed() -> None:
 
 
 class FakeRequester:
+    input_shape = (1, 28, 28)
+
     def __init__(self, outcome: ClassifyResult | Exception) -> None:
         self.outcome = outcome
         self.calls: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from swarm.config import Timings
-from swarm.crypto.identity import Identity, TrustStore
+from swarm.crypto.identity import Identity
 from swarm.decision.reputation import ReputationBook
 from swarm.discovery.table import PeerTable
 from swarm.errors import NoDecisionError
@@ -91,7 +91,6 @@ async def make_page(tiny_manifest: Manifest, engine: Engine) -> AsyncIterator[Fa
         ctx = ServerContext(
             identity=identity,
             swarm=SWARM,
-            trust=TrustStore.open(),
             model=engine,
             manifest=tiny_manifest,
             table=table,
@@ -296,7 +295,7 @@ async def test_bad_upload_gets_the_api_error_and_no_entry(make_page: Factory) ->
     assert resp.status == 400
     body = await resp.json()
     assert body["error"] == "malformed_image"
-    assert "PNG, JPEG or .npy" in body["message"]
+    assert ".npy file" in body["message"]
     assert len(page.feed) == 0
     assert page.inner.calls == []
 
@@ -358,7 +357,6 @@ async def test_stopping_the_server_ends_open_streams(
     ctx = ServerContext(
         identity=identity,
         swarm=SWARM,
-        trust=TrustStore.open(),
         model=engine,
         manifest=tiny_manifest,
         table=table,

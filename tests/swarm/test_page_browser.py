@@ -166,7 +166,7 @@ def test_page_shows_the_swarm_classifies_a_drop_and_marks_a_dead_peer(
         page.set_input_files("#file", str(garbage))
         error = page.wait_for_selector("#error:not([hidden])")
         assert "malformed_image" in error.inner_text()
-        assert "PNG, JPEG or .npy" in error.inner_text()
+        assert ".npy file" in error.inner_text()
         assert not [c for c in console if not c.startswith("error: Failed to load resource")]
 
         # A peer dies without a goodbye: the next calls find it missing, and the page
