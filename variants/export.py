@@ -193,14 +193,16 @@ def select(
     }
 
 
-def _latencies(models: dict[str, Any], names: list[str], folder: Path) -> dict[str, float]:
+def _latencies(
+    models: dict[str, Any], names: list[str], folder: Path, runs: int = LATENCY_RUNS
+) -> dict[str, float]:
     """Batch-1, one-thread latency of the named models, all measured in one run
     (latency does not depend on the weights' values)."""
     paths = {}
     for n in names:
         paths[n] = folder / f"{n}.onnx"
         export_onnx(models[n], paths[n])
-    lat = measure_latencies(paths, LATENCY_RUNS)
+    lat = measure_latencies(paths, runs)
     return {n: lat[n]["median_ms"] for n in names}
 
 
@@ -298,7 +300,12 @@ def select_and_export(
     )
     speedups = allowed = target_ms = None
     if timed:
-        lat = _latencies(models, ["reference", *timed], run_dir / "latency")
+        lat = _latencies(
+            models,
+            ["reference", *timed],
+            run_dir / "latency",
+            getattr(args, "latency_runs", LATENCY_RUNS),
+        )
         speedups = {n: lat["reference"] / lat[n] for n in timed}
         print(
             json.dumps(
@@ -382,7 +389,8 @@ def export_family(
     # Latency: every model in one run, as the evaluation measures it, so the ratios
     # against the reference hold on a machine whose speed drifts.
     paths = {e["name"]: out_dir / e["file"] for e in entries}
-    lat = measure_latencies(paths, LATENCY_RUNS)
+    runs = getattr(args, "latency_runs", LATENCY_RUNS)
+    lat = measure_latencies(paths, runs)
     for e in entries:
         e["latency_ms"] = round(lat[e["name"]]["median_ms"], 4)
     manifest = {
@@ -397,7 +405,7 @@ def export_family(
         "models": entries,
         "selection": selection,
         "latency": {
-            "runtime": f"onnxruntime CPU, 1 thread, batch 1, median of {LATENCY_RUNS} runs "
+            "runtime": f"onnxruntime CPU, 1 thread, batch 1, median of {runs} runs "
             "per model, in blocks rotated across models",
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

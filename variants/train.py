@@ -267,6 +267,7 @@ def parser() -> argparse.ArgumentParser:
         help="target device: here (this machine), rpi4 or rpi5 (estimated factors), "
         "or a profile file measured on the device (python -m variants.budget)",
     )
+    p.add_argument("--latency-runs", type=int, default=1000, help="timed runs per model at export")
     p.add_argument("--min-members", type=int, default=5, help="smallest family to select")
     p.add_argument("--max-members", type=int, default=7, help="largest family to select")
     p.add_argument(
