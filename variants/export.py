@@ -298,7 +298,8 @@ def select_and_export(
             and ref_macs / macs[n] >= rules.min_cheapest_gain
         ]
     )
-    speedups = allowed = target_ms = None
+    speedups = target_ms = None
+    allowed: set[str] | None = None if budget_ms is None else set()
     if timed:
         lat = _latencies(
             models,
