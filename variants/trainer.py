@@ -21,7 +21,15 @@ import numpy as np
 from variants.datasets import ImageSet, Splits
 from variants.plans import Recipe, recipe_from_dict
 
-DEVICE_BYTES = 2 << 30  # a split larger than this is read from disk per batch
+DEVICE_BYTES = 2 << 30  # a split larger than this is read from disk per batch ...
+MEMORY_SHARE = 4  # ... and so is one larger than this fraction of the free memory
+
+
+def _free_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def log(event: str, **fields: Any) -> None:
@@ -110,7 +118,8 @@ class DeviceImages:
         self.device = device
         n = images.shape[0] if not limit else min(limit, images.shape[0])
         self.n = int(n)
-        if images.nbytes * self.n / max(1, images.shape[0]) <= DEVICE_BYTES:
+        nbytes = images.nbytes * self.n / max(1, images.shape[0])
+        if nbytes <= min(DEVICE_BYTES, _free_memory() // MEMORY_SHARE):
             self.whole: Any = torch.from_numpy(np.ascontiguousarray(images[: self.n])).to(device)
             self.disk = None
         else:

@@ -132,3 +132,23 @@ def test_selection_keeps_members_within_the_budget() -> None:
     picked = select(finals, probs, labels, macs, 2, 3, None, AUTO_RULES, {"fast", "mid"})
     assert "slow" not in picked["members"]
     assert picked["candidates"]["slow"]["within_budget"] is False
+
+
+@needs_torch
+def test_a_split_too_large_for_memory_is_read_from_disk_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the memory limit, training gathers each batch from the on-disk cache; the
+    batches hold the same pixels as when the split is held whole."""
+    import torch
+
+    from variants import datasets, trainer
+
+    splits = datasets.load(str(write_rgb_folder(tmp_path / "d")), tmp_path / "cache", size=12)
+    whole = trainer.DeviceImages(splits.train.images, "cpu")
+    monkeypatch.setattr(trainer, "DEVICE_BYTES", 0)
+    disk = trainer.DeviceImages(splits.train.images, "cpu")
+    assert whole.whole is not None and disk.whole is None
+    idx = torch.tensor([5, 0, 3, 3, 1])
+    assert torch.equal(disk.take(idx), whole.take(idx))
+    assert torch.equal(torch.cat(list(disk.batches(4))), whole.whole)
