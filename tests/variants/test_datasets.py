@@ -155,3 +155,15 @@ def test_digits_are_split_stratified_and_held_out() -> None:
         for r, lbl in zip(a.test.images, a.test.labels, strict=True)
     )
     assert overlap < 0.02 * len(a.test)
+
+
+def test_a_given_split_without_images_is_refused(tmp_path: Path) -> None:
+    """An empty test/ beside train/ is an error naming it, not an empty evaluation."""
+    for c in range(2):
+        folder = tmp_path / "d" / "train" / f"k{c}"
+        folder.mkdir(parents=True)
+        for i in range(5):
+            class_image(c, 10 * c + i).save(folder / f"{i}.png")
+        (tmp_path / "d" / "test" / f"k{c}").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"test holds no decodable image"):
+        datasets.load(str(tmp_path / "d"), tmp_path / "cache", size=8)

@@ -249,6 +249,12 @@ def load_folder(
     for split, listing in listings.items():
         sets[split], skipped = cached_split(listing, spec, cache_dir, split, progress)
         skipped_all += skipped
+        if not len(sets[split]):
+            where = root if split == "all" else root / split
+            raise DatasetError(
+                f"{where} holds no decodable image ({len(skipped)} could not be decoded); "
+                "add images or remove the folder"
+            )
     if skipped_all:
         _log("data.skipped_images", count=len(skipped_all), first=skipped_all[:5])
         print(
