@@ -1,6 +1,6 @@
-"""Evaluate the shipped ONNX files on the held-out test set (onnxruntime only).
+"""Evaluate a family's ONNX files on its held-out test set (onnxruntime only).
 
-    python -m variants.evaluate [--out DIR] [--manifest PATH] [--runs N]
+    python -m variants.evaluate [--family DIR] [--out DIR] [--runs N]
 
 Reproduces the three results of the Variant Parallelism paper, measured here:
 1. per model: test accuracy, params, MACs, latency (onnxruntime, 1 thread, batch 1,
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from variants import MANIFEST_PATH, data, ensemble, runtime
+from variants import DEFAULT_FAMILY_DIR, datasets, ensemble, runtime
 
 KS = (1, 2, 3)
 
@@ -39,8 +39,11 @@ def measure_latencies(
     measurement makes every model see the same machine state, so the ratios against the
     reference hold on a noisy machine even when the absolute times drift.
     """
-    x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
     sessions = {n: runtime.session(p, threads=1) for n, p in paths.items()}
+    shapes = {runtime.input_shape(s) for s in sessions.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"the models take different inputs {sorted(shapes)}; not one family")
+    x = np.random.default_rng(0).random((1, *shapes.pop()), dtype=np.float32)
     times: dict[str, list[float]] = {n: [] for n in sessions}
     rounds = max(1, runs // block)
     for _ in range(rounds):
@@ -61,7 +64,30 @@ def measure_latencies(
     return out
 
 
-def evaluate(manifest_path: Path, runs: int) -> dict[str, Any]:
+def test_split(manifest: dict[str, Any], data: str | None) -> tuple[datasets.Splits, str]:
+    """The family's dataset, split as at training (``data`` overrides where it lives)."""
+    source = manifest.get("dataset")
+    if not isinstance(source, dict):  # schema 1: Fashion-MNIST
+        source = {"kind": "fashion-mnist"}
+    inp = manifest["input"]
+    if data is not None:
+        source = {**source, "kind": data if data in datasets.NAMED else "folder", "path": data}
+    if source.get("kind") == "folder":
+        splits = datasets.load(
+            str(source["path"]), None, inp.get("channels"), inp.get("height"), progress=False
+        )
+    else:
+        splits = datasets.from_source(source)
+    want = source.get("splits", {}).get("test")
+    if want is not None and want != len(splits.test):
+        raise datasets.DatasetError(
+            f"the test split now has {len(splits.test)} images, the family was measured on "
+            f"{want}: the dataset changed since export; evaluate on the data it was made from"
+        )
+    return splits, str(source.get("description") or splits.name)
+
+
+def evaluate(manifest_path: Path, runs: int, data: str | None = None) -> dict[str, Any]:
     manifest = json.loads(manifest_path.read_text())
     folder = manifest_path.parent
     models = {m["name"]: m for m in manifest["models"]}
@@ -73,9 +99,9 @@ def evaluate(manifest_path: Path, runs: int) -> dict[str, Any]:
             raise SystemExit(
                 f"error: model file {p} of {n} is missing; run python -m variants.train"
             )
-    test = data.load_split("test")
-    x, y = test.as_float(), test.labels
-    probs = {n: runtime.predict(p, x) for n, p in paths.items()}
+    splits, described = test_split(manifest, data)
+    y = np.asarray(splits.test.labels)
+    probs = {n: runtime.predict_images(p, splits.test.images) for n, p in paths.items()}
     lat = measure_latencies(paths, runs)
     ref = models["reference"]
     ref_lat = lat["reference"]["median_ms"]
@@ -109,8 +135,11 @@ def evaluate(manifest_path: Path, runs: int) -> dict[str, Any]:
         subsets.append(row)
     loo = {k: ensemble.leave_one_out({n: probs[n] for n in variants}, y, k) for k in KS}
     full = {f"k{k}": ensemble.ensemble_accuracy([probs[n] for n in variants], y, k) for k in KS}
+    family = manifest.get("family", {"name": "fashion-mnist"})
     return {
         "manifest": str(manifest_path),
+        "family": family,
+        "dataset": described,
         "test_images": len(y),
         "latency_method": f"onnxruntime CPU, 1 thread, batch 1, median of {runs} runs per "
         "model, in blocks of 50 rotated round-robin across models",
@@ -128,9 +157,9 @@ def _pct(v: float) -> str:
 
 def to_markdown(r: dict[str, Any]) -> str:
     lines = [
-        "# Evaluation of the shipped variant family",
+        f"# Evaluation of the variant family {r['family'].get('name', '')}",
         "",
-        f"Held-out Fashion-MNIST test set: {r['test_images']} images. Latency: "
+        f"Held-out test set of {r['dataset']}: {r['test_images']} images. Latency: "
         f"{r['latency_method']}.",
         "",
         "## 1. Each model against the reference (same run)",
@@ -252,22 +281,36 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("out/evaluation"),
         help="folder for evaluation.md/.json and plots (default: %(default)s)",
     )
-    p.add_argument("--manifest", type=Path, default=MANIFEST_PATH)
+    p.add_argument(
+        "--family",
+        type=Path,
+        default=DEFAULT_FAMILY_DIR,
+        help="the family folder (manifest.json + models/; default: the shipped Fashion-MNIST)",
+    )
+    p.add_argument(
+        "--manifest", type=Path, default=None, help="a manifest.json (instead of --family)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="where the family's image folder lives now, if it moved since training",
+    )
     p.add_argument("--runs", type=int, default=500, help="latency runs per model")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
     if args.runs < 10:
         p.error("--runs must be at least 10")
-    if not args.manifest.exists():
+    manifest = args.manifest or args.family / "manifest.json"
+    if not manifest.exists():
         print(
-            f"error: manifest {args.manifest} not found; train and export with "
+            f"error: manifest {manifest} not found; train and export a family with "
             "python -m variants.train",
             file=sys.stderr,
         )
         return 2
     try:
-        r = evaluate(args.manifest, args.runs)
-    except data.DatasetError as exc:
+        r = evaluate(manifest, args.runs, args.data)
+    except datasets.DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,15 @@
-"""The MobileNetV2 family for 28x28 greyscale input (needs PyTorch).
+"""The MobileNetV2 family for C-channel, SxS input and N classes (needs PyTorch).
 
-The reference is MobileNetV2 at width 1.0 with CIFAR-style strides (a stride-1 stem, the
-second stage at stride 1) so a 28x28 image keeps enough resolution: 28 -> 14 -> 7 -> 4.
-Variants shrink the width multiplier, the input resolution (an antialiased bilinear resize
-inside the model) and optionally the depth, following the Variant Parallelism paper's
-seed table: one small width at several input resolutions.
+The reference is MobileNetV2 at width 1.0. At resolutions up to 32 it takes CIFAR-style
+strides (a stride-1 stem, the second stage at stride 1) so a 28x28 image keeps enough
+resolution: 28 -> 14 -> 7 -> 4; up to 64 the stem strides 2, above that ImageNet's
+strides apply. Variants shrink the width multiplier, the input resolution (an
+antialiased bilinear resize inside the model) and optionally the depth, following the
+Variant Parallelism paper's seed table: one small width at several input resolutions.
 
-Every model takes the canonical input (N, 1, 28, 28), pixel / 255; the resize and the
-normalisation are part of the graph, so the exported ONNX files share one interface.
+Every member of a family takes the family's input (N, C, S, S), pixel / 255; the resize
+and the normalisation are part of the graph, so the exported ONNX files share one
+interface. The defaults are Fashion-MNIST's: 1 channel, 28x28, ten classes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ INPUT_SIZE = 28
 NUM_CLASSES = 10
 
 # (expansion t, channels c, repeats n, stride s) of MobileNetV2 (Sandler et al. 2018,
-# table 2) with the first two strides set to 1 for 28x28 input.
+# table 2) with the first two strides set to 1 for small (<= 32 px) input.
 SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
     (6, 24, 2, 1),
@@ -36,6 +38,8 @@ SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+CIFAR_MAX = 32  # up to this resolution: stride-1 stem and second stage (total /8)
+STEM2_MAX = 64  # up to this: a stride-2 stem (total /16); above: ImageNet's /32
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,8 @@ class Arch:
     def __post_init__(self) -> None:
         if not 0.05 <= self.width <= 2.0:
             raise ValueError(f"width {self.width} outside 0.05..2.0")
-        if not 8 <= self.resolution <= INPUT_SIZE:
-            raise ValueError(f"resolution {self.resolution} outside 8..{INPUT_SIZE}")
+        if not 4 <= self.resolution <= 512:
+            raise ValueError(f"resolution {self.resolution} outside 4..512")
         if not 0.1 <= self.depth <= 1.0:
             raise ValueError(f"depth {self.depth} outside 0.1..1.0")
 
@@ -77,21 +81,45 @@ def resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     return out.reshape(size_in, size_out).T.contiguous().float()
 
 
+@dataclass(frozen=True)
+class InputFormat:
+    """What the family's graphs take: channels, side, and the pixel statistics."""
+
+    channels: int = 1
+    size: int = INPUT_SIZE
+    mean: tuple[float, ...] = (MEAN,)
+    std: tuple[float, ...] = (STD,)
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"mean and std need {self.channels} value(s) each")
+
+
 class Preprocess(nn.Module):
     """Resize (antialiased bilinear, as two matrix products) and normalise."""
 
-    def __init__(self, resolution: int) -> None:
+    def __init__(self, resolution: int, fmt: InputFormat | None = None) -> None:
         super().__init__()
+        fmt = fmt or InputFormat()
         self.resolution = resolution
-        self.register_buffer("rows", resize_matrix(INPUT_SIZE, resolution), persistent=False)
+        self.size = fmt.size
+        self.register_buffer("rows", resize_matrix(fmt.size, resolution), persistent=False)
         self.register_buffer(
-            "cols", resize_matrix(INPUT_SIZE, resolution).T.contiguous(), persistent=False
+            "cols", resize_matrix(fmt.size, resolution).T.contiguous(), persistent=False
         )
+        # One channel keeps scalar constants: the shipped graphs were exported that way.
+        self.scalar = fmt.channels == 1
+        self.mean0, self.std0 = fmt.mean[0], fmt.std[0]
+        shape = (1, fmt.channels, 1, 1)
+        self.register_buffer("mean", torch.tensor(fmt.mean).reshape(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(fmt.std).reshape(shape), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resolution != INPUT_SIZE:
+        if self.resolution != self.size:
             x = torch.matmul(torch.matmul(self.rows, x), self.cols)
-        return (x - MEAN) / STD
+        if self.scalar:
+            return (x - self.mean0) / self.std0
+        return (x - self.mean) / self.std
 
 
 class ConvBNAct(nn.Sequential):
@@ -132,22 +160,40 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class MobileNetV2(nn.Module):
-    """MobileNetV2 for (N, 1, 28, 28) input in [0, 1]; returns logits (N, 10)."""
+def strides(resolution: int) -> tuple[int, int]:
+    """(stem stride, second-stage stride) for a member working at ``resolution``."""
+    if resolution <= CIFAR_MAX:
+        return 1, 1
+    if resolution <= STEM2_MAX:
+        return 2, 1
+    return 2, 2
 
-    def __init__(self, arch: Arch, num_classes: int = NUM_CLASSES) -> None:
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 for (N, C, S, S) input in [0, 1]; returns logits (N, num_classes)."""
+
+    def __init__(
+        self, arch: Arch, num_classes: int = NUM_CLASSES, fmt: InputFormat | None = None
+    ) -> None:
         super().__init__()
+        self.fmt = fmt or InputFormat()
+        if arch.resolution > self.fmt.size:
+            raise ValueError(
+                f"resolution {arch.resolution} above the family's input size {self.fmt.size}"
+            )
         self.arch = arch
-        self.pre = Preprocess(arch.resolution)
+        self.pre = Preprocess(arch.resolution, self.fmt)
         cin = make_divisible(32 * arch.width)
         # Torchvision's rule: the last layer keeps 1280 channels below width 1.0.
         last = make_divisible(1280 * max(1.0, arch.width))
-        layers: list[nn.Module] = [ConvBNAct(1, cin, stride=1)]
-        for t, c, n, s in SETTINGS:
+        stem, second = strides(arch.resolution)
+        layers: list[nn.Module] = [ConvBNAct(self.fmt.channels, cin, stride=stem)]
+        for stage, (t, c, n, s) in enumerate(SETTINGS):
             cout = make_divisible(c * arch.width)
             repeats = max(1, math.ceil(n * arch.depth))
+            stride = second if stage == 1 else s
             for i in range(repeats):
-                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                layers.append(InvertedResidual(cin, cout, stride if i == 0 else 1, t))
                 cin = cout
         layers.append(ConvBNAct(cin, last, kernel=1))
         self.features = nn.Sequential(*layers)
@@ -206,12 +252,12 @@ def count_macs(model: MobileNetV2) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 1, INPUT_SIZE, INPUT_SIZE))
+            model(torch.zeros(1, model.fmt.channels, model.fmt.size, model.fmt.size))
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    r = model.arch.resolution
-    if r != INPUT_SIZE:
-        macs += r * INPUT_SIZE * INPUT_SIZE + r * r * INPUT_SIZE
+    r, size = model.arch.resolution, model.fmt.size
+    if r != size:
+        macs += model.fmt.channels * (r * size * size + r * r * size)
     return macs

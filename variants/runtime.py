@@ -19,9 +19,25 @@ def session(path: Path, threads: int = 1) -> Any:
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def input_shape(sess: Any) -> tuple[int, int, int]:
+    """(C, H, W) of a session's input."""
+    _, c, h, w = sess.get_inputs()[0].shape
+    return int(c), int(h), int(w)
+
+
 def predict(path: Path, x: np.ndarray, batch: int = 1000) -> np.ndarray:
-    """Class probabilities of the model at ``path`` for inputs (N, 1, 28, 28)."""
+    """Class probabilities of the model at ``path`` for float inputs (N, C, H, W)."""
     sess = session(path, threads=0)
     return np.concatenate(
         [sess.run(None, {"input": x[i : i + batch]})[0] for i in range(0, len(x), batch)]
     )
+
+
+def predict_images(path: Path, images: Any, batch: int = 1000) -> np.ndarray:
+    """Class probabilities for a split's uint8 images (N, C, H, W), read in batches."""
+    sess = session(path, threads=0)
+    outs = []
+    for i in range(0, len(images), batch):
+        x = np.asarray(images[i : i + batch], dtype=np.float32) / np.float32(255.0)
+        outs.append(sess.run(None, {"input": x})[0])
+    return np.concatenate(outs)

@@ -32,3 +32,20 @@ def test_evaluate_writes_the_papers_three_results(tmp_path: Path) -> None:
 def test_evaluate_reports_a_missing_manifest(tmp_path: Path) -> None:
     """A missing manifest is a clear error with exit status 2, not a traceback."""
     assert evaluate.main(["--manifest", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+
+
+def test_evaluate_any_family_on_its_own_held_out_split(tmp_path: Path) -> None:
+    """--family DIR evaluates that family on its dataset's test split (digits: 359 images,
+    8x8) and the accuracies it measures are the ones its manifest recorded at export."""
+    from variants import FAMILIES_DIR
+
+    family = FAMILIES_DIR / "digits"
+    out = tmp_path / "digits"
+    assert evaluate.main(["--family", str(family), "--out", str(out), "--runs", "10"]) == 0
+    r = json.loads((out / "evaluation.json").read_text())
+    assert r["test_images"] == 359 and r["family"]["name"] == "digits"
+    recorded = json.loads((family / "manifest.json").read_text())["models"]
+    measured = {m["name"]: m["test_accuracy"] for m in r["models"]}
+    for m in recorded:
+        assert abs(measured[m["name"]] - m["test_accuracy"]) < 1e-4, m["name"]
+    assert (out / "leave_one_out.png").stat().st_size > 0

@@ -39,25 +39,27 @@ def test_training_checkpoints_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run killed after epoch 1 resumes from its checkpoint and trains only epoch 2."""
-    from variants import train
+    from variants import datasets, trainer
+    from variants.plans import Recipe
 
-    recipe = train.Recipe(
-        "w025-tiny", width=0.25, resolution=12, epochs=2, batch=32, lr=0.05, train_limit=96
+    splits = datasets.load("digits")
+    recipe = Recipe(
+        "w025-tiny", width=0.25, resolution=6, epochs=2, batch=32, lr=0.05, train_limit=96
     )
-    real_save = train._atomic_save
+    real_save = trainer.atomic_save
 
     def save_then_die(obj: object, path: Path) -> None:
         real_save(obj, path)
         if path.name == "ckpt.pt":
             raise _Interrupted
 
-    monkeypatch.setattr(train, "_atomic_save", save_then_die)
+    monkeypatch.setattr(trainer, "atomic_save", save_then_die)
     with pytest.raises(_Interrupted):
-        train.train_one(recipe, tmp_path, "cpu", progress=False)
+        trainer.train_one(recipe, tmp_path, "cpu", progress=False, splits=splits)
     assert not (tmp_path / recipe.name / "final.pt").exists()
-    monkeypatch.setattr(train, "_atomic_save", real_save)
+    monkeypatch.setattr(trainer, "atomic_save", real_save)
     capsys.readouterr()
-    final = train.train_one(recipe, tmp_path, "cpu", progress=False)
+    final = trainer.train_one(recipe, tmp_path, "cpu", progress=False, splits=splits)
     events = [
         json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")
     ]
@@ -68,17 +70,20 @@ def test_training_checkpoints_and_resumes(
     assert (tmp_path / recipe.name / "final.pt").exists()
     # A finished model is not trained again.
     capsys.readouterr()
-    train.train_one(recipe, tmp_path, "cpu", progress=False)
+    trainer.train_one(recipe, tmp_path, "cpu", progress=False, splits=splits)
     assert "train.skip_finished" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path: Path) -> None:
     """A checkpoint made with another recipe is not silently mixed into this one."""
-    from variants.train import Recipe, train_one
+    from variants import datasets
+    from variants.plans import Recipe
+    from variants.trainer import train_one
 
-    a = Recipe("m", width=0.25, resolution=12, epochs=1, batch=32, train_limit=64)
-    train_one(a, tmp_path, "cpu", progress=False)
+    splits = datasets.load("digits")
+    a = Recipe("m", width=0.25, resolution=6, epochs=1, batch=32, train_limit=64)
+    train_one(a, tmp_path, "cpu", progress=False, splits=splits)
     (tmp_path / "m" / "final.pt").unlink()
-    b = Recipe("m", width=0.25, resolution=12, epochs=1, batch=32, train_limit=64, seed=5)
+    b = Recipe("m", width=0.25, resolution=6, epochs=1, batch=32, train_limit=64, seed=5)
     with pytest.raises(SystemExit, match="another recipe"):
-        train_one(b, tmp_path, "cpu", progress=False)
+        train_one(b, tmp_path, "cpu", progress=False, splits=splits)

@@ -1,4 +1,4 @@
-"""The shipped manifest matches the shipped ONNX files and the family's rules."""
+"""The shipped families' manifests match their ONNX files and the family's rules."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from variants import CLASS_NAMES, MANIFEST_PATH, PACKAGE_DIR
-from variants.export import sha256_file
+from swarm.inference.manifest import load_manifest
+from variants import CLASS_NAMES, DEFAULT_FAMILY_DIR, FAMILIES_DIR, MANIFEST_PATH
+from variants.family import sha256_file
 
 MANIFEST = json.loads(MANIFEST_PATH.read_text())
 MODELS = MANIFEST["models"]
@@ -27,7 +28,7 @@ def test_manifest_lists_a_reference_and_at_least_five_variants() -> None:
 @pytest.mark.parametrize("entry", MODELS, ids=[m["name"] for m in MODELS])
 def test_file_hash_and_interface_match(entry: dict[str, object]) -> None:
     """Each file exists, has the recorded sha256 and the one shared interface."""
-    path = PACKAGE_DIR / str(entry["file"])
+    path = DEFAULT_FAMILY_DIR / str(entry["file"])
     assert sha256_file(path) == entry["sha256"]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
@@ -56,3 +57,17 @@ def test_recorded_accuracies_meet_the_family_targets() -> None:
         assert m["test_accuracy"] >= floor, m["name"]
         assert 0.0 < m["val_accuracy"] <= 1.0
         assert m["recipe"]["seed"] is not None and m["recipe"]["command"]
+
+
+@pytest.mark.parametrize("folder", sorted(FAMILIES_DIR.iterdir()), ids=lambda p: p.name)
+def test_every_shipped_family_loads_and_verifies(folder: object) -> None:
+    """Each folder under families/ is a schema-2 family whose files match their hashes."""
+    manifest = load_manifest(folder, verify=True)  # type: ignore[arg-type]
+    raw = json.loads((folder / "manifest.json").read_text())  # type: ignore[operator]
+    assert raw["schema"] == 2 and raw["family"]["id"] == manifest.family_id
+    assert manifest.num_classes == len(raw["class_names"])
+    assert sum(m.role == "reference" for m in manifest.models) == 1
+    for spec in manifest.models:
+        sess = ort.InferenceSession(str(spec.file), providers=["CPUExecutionProvider"])
+        assert sess.get_inputs()[0].shape[1:] == list(manifest.input.shape)
+        assert sess.get_outputs()[0].shape[1:] == [manifest.num_classes]

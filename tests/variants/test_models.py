@@ -58,9 +58,38 @@ def test_resize_matrices_match_torch_antialiased_bilinear(res: int) -> None:
 
 def test_bad_architecture_is_refused() -> None:
     """A resolution above the input size or a silly width is a clear error."""
-    from variants.models import Arch
+    from variants.models import Arch, MobileNetV2
 
     with pytest.raises(ValueError, match="resolution"):
-        Arch(resolution=32)
+        MobileNetV2(Arch(resolution=32))
+    with pytest.raises(ValueError, match="resolution"):
+        Arch(resolution=2)
     with pytest.raises(ValueError, match="width"):
         Arch(width=0.0)
+
+
+@pytest.mark.parametrize(("channels", "size", "classes"), [(3, 32, 5), (3, 64, 2), (1, 8, 10)])
+def test_members_take_any_channels_size_and_classes(channels: int, size: int, classes: int) -> None:
+    """A family of C channels, S pixels and N classes maps (B, C, S, S) to (B, N) at every
+    member resolution, and counts MACs on that input."""
+    import torch
+
+    from variants.models import Arch, InputFormat, MobileNetV2, count_macs
+
+    fmt = InputFormat(channels, size, (0.5,) * channels, (0.25,) * channels)
+    for res in (size, max(5, size * 3 // 5)):
+        model = MobileNetV2(Arch(width=0.25, resolution=res), classes, fmt).eval()
+        with torch.no_grad():
+            assert model(torch.rand(2, channels, size, size)).shape == (2, classes)
+        assert count_macs(model) > 0
+
+
+def test_normalisation_is_per_channel() -> None:
+    """An RGB family normalises each channel with its own mean and std inside the graph."""
+    import torch
+
+    from variants.models import InputFormat, Preprocess
+
+    pre = Preprocess(8, InputFormat(3, 8, (0.1, 0.2, 0.3), (0.5, 0.5, 0.25)))
+    out = pre(torch.full((1, 3, 8, 8), 0.3))
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([0.4, 0.2, 0.0]))
