@@ -184,12 +184,24 @@ async def run_agent(args: argparse.Namespace) -> None:
     table = PeerTable(args.swarm, timings=timings)
     async with contextlib.AsyncExitStack() as stack:
         engine = await stack.enter_async_context(
-            Engine(spec, threads=args.threads, timings=timings)
+            Engine(
+                spec,
+                threads=args.threads,
+                timings=timings,
+                input_shape=manifest.input.shape,
+                num_classes=manifest.num_classes,
+            )
         )
         claim = None
         if args.claim_runs is not None:
             claim = await stack.enter_async_context(
-                Engine(manifest.get(args.claim_runs), threads=args.threads, timings=timings)
+                Engine(
+                    manifest.get(args.claim_runs),
+                    threads=args.threads,
+                    timings=timings,
+                    input_shape=manifest.input.shape,
+                    num_classes=manifest.num_classes,
+                )
             )
         discovery = await stack.enter_async_context(
             Discovery(table, interfaces=[args.interface], timings=timings)
@@ -202,7 +214,7 @@ async def run_agent(args: argparse.Namespace) -> None:
             model,
             swarm=args.swarm,
             family=manifest.family_id,
-            input_shape=config.INPUT_SHAPE,
+            input_shape=manifest.input.shape,
         )
         links = LinkServer.build(
             identity, answerer, trust=TrustStore.open(), timings=timings, metrics=metrics

@@ -244,7 +244,9 @@ class Driver:
         preds: dict[str, int | None] = {}
         for rule in voting.RULES:
             try:
-                preds[rule] = voting.decide(ballots, rule).label
+                preds[rule] = voting.decide(
+                    ballots, rule, num_classes=self.manifest.num_classes
+                ).label
             except SwarmError:
                 preds[rule] = None
         return {

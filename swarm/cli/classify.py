@@ -179,11 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow-list of peer public keys (one base64 key per line); default: any key",
     )
     p.add_argument(
+        "--family",
         "--manifest",
+        dest="manifest",
         type=Path,
         default=None,
-        metavar="PATH",
-        help="model manifest.json (default: the one shipped in the variants package)",
+        metavar="DIR",
+        help="the family to ask: its folder (manifest.json and models) or its manifest.json "
+        "(default: the shipped Fashion-MNIST family)",
     )
     p.add_argument("--log-format", choices=("json", "console"), default="console")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning")
@@ -226,7 +229,7 @@ def _prepare(args: argparse.Namespace) -> _Setup:
     wait_peers = len(names) if args.wait_peers is None else args.wait_peers
     if wait_peers > len(names):
         raise ConfigError(f"--wait-peers {wait_peers} exceeds the {len(names)} variants asked")
-    images = tuple((str(path), _read_image(path)) for path in args.images)
+    images = tuple((str(path), _read_image(path, manifest)) for path in args.images)
     trust = TrustStore.open() if args.trust is None else TrustStore.from_file(args.trust)
     if args.data_dir is None:
         identity, reputation, path = Identity.generate(), ReputationBook(), None
@@ -237,10 +240,10 @@ def _prepare(args: argparse.Namespace) -> _Setup:
     return _Setup(manifest, policy, images, identity, trust, reputation, path, wait_peers)
 
 
-def _read_image(path: Path) -> PixelArray | str:
-    """The input tensor of ``path``, or why it cannot be read (a message for the user)."""
+def _read_image(path: Path, manifest: Manifest) -> PixelArray | str:
+    """The family's input from ``path``, or why it cannot be read (a message for the user)."""
     try:
-        return load_image_file(path)
+        return load_image_file(path, manifest.input.shape)
     except (ConfigError, DecodeError) as exc:
         message = str(exc)
         return message if str(path) in message else f"{path}: {message}"

@@ -113,10 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         "learned from discovery is accepted",
     )
     p.add_argument(
+        "--family",
         "--manifest",
+        dest="manifest",
         type=Path,
         default=None,
-        help="model manifest.json (default: the one shipped in the variants package)",
+        metavar="DIR",
+        help="the family to serve: its folder (manifest.json and models) or its manifest.json "
+        "(default: the shipped Fashion-MNIST family); its files' hashes are checked at start",
     )
     p.add_argument(
         "--threads", type=cliargs.int_in(1), default=1, help="ONNX Runtime threads (default 1)"
@@ -271,7 +275,7 @@ async def _serve(
     bind_peer(identity.peer_id)
     _check_writable(data_dir)
     trust = TrustStore.from_file(args.trust) if args.trust is not None else TrustStore.open()
-    manifest = load_manifest(args.manifest)
+    manifest = load_manifest(args.manifest, verify=True)
     spec = None if args.variant == AUTO else _serving_spec(manifest, args.variant)
     interfaces: list[str] | None = args.interface
     metrics = Metrics()
@@ -302,6 +306,8 @@ async def _serve(
                 timings=timings,
                 batching=args.batching,
                 metrics=metrics,
+                input_shape=manifest.input.shape,
+                num_classes=manifest.num_classes,
             )
         )
         reputation_path = data_dir / REPUTATION_FILE
@@ -327,7 +333,7 @@ async def _serve(
             engine,
             swarm=args.swarm,
             family=manifest.family_id,
-            input_shape=config.INPUT_SHAPE,
+            input_shape=manifest.input.shape,
         )
         links = LinkServer.build(identity, answerer, trust=trust, timings=timings, metrics=metrics)
         page = None

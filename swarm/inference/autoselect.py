@@ -83,9 +83,11 @@ def _desc(name: str) -> tuple[int, ...]:
     return tuple(-ord(c) for c in name)
 
 
-def replica_counts(table: PeerTable, names: Iterable[str]) -> dict[str, int]:
-    """How many usable peers of the table serve each of ``names``."""
-    served = Counter(r.variant for r in table.candidates())
+def replica_counts(
+    table: PeerTable, names: Iterable[str], family: str | None = None
+) -> dict[str, int]:
+    """How many usable peers of the table serve each of ``names`` (of ``family``)."""
+    served = Counter(r.variant for r in table.candidates() if family is None or r.family == family)
     return {name: served.get(name, 0) for name in names}
 
 
@@ -95,13 +97,23 @@ async def measure_latency(
     threads: int,
     runs: int = DEFAULT_RUNS,
     timings: config.Timings = config.DEFAULT_TIMINGS,
+    input_shape: tuple[int, int, int] = config.INPUT_SHAPE,
+    num_classes: int = config.NUM_CLASSES,
 ) -> float:
     """Median milliseconds this device takes to run ``spec`` on one input."""
     if runs < 1:
         raise ConfigError(f"runs must be >= 1, got {runs}")
-    x = np.random.default_rng(0).random(config.INPUT_SHAPE, dtype=np.float32)
+    x = np.random.default_rng(0).random(input_shape, dtype=np.float32)
     samples: list[float] = []
-    async with Engine(spec, threads=threads, timings=timings, batching=False) as engine:
+    engine = Engine(
+        spec,
+        threads=threads,
+        timings=timings,
+        batching=False,
+        input_shape=input_shape,
+        num_classes=num_classes,
+    )
+    async with engine:
         for i in range(WARMUP_RUNS + runs):
             result = await engine.infer(x)
             if i >= WARMUP_RUNS:
@@ -115,12 +127,19 @@ async def measure_all(
     threads: int,
     runs: int = DEFAULT_RUNS,
     timings: config.Timings = config.DEFAULT_TIMINGS,
+    input_shape: tuple[int, int, int] = config.INPUT_SHAPE,
+    num_classes: int = config.NUM_CLASSES,
 ) -> dict[str, float]:
     """``measure_latency`` of each spec, one after another so they do not compete."""
     latencies: dict[str, float] = {}
     for spec in specs:
         latencies[spec.name] = await measure_latency(
-            spec, threads=threads, runs=runs, timings=timings
+            spec,
+            threads=threads,
+            runs=runs,
+            timings=timings,
+            input_shape=input_shape,
+            num_classes=num_classes,
         )
         log.debug("variant_measured", variant=spec.name, latency_ms=latencies[spec.name])
     return latencies
@@ -147,10 +166,17 @@ async def auto_select(
         raise ConfigError(f"the manifest {manifest.path} lists no model of role 'variant'")
     loop = asyncio.get_running_loop()
     browse_until = loop.time() + browse_s
-    latencies = await measure_all(specs, threads=threads, runs=runs, timings=timings)
+    latencies = await measure_all(
+        specs,
+        threads=threads,
+        runs=runs,
+        timings=timings,
+        input_shape=manifest.input.shape,
+        num_classes=manifest.num_classes,
+    )
     # Measuring overlaps the browse window; wait out what is left of it.
     await asyncio.sleep(max(0.0, browse_until - loop.time()))
-    replicas = replica_counts(table, (s.name for s in specs))
+    replicas = replica_counts(table, (s.name for s in specs), manifest.family_id)
     options = [
         VariantOption(s.name, s.val_accuracy, latencies[s.name], replicas[s.name]) for s in specs
     ]

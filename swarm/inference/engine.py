@@ -78,7 +78,7 @@ CALIBRATION_RUNS: Final = 21
 class InferenceResult:
     """One input's class probabilities and the run that produced them."""
 
-    probs: FloatArray  # shape (NUM_CLASSES,), this caller's own copy
+    probs: FloatArray  # shape (classes,), this caller's own copy
     seconds: float  # time the model took for the whole batch this input ran in
     batch_size: int
 
@@ -111,12 +111,16 @@ class Engine(AsyncResource):
         timings: config.Timings = config.DEFAULT_TIMINGS,
         batching: bool = True,
         metrics: Metrics | None = None,
+        input_shape: tuple[int, int, int] = config.INPUT_SHAPE,
+        num_classes: int = config.NUM_CLASSES,
     ) -> None:
         if threads < 1:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         if timings.max_batch < 1 or timings.batch_wait_s < 0:
             raise ConfigError("Timings.max_batch must be >= 1 and batch_wait_s >= 0")
         self.spec = spec
+        self.input_shape = input_shape  # the family's (C, H, W), from its manifest
+        self.num_classes = num_classes
         self._threads = threads
         self._timings = timings
         self._batching = batching
@@ -178,9 +182,9 @@ class Engine(AsyncResource):
 
     async def infer(self, x: FloatArray) -> InferenceResult:
         """Class probabilities for one canonical input of shape (1, 28, 28)."""
-        if x.shape != config.INPUT_SHAPE or x.dtype != np.float32:
+        if x.shape != self.input_shape or x.dtype != np.float32:
             raise InferenceError(
-                f"input must be float32 of shape {config.INPUT_SHAPE}, got {x.dtype} {x.shape}"
+                f"input must be float32 of shape {self.input_shape}, got {x.dtype} {x.shape}"
             )
         self._check_running()
         if not self._batching:
@@ -299,7 +303,7 @@ class Engine(AsyncResource):
     # -- in the engine's thread (or inline, see ``inline``) --
 
     def _calibrate(self) -> float:
-        x = np.zeros((1, *config.INPUT_SHAPE), dtype=np.float32)
+        x = np.zeros((1, *self.input_shape), dtype=np.float32)
         return statistics.median(self._run(x)[1] for _ in range(CALIBRATION_RUNS))
 
     def _load(self) -> tuple[ort.InferenceSession, str]:
@@ -332,7 +336,7 @@ class Engine(AsyncResource):
             )
         except _ORT_ERRORS as exc:
             raise InferenceError(f"ONNX Runtime cannot load {path}: {exc}") from exc
-        return session, _check_interface(session, path)
+        return session, _check_interface(session, path, self.input_shape, self.num_classes)
 
     def _run(self, xs: FloatArray) -> tuple[FloatArray, float, float]:
         """Probabilities for ``xs``, the seconds the model took, and the CPU seconds of
@@ -352,18 +356,23 @@ class Engine(AsyncResource):
         seconds = time.perf_counter() - start
         cpu = time.thread_time() - cpu
         probs = np.asarray(outputs[0], dtype=np.float32)
-        if probs.shape != (len(xs), config.NUM_CLASSES):
+        if probs.shape != (len(xs), self.num_classes):
             raise InferenceError(
                 f"model {self.spec.name} returned shape {probs.shape}, "
-                f"expected ({len(xs)}, {config.NUM_CLASSES})"
+                f"expected ({len(xs)}, {self.num_classes})"
             )
         return probs, seconds, cpu
 
 
-def _check_interface(session: ort.InferenceSession, path: Path) -> str:
-    """Check the shipped interface; return the output's name."""
+def _check_interface(
+    session: ort.InferenceSession, path: Path, input_shape: tuple[int, ...], num_classes: int
+) -> str:
+    """Check the family's interface; return the output's name."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    want = f"input {config.INPUT_NAME!r} float32 [N, 1, 28, 28] -> one float32 output [N, 10]"
+    dims = ", ".join(map(str, input_shape))
+    want = (
+        f"input {config.INPUT_NAME!r} float32 [N, {dims}] -> one float32 output [N, {num_classes}]"
+    )
     if len(inputs) != 1 or len(outputs) != 1:
         raise InferenceError(f"{path}: has {len(inputs)} inputs, {len(outputs)} outputs; {want}")
     inp, out = inputs[0], outputs[0]
@@ -377,11 +386,11 @@ def _check_interface(session: ort.InferenceSession, path: Path) -> str:
         and inp.type == "tensor(float)"
         and len(in_shape) == 4
         and dynamic(in_shape[0])
-        and in_shape[1:] == list(config.INPUT_SHAPE)
+        and in_shape[1:] == list(input_shape)
         and out.type == "tensor(float)"
         and len(out_shape) == 2
         and dynamic(out_shape[0])
-        and out_shape[1] == config.NUM_CLASSES
+        and out_shape[1] == num_classes
     )
     if not ok:
         got = f"{inp.name!r} {inp.type} {in_shape} -> {out.name!r} {out.type} {out_shape}"

@@ -56,6 +56,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
+from swarm import config
 from swarm.config import Timings
 from swarm.crypto.identity import TrustStore
 from swarm.decision import voting
@@ -237,6 +238,7 @@ class FanOut:
         deadline_at: float,
         wave: int | None = None,
         rank: Callable[[Replicas], Any] = first_wave_key,
+        num_classes: int = config.NUM_CLASSES,
     ) -> None:
         if wave is not None and wave < 1:
             raise ValueError(f"wave must be >= 1 or None (every slot at once), got {wave}")
@@ -247,6 +249,7 @@ class FanOut:
         self._slot_of = {r.peer_id: v for v in plan.values() for r in v.queue}
         self.weights = weights
         self.rule = rule
+        self.num_classes = num_classes  # the family's
         self.quorum = quorum
         self.deadline_at = deadline_at  # time.monotonic(), as the event loop's clock
         # What the asks brought back, not absorbed yet, and the wait for the next one.
@@ -399,6 +402,7 @@ class FanOut:
                 freshness_s=owner.timings.freshness_s,
                 expected_variant=record.variant,
                 expected_model_sha256=record.model_sha256,
+                num_classes=self.num_classes,
             )
         except VerificationError as exc:
             self._reject(record, exc.reason, exc.detail)
@@ -474,6 +478,7 @@ class FanOut:
             missing=len(out),
             rule=self.rule,
             missing_weight=max(v.weight_bound for v in out),
+            num_classes=self.num_classes,
         )
 
     def _stop(self, *, early: bool) -> None:

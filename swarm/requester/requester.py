@@ -181,7 +181,7 @@ class Requester(AsyncResource):
         self.table = table
         self.manifest = manifest
         self.family = manifest.family_id
-        self.input_shape = config.INPUT_SHAPE
+        self.input_shape = manifest.input.shape
         self.trust = trust
         self.reputation = reputation
         self.timings = timings
@@ -294,6 +294,7 @@ class Requester(AsyncResource):
                 quorum=quorum,
                 deadline_at=started + budget_ms / 1000,
                 wave=self._wave(policy, len(plan), quorum),
+                num_classes=self.manifest.num_classes,
             )
             log.debug("classify_started", variants=sorted(plan), rule=rule, deadline_ms=budget_ms)
             self._in_flight += 1
@@ -549,12 +550,12 @@ class Requester(AsyncResource):
 
     def _decide(self, call: FanOut, early: bool, budget_ms: int, started: float) -> ClassifyResult:
         _check_quorum(call, budget_ms)
-        decision = voting.decide(call.ballots, call.rule)
-        # A dissenting reply only its session vouched for has its signature checked now;
+        decision = voting.decide(call.ballots, call.rule, num_classes=call.num_classes)
+        # A dissenting reply only its link vouched for has its signature checked now;
         # one that fails is dropped, and the vote taken again without it.
         while call.confirm_dissent(decision.label):
             _check_quorum(call, budget_ms)
-            decision = voting.decide(call.ballots, call.rule)
+            decision = voting.decide(call.ballots, call.rule, num_classes=call.num_classes)
         self._sample_signatures(call)
         if decision.certified_f >= 1:
             for ballot in call.ballots:

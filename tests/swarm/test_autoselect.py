@@ -25,7 +25,7 @@ def option(name: str, accuracy: float, latency_ms: float, replicas: int = 0) -> 
     return VariantOption(name, accuracy, latency_ms, replicas)
 
 
-def add_peer(table: PeerTable, variant: str) -> None:
+def add_peer(table: PeerTable, variant: str, family: str = "fa" * 16) -> None:
     key = os.urandom(32)
     peer_id = hashlib.sha256(key).hexdigest()[:20]
     ann = Announcement(
@@ -38,7 +38,7 @@ def add_peer(table: PeerTable, variant: str) -> None:
         model_sha256="ab" * 32,
         macs=1,
         accuracy=0.9,
-        family="fa" * 16,
+        family=family,
     )
     txt = {k.encode(): v.encode() for k, v in ann.txt().items()}
     assert table.offer(f"{peer_id}.{config.SERVICE_TYPE}", txt, ["127.0.0.1"], 9000)
@@ -112,10 +112,12 @@ async def test_measure_latency_is_a_positive_median(tiny_manifest: Manifest) -> 
 
 
 async def test_auto_select_picks_uncovered_and_logs_why(tiny_manifest: Manifest) -> None:
-    """With T3 and T2 served, auto picks T1 and logs every option it weighed."""
+    """With T3 and T2 served, auto picks T1 and logs every option it weighed; a T1 of
+    another family covers nothing."""
     table = PeerTable("s")
-    add_peer(table, "T3")
-    add_peer(table, "T2")
+    add_peer(table, "T3", tiny_manifest.family_id)
+    add_peer(table, "T2", tiny_manifest.family_id)
+    add_peer(table, "T1", "0b" * 16)
     with capture_logs() as logs:
         choice = await auto_select(
             tiny_manifest, table, threads=1, latency_budget_ms=None, browse_s=0.0, runs=3
