@@ -4,6 +4,7 @@ loads; the joint recipe; the latency budget."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +12,21 @@ import pytest
 
 from swarm.errors import ConfigError
 from swarm.inference.manifest import load_manifest
+from tests.swarm.procs import ProcessGroup
 from tests.variants.conftest import needs_torch
-from tests.variants.imagefolder import write_rgb_folder
+from tests.variants.imagefolder import class_image, write_rgb_folder
 from variants import budget
 from variants.datasets import DatasetError
 
 
 @needs_torch
+@pytest.mark.slow
 def test_rgb_folder_trains_exports_and_loads_as_a_family(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """One epoch of a tiny family on a generated RGB folder exports a schema-2 family whose
-    manifest the runtime reads and verifies, and which the evaluation runs on."""
+    manifest the runtime reads and verifies, which the evaluation runs on, and which real
+    peers serve to a classify of an RGB picture."""
     from variants import evaluate, train
 
     root = write_rgb_folder(tmp_path / "shapes")
@@ -57,6 +61,31 @@ def test_rgb_folder_trains_exports_and_loads_as_a_family(
     r = json.loads((ev / "evaluation.json").read_text())
     assert r["test_images"] == raw["dataset"]["splits"]["test"]
     assert len(r["subsets"]) == 2 ** len(manifest.variants) - 1
+
+    # Served: peers of the new family on 127.0.0.1 classify an RGB picture of class 1.
+    picture = tmp_path / "shape.png"
+    class_image(1, seed=4242, size=(48, 36)).save(picture)
+    swarm = f"rgb-{uuid.uuid4().hex[:10]}"
+    with ProcessGroup(tmp_path / "procs") as group:
+        peers = [
+            group.start_peer(v.name, swarm=swarm, extra=["--family", str(out), "--ui", "off"])
+            for v in manifest.variants[:2]
+        ]
+        for peer in peers:
+            peer.wait_ready()
+        done = group.run_module(
+            "swarm.classify",
+            [
+                *("--family", str(out), "--interface", "127.0.0.1", "--swarm", swarm),
+                *("--wait-peers", "2", "--wait", "30", "--json", str(picture)),
+            ],
+            timeout=90,
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    [decision] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert decision["label"] in manifest.class_names
+    assert {r["variant"] for r in decision["replies"]} <= {v.name for v in manifest.variants}
+    assert decision["replies"]
 
     # A swapped model file is caught by its hash, naming the file.
     victim = manifest.variants[0].file
