@@ -262,10 +262,20 @@ class Requester(AsyncResource):
         started = time.monotonic()
         plan, weights = self._plan(policy)
         if not plan:
+            others = {
+                r.family for r in self.table.candidates() if r.family and r.family != self.family
+            }
+            hint = (
+                f"; {len(others)} other famil{'y' if len(others) == 1 else 'ies'} "
+                f"({', '.join(sorted(others)[:3])}) are served here: ask with the family folder "
+                f"they serve (--family DIR), this requester's is {self.family}"
+                if others
+                else ""
+            )
             raise NoDecisionError(
                 f"no peer serves a variant this call may ask ({self._wanted(policy)}); "
                 f"the peer table holds {len(self.table)} peers, "
-                f"{len(self.table.candidates())} usable"
+                f"{len(self.table.candidates())} usable{hint}"
             )
         if quorum > len(plan):
             raise NoDecisionError(

@@ -544,6 +544,13 @@ async def test_peers_of_another_family_are_never_asked(rig: Rig) -> None:
     assert stranger.asks == []
 
 
+async def test_a_requester_among_peers_of_another_family_says_so(rig: Rig) -> None:
+    """With only another family's peers around, the error names it and the fix."""
+    rig.peer("V1", says({3: 0.9}), family="0b" * 16)
+    with pytest.raises(NoDecisionError, match=r"other family .*0b0b.*--family DIR"):
+        await classify(rig.requester())
+
+
 async def test_policy_variants_and_budgets() -> None:
     """A policy narrows the variants: a named set, a MACs budget, a latency budget."""
     cheap = Rig(
