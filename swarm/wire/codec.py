@@ -22,6 +22,7 @@ peer ids as strings.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NoReturn
 
@@ -63,6 +64,8 @@ MAX_ERROR_TEXT: Final = 300  # an item error's message, in characters
 MAX_ERROR_CODE: Final = 40
 _ASK_OVERHEAD: Final = 48  # an ask's bytes beside its input: array, id, k, deadline
 _HEX_DIGITS: Final = frozenset("0123456789abcdef")
+_PEER_ID: Final = re.compile(f"[0-9a-f]{{{PEER_ID_LEN}}}")
+_MAX_CLASS: Final = 65_535  # a class index; the family's own bound is the vote's check
 
 # One packer: msgpack builds its buffer once, and the event loop packs one at a time.
 _pack: Final[Callable[[object], bytes]] = msgpack.Packer(use_bin_type=True, autoreset=True).pack
@@ -273,8 +276,40 @@ def decode_reply(raw: bytes) -> InferReply:
     return _reply(raw)
 
 
+# A well-formed reply's field types, in order: checked at once before the fields' values.
+_REPLY_TYPES: Final = (int, str, bytes, bytes, str, bytes, str, str, bytes, list, int, int)
+
+
 def _reply(raw: bytes) -> InferReply:
     f = _fields(raw, MAX_REPLY, 12, "reply")
+    # Every reply takes this path; one that fails any check takes the one below, which
+    # names the first bad field.
+    if (
+        tuple(map(type, f)) == _REPLY_TYPES
+        and f[0] == PROTOCOL_VERSION
+        and len(f[2]) == len(f[3]) == REQUEST_ID_LEN
+        and len(f[5]) == len(f[8]) == SHA256_LEN
+        and _PEER_ID.fullmatch(f[4])
+        and _PEER_ID.fullmatch(f[6])
+        and NAME.fullmatch(f[1])
+        and NAME.fullmatch(f[7])
+        and 0 <= f[10] <= _MAX_INT
+        and 0 <= f[11] <= _MAX_INT
+    ):
+        return InferReply(
+            swarm=f[1],
+            family=f[2].hex(),
+            request_id=f[3].hex(),
+            requester_id=f[4],
+            input_sha256=f[5].hex(),
+            responder_id=f[6],
+            variant=f[7],
+            model_sha256=f[8].hex(),
+            topk=_topk(f[9]),
+            issued_at_ms=f[10],
+            infer_us=f[11],
+            raw=raw,
+        )
     _version(f[0], "reply.version")
     return InferReply(
         swarm=_name(f[1], "reply.swarm"),
@@ -389,6 +424,16 @@ def _text(value: object, limit: int, field: str) -> str:
 
 def _topk(value: object) -> tuple[tuple[int, int], ...]:
     pairs = _array(value, "reply.topk")
+    if 1 <= len(pairs) <= config.MAX_TOP_K and all(
+        type(p) is list
+        and len(p) == 2
+        and type(p[0]) is int
+        and type(p[1]) is int
+        and 0 <= p[0] <= _MAX_CLASS
+        and 0 <= p[1] <= PPM
+        for p in pairs
+    ):
+        return tuple((p[0], p[1]) for p in pairs)
     if not 1 <= len(pairs) <= config.MAX_TOP_K:
         _bad("reply.topk", f"1 to {config.MAX_TOP_K} pairs", f"{len(pairs)} pairs")
     out = []
@@ -397,7 +442,7 @@ def _topk(value: object) -> tuple[tuple[int, int], ...]:
         if len(p) != 2:
             _bad("reply.topk", "[class, ppm] pairs", p)
         out.append(
-            (_int(p[0], 0, 65_535, "reply.topk.class"), _int(p[1], 0, PPM, "reply.topk.ppm"))
+            (_int(p[0], 0, _MAX_CLASS, "reply.topk.class"), _int(p[1], 0, PPM, "reply.topk.ppm"))
         )
     return tuple(out)
 
