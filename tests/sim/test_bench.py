@@ -130,12 +130,13 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         "vote_cost_ms",
     }
     assert fp["vote_cost_ms"]["calls"] > 0 and fp["vote_cost_ms"]["p50"] > 0
-    # Bytes on the wire, counted at the sockets: an input of 784 bytes to each of five
-    # peers and five signed replies back, at least; no socket lost in the window.
+    # Bytes on the wire, counted at the sockets: a call's input (784 bytes) goes to at
+    # least one peer (an ask that waits behind a busy exchange with a peer is dropped
+    # unsent once its call has decided) and replies come back; no socket lost meanwhile.
     wire = out["wire"]["now"]
     assert wire["calls"] > 0 and wire["failures"] == 0 and wire["peers"] == 5
     assert wire["closed_during"] == 0
-    assert wire["sent_per_call"] >= 5 * 784
+    assert wire["sent_per_call"] > 784 and wire["received_per_call"] > 0
     assert wire["bytes_per_call"] == pytest.approx(
         wire["sent_per_call"] + wire["received_per_call"], abs=0.2
     )
