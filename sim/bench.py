@@ -334,6 +334,11 @@ def markdown(out: dict[str, Any]) -> str:
     lines += ["", "| stage | p50 ms | share |", "|---|---|---|"]
     for stage, ms in ov["breakdown_p50_ms"].items():
         lines.append(f"| {stage} | {ms} | {ov['breakdown_share_of_p50'][stage]} |")
+    sent = ov["last_ask_sent_at_ms"]
+    lines.append(
+        f"\nA call's last ask began to leave {sent['p50']} ms after the call began "
+        f"(p99 {sent['p99']} ms); its others before it, one by one."
+    )
     pc = ov["peer_crypto_ms"]
     lines.append(
         f"\nCrypto on a call's path: {ov['crypto_on_path_ms']} ms, {ov['crypto_share']} of "

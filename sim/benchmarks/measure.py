@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -31,6 +31,7 @@ from swarm.crypto.session import Sealer
 from swarm.decision import voting
 from swarm.errors import SwarmError
 from swarm.inference.engine import ModelSpec
+from swarm.link.websocket import WsPipe
 from swarm.requester import requester
 from swarm.requester.fanout import ReplyInfo
 from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
@@ -251,7 +252,8 @@ class Probe:
     It wraps the public functions a call goes through, where the requester's modules
     look them up: building and encoding the asks, sealing and opening the link's
     messages (``Sealer``), decoding the answers, checking each reply's bindings,
-    checking batch signatures, voting.
+    checking batch signatures, voting; and when each message to a peer starts to leave
+    (``WsPipe.send``).
     """
 
     # encode: building the request and packing its asks; seal/open: the link's AEAD;
@@ -266,10 +268,14 @@ class Probe:
     # Of ``vote``, the one decision at the end of a call (``voting.decide``) without the
     # checks for an early exit after each reply: the least robust vote a call makes.
     DECIDE: Final = "decide"
+    # When the call's last message to a peer began to leave (ms after the call began):
+    # a fan-out's asks go out one by one, and a busy machine spreads them apart.
+    LAST_SEND: Final = "last_send_at"
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
         self.calls: list[dict[str, float]] = []
+        self.started = 0.0  # time.perf_counter() when the current call began
         self._stack = contextlib.ExitStack()
         self._late = False
 
@@ -321,7 +327,15 @@ class Probe:
         stack.enter_context(patched(voting, "can_change", self._timed("vote", voting.can_change)))
         decide = self._timed(self.DECIDE, voting.decide)
         stack.enter_context(patched(voting, "decide", self._timed("vote", decide)))
+        stack.enter_context(patched(WsPipe, "send", self._sends(WsPipe.send)))
         return self
+
+    def _sends(self, send: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def timed_send(*args: Any, **kwargs: Any) -> None:
+            self.current[self.LAST_SEND] = (time.perf_counter() - self.started) * 1000
+            await send(*args, **kwargs)
+
+        return timed_send
 
     def _decode_with(self, decode: Callable[..., Answers]) -> Callable[..., Answers]:
         timed = self._timed("decode", decode)
@@ -357,7 +371,7 @@ async def probed_loop(
     with Probe() as probe:
         for i in range(count):
             probe.current = {}
-            start = time.perf_counter()
+            start = probe.started = time.perf_counter()
             result = await req.classify(tensors[i % len(tensors)])
             ms = (time.perf_counter() - start) * 1000
             latencies.append(ms)

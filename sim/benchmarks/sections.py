@@ -220,6 +220,7 @@ async def overhead(
     late = sum(c.get(Probe.LATE, 0.0) for c in stages) / max(1, len(stages))
     on_path_crypto = requester_crypto + peer_crypto["on_path"]
     decide = quantile([c.get(Probe.DECIDE, 0.0) for c in stages], 0.5)
+    last_send = [c[Probe.LAST_SEND] for c in stages if Probe.LAST_SEND in c]
     # The bare swarm plus only the work the targets keep on (the crypto on a call's path,
     # one robust decision): the p50 of a swarm whose HTTP, JSON, checks of freshness and
     # replay, and bookkeeping cost nothing. A sum of medians measured in this run.
@@ -255,6 +256,9 @@ async def overhead(
         ),
         "breakdown_p50_ms": breakdown,
         "breakdown_share_of_p50": {k: ratio(v, p50) for k, v in breakdown.items()},
+        # How long after a call began its last ask started to leave (the others are
+        # sent before it, one by one): the fan-out's own spread.
+        "last_ask_sent_at_ms": summary(last_send),
         "requester_crypto_ms": round(requester_crypto, 4),
         "peer_crypto_ms": peer_crypto,
         "crypto_on_path_ms": round(on_path_crypto, 4),

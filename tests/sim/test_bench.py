@@ -110,6 +110,8 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert set(ov["breakdown_p50_ms"]) == stages
     # Every call seals its asks and opens the answers: the link's AEAD is on the path.
     assert ov["breakdown_p50_ms"]["seal"] > 0 and ov["breakdown_p50_ms"]["open"] > 0
+    sent = ov["last_ask_sent_at_ms"]
+    assert sent["n"] > 0 and 0 < sent["p50"] < ov["classify_ms"]["p99"]
     pc = ov["peer_crypto_ms"]
     assert min(pc["open"], pc["sign"], pc["seal"]) > 0
     assert pc["on_path"] == pytest.approx(pc["open"] + pc["sign"] + pc["seal"], abs=1e-3)
