@@ -1,1 +1,1 @@
-"""The pieces of ``python -m sim.bench``: processes, measurements, and legacy paths."""
+"""The pieces of ``python -m sim.bench``: processes, measurements, loads and counters."""

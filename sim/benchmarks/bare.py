@@ -8,7 +8,7 @@ prints its port on stdout and serves until SIGTERM or SIGINT.
 
 ``BareSwarm`` is the requester's side: one connection per worker, each input sent to
 every worker at once, the top-2 answers summed (the paper's rule) and the largest
-taken. No JSON, no HTTP parsing, no signature, MAC, freshness or replay check, no
+taken. No msgpack, no WebSocket, no AEAD, signature, freshness or replay check, no
 robust vote or certificate, no discovery: what remains is the processes, their models,
 loopback TCP and the event loop. ``sim.bench`` measures it beside ``classify`` against
 the same floor, in the same run: the part of the distance to the floor that no protocol

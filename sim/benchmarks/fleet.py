@@ -241,20 +241,33 @@ async def wait_all_see(peers: Sequence[Peer], timeout_s: float, interval_s: floa
 
 @contextlib.asynccontextmanager
 async def requester(
-    fleet: Fleet, manifest: Manifest, *, peers: int, timings: Timings = DEFAULT_TIMINGS
+    fleet: Fleet,
+    manifest: Manifest,
+    *,
+    peers: int,
+    timings: Timings = DEFAULT_TIMINGS,
+    coalesce: bool = True,
 ) -> AsyncIterator[Requester]:
     """An in-process requester of ``fleet``'s swarm, browsing mDNS on loopback only, once
     its table holds ``peers`` usable peers."""
-    async with requester_of(fleet.swarm, manifest, peers=peers, timings=timings) as req:
+    async with requester_of(
+        fleet.swarm, manifest, peers=peers, timings=timings, coalesce=coalesce
+    ) as req:
         yield req
 
 
 @contextlib.asynccontextmanager
 async def requester_of(
-    swarm: str, manifest: Manifest, *, peers: int, timings: Timings = DEFAULT_TIMINGS
+    swarm: str,
+    manifest: Manifest,
+    *,
+    peers: int,
+    timings: Timings = DEFAULT_TIMINGS,
+    coalesce: bool = True,
 ) -> AsyncIterator[Requester]:
     """A requester of ``swarm``, a fleet's or one in another process's hands, browsing
-    mDNS on loopback only, once its table holds ``peers`` usable peers."""
+    mDNS on loopback only, once its table holds ``peers`` usable peers; ``coalesce`` is
+    ``Requester``'s."""
     table = PeerTable(swarm, timings=timings)
     async with Discovery(table, interfaces=[LOOPBACK], timings=timings):
         await table.wait_for(peers, READY_TIMEOUT_S)
@@ -266,5 +279,6 @@ async def requester_of(
             trust=TrustStore.open(),
             reputation=ReputationBook(),
             timings=timings,
+            coalesce=coalesce,
         ) as req:
             yield req

@@ -51,7 +51,6 @@ from sim.benchmarks.sections import (
 )
 from swarm.decision import voting
 from swarm.inference.engine import Manifest
-from swarm.requester.fanout import Replicas, first_wave_key
 from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
 
 # The throughput section's row of the bare swarm (``sim.benchmarks.bare``).
@@ -91,17 +90,16 @@ async def throughput(
     measure_floor: Callable[[], dict[str, Any]],
     batching: tuple[Requester, Sequence[Peer]],
     unbatched: tuple[Requester, Sequence[Peer]] | None,
+    uncoalesced: tuple[Requester, Sequence[Peer]],
     bare: BareSwarm,
     gens: tuple[LoadGens, Sequence[Peer]] | None = None,
 ) -> dict[str, Any]:
     """classify/s at each concurrency against the floor: micro-batching on and off (the
-    peers'), the requester's coalescing of asks into batches off, every ballot asked at
-    once however busy the requester (the default policy waves from
-    ``config.WAVE_IN_FLIGHT`` calls in flight), a second exchange with a peer as soon as
-    an ask waits for it (the requester's rule before: now only for a full batch), the
-    first wave of a busy requester taken from the most trusted ballots (``trusted_first``:
-    the order before; now the cheapest per unit of trust, ``fanout.first_wave_key``), and
-    waves of ``WAVE`` at every load; the same load shared among the requesters of
+    peers'), the requester's coalescing of asks into batches off (``uncoalesced``: a
+    ``Requester(coalesce=False)`` of the batching peers), every ballot asked at once
+    however busy the requester (the default policy waves from ``config.WAVE_IN_FLIGHT``
+    calls in flight), and waves of ``WAVE`` at every load; the same load shared among the
+    requesters of
     ``gens`` (``REQUESTERS``: processes of their own on the batching peers, as the
     calls of several devices would come; the row is null without them); and the bare
     swarm's calls/s (``sim.benchmarks.bare``: the same models with no protocol around
@@ -120,27 +118,11 @@ async def throughput(
     floors = [floor["per_s"]]
     out: dict[str, Any] = {"floor": floor, "levels": {}}
     modes: tuple[tuple[str, _Row | None], ...] = (
-        ("batching_on", _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=True)),
-        ("batching_off", _classify_row(tensors, unbatched, DEFAULT_POLICY, coalesce=True)),
-        ("no_coalescing", _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=False)),
-        (
-            "batching_on_all_at_once",
-            _classify_row(tensors, batching, Policy(wave=None), coalesce=True),
-        ),
-        (
-            "batching_on_two_exchanges",
-            _classify_row(tensors, batching, DEFAULT_POLICY, coalesce=True, further_exchange_at=1),
-        ),
-        (
-            "batching_on_trusted_first",
-            _classify_row(
-                tensors, batching, DEFAULT_POLICY, coalesce=True, first_wave_key=trusted_first
-            ),
-        ),
-        (
-            f"batching_on_wave{WAVE}",
-            _classify_row(tensors, batching, Policy(wave=WAVE), coalesce=True),
-        ),
+        ("batching_on", _classify_row(tensors, batching, DEFAULT_POLICY)),
+        ("batching_off", _classify_row(tensors, unbatched, DEFAULT_POLICY)),
+        ("no_coalescing", _classify_row(tensors, uncoalesced, DEFAULT_POLICY)),
+        ("batching_on_all_at_once", _classify_row(tensors, batching, Policy(wave=None))),
+        (f"batching_on_wave{WAVE}", _classify_row(tensors, batching, Policy(wave=WAVE))),
         (REQUESTERS, None if gens is None else functools.partial(_loadgen_row, *gens)),
         (BARE, functools.partial(_bare_row, tensors, bare)),
     )
@@ -183,12 +165,6 @@ def median_round(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {**ranked[(len(ranked) - 1) // 2], "rounds_vs_floor": [r["vs_floor"] for r in rows]}
 
 
-def trusted_first(slot: Replicas) -> tuple[float, float]:
-    """The first wave's order before ``fanout.first_wave_key``: the heaviest ballots
-    (most accurate variant, best reputation) first, the faster model on a tie."""
-    return (-slot.weight_bound, slot.spec.latency_ms)
-
-
 # One row's measure, given the concurrency and the number of calls: the calls'
 # latencies (ms), the wall clock (s), and the row's other figures.
 _Row = Callable[[int, int], Awaitable[tuple[list[float], float, dict[str, Any]]]]
@@ -198,10 +174,6 @@ def _classify_row(
     tensors: Sequence[FloatArray],
     target: tuple[Requester, Sequence[Peer]] | None,
     policy: Policy,
-    *,
-    coalesce: bool,
-    further_exchange_at: int | None = None,
-    first_wave_key: Callable[[Replicas], Any] = first_wave_key,
 ) -> _Row | None:
     """The measure of classify rows against ``target``'s peers; None without a target."""
     if target is None:
@@ -210,14 +182,7 @@ def _classify_row(
 
     async def measure(level: int, count: int) -> tuple[list[float], float, dict[str, Any]]:
         async def run() -> Loop:
-            with (
-                patched(req, "coalesce", coalesce),
-                patched(req, "further_exchange_at", further_exchange_at),
-                patched(req, "first_wave_key", first_wave_key),
-            ):
-                return await classify_loop(
-                    req, tensors, count=count, concurrency=level, policy=policy
-                )
+            return await classify_loop(req, tensors, count=count, concurrency=level, policy=policy)
 
         return await _against_peers(peers, count, run)
 

@@ -1,9 +1,10 @@
 """Measurements the benchmark sections share: raw model runs, the loopback round trip,
 classify loops, and a probe that splits a classify call into its stages.
 
-The requester runs in this process, so its stages are timed by wrapping the functions
-it calls (``swarm.wire.codec``, ``swarm.decision.voting``) for the duration of a
-``Probe``; the wrapped functions are put back on exit. Peers run in processes of their own.
+The requester runs in this process, so its stages are timed by wrapping the public
+functions it calls (``swarm.wire.codec``, ``swarm.wire.verify``, the link's ``Sealer``,
+``swarm.decision.voting``) for the duration of a ``Probe``; they are put back on exit.
+Peers run in processes of their own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -25,15 +26,17 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from swarm.crypto.identity import Identity, verify_signature
-from swarm.crypto.session import SessionKeys
+from swarm.crypto import identity
+from swarm.crypto.session import Sealer
 from swarm.decision import voting
 from swarm.errors import SwarmError
 from swarm.inference.engine import ModelSpec
+from swarm.link.websocket import WsPipe
+from swarm.requester import requester
 from swarm.requester.fanout import ReplyInfo
 from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
-from swarm.wire import codec as wire
-from swarm.wire import verify
+from swarm.wire import codec, messages, verify
+from swarm.wire.messages import Answers
 
 FloatArray = npt.NDArray[np.float32]
 THROUGHPUT_BATCH: Final = 32
@@ -243,122 +246,114 @@ def patched(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, old)
 
 
-class _TimedIdentity:
-    """The requester's identity, timing every signature it makes."""
-
-    def __init__(self, inner: Identity, probe: Probe) -> None:
-        self._inner = inner
-        self._probe = probe
-        self.peer_id = inner.peer_id
-        self.public_key = inner.public_key
-
-    def sign(self, data: bytes) -> bytes:
-        start = time.perf_counter()
-        try:
-            return self._inner.sign(data)
-        finally:
-            self._probe.add("sign", time.perf_counter() - start)
-
-
 class Probe:
-    """Time spent per stage (ms, summed per classify call) while it is active."""
+    """Time spent per stage (ms, summed per classify call) while it is active.
 
-    # verify: the crypto of checking replies (signatures, session MACs); check: the rest
-    # of checking a reply (bindings, freshness, top-k), without the crypto inside it.
-    STAGES: Final = ("encode", "sign", "verify", "check", "vote", "infer")
-    # The signature checks of the sample the requester checks after a call has answered
-    # (``Requester._check_late``): part of no call's path, they run on the loop after it,
-    # in whichever call's time comes next. Kept apart from ``verify``, under this name.
+    It wraps the public functions a call goes through, where the requester's modules
+    look them up: building and encoding the asks, sealing and opening the link's
+    messages (``Sealer``), decoding the answers, checking each reply's bindings,
+    checking batch signatures, voting; and when each message to a peer starts to leave
+    (``WsPipe.send``).
+    """
+
+    # encode: building the request and packing its asks; seal/open: the link's AEAD;
+    # decode: the answers' msgpack; check: a reply's bindings (``verify_reply``);
+    # verify: reply-batch signature checks (the dissenters'); infer: the slowest
+    # model run a reply reports; send: the rest (the round trips, the event loop).
+    STAGES: Final = ("encode", "seal", "open", "decode", "check", "verify", "vote", "infer")
+    # The signature checks of the sample the requester checks after a call has
+    # answered (scheduled as it returns): part of no call's path. Timed inside
+    # ``late()``, kept apart from ``verify`` under this name.
     LATE: Final = "late_check"
     # Of ``vote``, the one decision at the end of a call (``voting.decide``) without the
     # checks for an early exit after each reply: the least robust vote a call makes.
     DECIDE: Final = "decide"
+    # When the call's last message to a peer began to leave (ms after the call began):
+    # a fan-out's asks go out one by one, and a busy machine spreads them apart.
+    LAST_SEND: Final = "last_send_at"
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
         self.calls: list[dict[str, float]] = []
+        self.started = 0.0  # time.perf_counter() when the current call began
         self._stack = contextlib.ExitStack()
-        self._late = False  # inside Requester._check_late
+        self._late = False
 
     def add(self, stage: str, seconds: float) -> None:
         if self._late and stage == "verify":
             stage = self.LATE
         self.current[stage] = self.current.get(stage, 0.0) + seconds * 1000
 
-    def _late_checks(self, check: Callable[..., None]) -> Callable[..., None]:
-        def check_late(*args: Any, **kwargs: Any) -> None:
-            self._late = True
-            try:
-                check(*args, **kwargs)
-            finally:
-                self._late = False
+    @contextlib.contextmanager
+    def late(self) -> Iterator[None]:
+        """Signature checks inside the block count as late checks, not ``verify``."""
+        self._late = True
+        try:
+            yield
+        finally:
+            self._late = False
 
-        return check_late
-
-    def _timed(
-        self, stage: str, fn: Callable[..., Any], *, minus: str | None = None
-    ) -> Callable[..., Any]:
-        """``fn``, its time added to ``stage``; less what it spent in ``minus`` meanwhile."""
+    def _timed(self, stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, its time added to ``stage``."""
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            inner = self.current.get(minus, 0.0) if minus else 0.0
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                seconds = time.perf_counter() - start
-                if minus:
-                    seconds -= (self.current.get(minus, 0.0) - inner) / 1000
-                self.add(stage, seconds)
+                self.add(stage, time.perf_counter() - start)
 
         return timed
 
     def __enter__(self) -> Probe:
-        build, encode = wire.build_request, wire.encode_request
-        decode = wire.decode_reply
         stack = self._stack
-        stack.enter_context(patched(wire, "build_request", self._timed("encode", build)))
-        stack.enter_context(patched(wire, "encode_request", self._timed("encode", encode)))
         stack.enter_context(
-            patched(wire, "verify_reply", self._timed("check", wire.verify_reply, minus="verify"))
+            patched(requester, "build_request", self._timed("encode", messages.build_request))
         )
-        # Every signature check of a reply or reply batch goes through this one name.
+        stack.enter_context(patched(codec, "encode_asks", self._timed("encode", codec.encode_asks)))
+        # A plain function set on the class is a method: ``self`` comes first.
+        stack.enter_context(patched(Sealer, "seal", self._timed("seal", Sealer.seal)))
+        stack.enter_context(patched(Sealer, "open", self._timed("open", Sealer.open)))
         stack.enter_context(
-            patched(verify, "verify_signature", self._timed("verify", verify_signature))
+            patched(codec, "decode_answers", self._decode_with(codec.decode_answers))
         )
-        # Session MACs: computed for each request sent and checked for each reply.
-        for name in ("request_mac", "reply_mac"):
-            method = getattr(SessionKeys, name)
-            # A plain function set on the class is a method: ``self`` comes first.
-            stack.enter_context(patched(SessionKeys, name, self._timed("verify", method)))
         stack.enter_context(
-            patched(Requester, "_check_late", self._late_checks(Requester._check_late))
+            patched(verify, "verify_reply", self._timed("check", verify.verify_reply))
         )
-        stack.enter_context(patched(wire, "decode_reply", self._decode_with(decode)))
+        # Every signature check of a reply batch goes through this one name.
+        stack.enter_context(
+            patched(verify, "verify_signature", self._timed("verify", identity.verify_signature))
+        )
         stack.enter_context(patched(voting, "can_change", self._timed("vote", voting.can_change)))
         decide = self._timed(self.DECIDE, voting.decide)
         stack.enter_context(patched(voting, "decide", self._timed("vote", decide)))
+        stack.enter_context(patched(WsPipe, "send", self._sends(WsPipe.send)))
         return self
 
-    def _decode_with(self, decode: Callable[[bytes], wire.InferReply]) -> Callable[..., Any]:
-        def decode_reply(body: bytes) -> wire.InferReply:
-            reply = decode(body)
-            self.current["infer"] = max(self.current.get("infer", 0.0), reply.infer_us / 1000)
-            return reply
+    def _sends(self, send: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        async def timed_send(*args: Any, **kwargs: Any) -> None:
+            self.current[self.LAST_SEND] = (time.perf_counter() - self.started) * 1000
+            await send(*args, **kwargs)
 
-        return decode_reply
+        return timed_send
+
+    def _decode_with(self, decode: Callable[..., Answers]) -> Callable[..., Answers]:
+        timed = self._timed("decode", decode)
+
+        def decode_answers(*args: Any, **kwargs: Any) -> Answers:
+            answers: Answers = timed(*args, **kwargs)
+            slowest = max((r.infer_us for r in answers.batch.replies), default=0) / 1000
+            self.current["infer"] = max(self.current.get("infer", 0.0), slowest)
+            return answers
+
+        return decode_answers
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def watch(self, req: Requester) -> contextlib.AbstractContextManager[None]:
-        """Time the signatures ``req`` makes."""
-        return patched(req, "identity", _TimedIdentity(req.identity, self))
-
     def commit(self, total_ms: float) -> None:
-        """Close one call: encode excludes the signature it contains."""
+        """Close one call: ``send`` is what the stages timed leave of its latency."""
         stages = dict(self.current)
-        stages["encode"] = stages.get("encode", 0.0) - stages.get("sign", 0.0)
         known = sum(stages.get(s, 0.0) for s in self.STAGES)
         stages["send"] = max(0.0, total_ms - known)
         stages["total"] = total_ms
@@ -369,15 +364,19 @@ class Probe:
 async def probed_loop(
     req: Requester, tensors: Sequence[FloatArray], count: int
 ) -> tuple[list[float], list[dict[str, float]]]:
-    """Sequential classify calls with each one's stage times."""
+    """Sequential classify calls with each one's stage times. After each call the loop
+    runs once with the probe in ``late()``: the sampled signature checks the call
+    scheduled as it returned are timed as its late checks."""
     latencies = []
-    with Probe() as probe, probe.watch(req):
+    with Probe() as probe:
         for i in range(count):
             probe.current = {}
-            start = time.perf_counter()
+            start = probe.started = time.perf_counter()
             result = await req.classify(tensors[i % len(tensors)])
             ms = (time.perf_counter() - start) * 1000
             latencies.append(ms)
+            with probe.late():
+                await asyncio.sleep(0)
             probe.current["early"] = float(bool(result.skipped))
             probe.commit(ms)
     return latencies, probe.calls

@@ -1,4 +1,4 @@
-"""The benchmark's sections (issue 5): each returns a JSON-ready dict.
+"""The benchmark's sections: each returns a JSON-ready dict.
 
 Every comparison is measured in the same run as what it is compared with; where two
 configurations are compared, their calls are interleaved in rounds so that the drift of
@@ -7,7 +7,6 @@ a noisy machine falls on both alike.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -16,7 +15,6 @@ from typing import Any, Final
 
 import numpy as np
 
-from sim.benchmarks import legacy_http, legacy_voting
 from sim.benchmarks.bare import BareSwarm
 from sim.benchmarks.fleet import Peer, cpu_seconds, model_seconds
 from sim.benchmarks.measure import (
@@ -32,13 +30,15 @@ from sim.benchmarks.measure import (
     session,
     summary,
 )
-from swarm.crypto.identity import Identity, verify_signature
-from swarm.crypto.session import Offer, SessionTable, macs_equal
+from swarm import config
+from swarm.crypto.identity import Identity, TrustStore
+from swarm.crypto.session import HelloGuard, Offer
 from swarm.decision import voting
 from swarm.inference.engine import Manifest
 from swarm.requester.fanout import ReplyInfo
 from swarm.requester.requester import Policy, Requester
-from swarm.wire import codec as wire
+from swarm.wire import codec
+from swarm.wire.messages import Answers, Ask, Asks, build_request, unix_ms
 
 CORES: Final = os.cpu_count() or 1
 # The wave the benchmark measures (``Policy.wave``): three ballots first, two in reserve.
@@ -71,6 +71,7 @@ class Plan:
     scale: tuple[int, ...] = (5, 10, 20, 40)
     scale_runs: int = 150
     tail_runs: int = 60  # per configuration and round
+    wire_calls: int = 300  # calls whose bytes on the wire are counted
 
     @classmethod
     def ci(cls) -> Plan:
@@ -89,6 +90,7 @@ class Plan:
             scale=(5,),
             scale_runs=10,
             tail_runs=6,
+            wire_calls=40,
         )
 
 
@@ -138,6 +140,9 @@ def floor_ms(latencies: dict[str, float], chosen: Sequence[str], rtt_ms: float) 
 
 
 # --- 2. overhead ---------------------------------------------------------------------
+
+# The stages of a call in the overhead table (``Probe``), in the order a call meets them.
+BREAKDOWN: Final = ("encode", "seal", "send", "infer", "open", "decode", "check", "verify", "vote")
 
 
 def _no_early_exit(*_: Any, **__: Any) -> bool:
@@ -203,15 +208,19 @@ async def overhead(
     p50_all = quantile(without, 0.5)
     p50_wave = quantile(waved, 0.5)
     breakdown = {
-        stage: round(quantile([c.get(stage, 0.0) for c in stages], 0.5), 4)
-        for stage in ("encode", "sign", "send", "infer", "verify", "check", "vote")
+        stage: round(quantile([c.get(stage, 0.0) for c in stages], 0.5), 4) for stage in BREAKDOWN
     }
     peer_crypto = _peer_crypto_ms(req)
-    requester_crypto = breakdown["sign"] + breakdown["verify"]
+    # The requester's: sealing its asks, opening the answers, checking the batch
+    # signatures of dissenting replies (most calls have none); the median call's.
+    requester_crypto = quantile(
+        [sum(c.get(k, 0.0) for k in ("seal", "open", "verify")) for c in stages], 0.5
+    )
     # The sampled late checks, per call on average (most calls have none).
     late = sum(c.get(Probe.LATE, 0.0) for c in stages) / max(1, len(stages))
-    on_path_crypto = requester_crypto + peer_crypto["verify"] + peer_crypto["sign"]
+    on_path_crypto = requester_crypto + peer_crypto["on_path"]
     decide = quantile([c.get(Probe.DECIDE, 0.0) for c in stages], 0.5)
+    last_send = [c[Probe.LAST_SEND] for c in stages if Probe.LAST_SEND in c]
     # The bare swarm plus only the work the targets keep on (the crypto on a call's path,
     # one robust decision): the p50 of a swarm whose HTTP, JSON, checks of freshness and
     # replay, and bookkeeping cost nothing. A sum of medians measured in this run.
@@ -232,6 +241,8 @@ async def overhead(
         "decide_p50_ms": round(decide, 4),
         "bare_plus_mandated_ms": round(mandated, 4),
         "bare_plus_mandated_vs_floor": ratio(mandated, floor),
+        # classify against that: what the protocol's machinery adds beyond the work kept.
+        "classify_vs_bare_plus_mandated": ratio(p50, mandated),
         "classify_ms": summary(with_exit),
         "classify_no_early_exit_ms": summary(without),
         "overhead_ratio": ratio(p50, floor),
@@ -245,7 +256,12 @@ async def overhead(
         ),
         "breakdown_p50_ms": breakdown,
         "breakdown_share_of_p50": {k: ratio(v, p50) for k, v in breakdown.items()},
+        # How long after a call began its last ask started to leave (the others are
+        # sent before it, one by one): the fan-out's own spread.
+        "last_ask_sent_at_ms": summary(last_send),
+        "requester_crypto_ms": round(requester_crypto, 4),
         "peer_crypto_ms": peer_crypto,
+        "crypto_on_path_ms": round(on_path_crypto, 4),
         # CPU per call (early exit on): the floor counts the models' share of the cores,
         # and none of the HTTP, JSON and signatures of five servers and one client.
         # peers_models: of peers_total, the time their models ran (their /metrics, wall
@@ -266,13 +282,13 @@ async def overhead(
             + quantile(rtt, 0.5),
             4,
         ),
-        # The requester signs once and checks every reply (by its session MAC, and the
-        # signatures of dissenters); on the critical path each peer checks the request
-        # (its MAC in a session) and signs its reply once more (and MACs it).
+        # The requester seals its asks, opens the answers and checks the signatures of
+        # dissenters; on the critical path one peer opens the asks, signs its reply
+        # batch and seals the answers.
         "crypto_share": ratio(on_path_crypto, p50),
         # After a call has answered, the requester checks the signatures of a sample of
-        # the replies only a session MAC vouched for (``Requester._check_late``): on no
-        # call's path, but CPU all the same. Their mean per call, and the share with them.
+        # the replies only their link vouched for: on no call's path, but CPU all the
+        # same. Their mean per call, and the share with them.
         "late_check_ms_per_call": round(late, 4),
         "crypto_share_with_late_checks": ratio(on_path_crypto + late, p50),
     }
@@ -291,123 +307,71 @@ def _cpu_per_call(
 
 
 def _peer_crypto_ms(req: Requester, runs: int = 200) -> dict[str, Any]:
-    """A peer's share of the crypto on a call's critical path (ms, p50): check one request,
-    sign one reply. In a session (``req.sessions``) the check is the request's MAC and
-    the reply is signed and MACed; without, both are Ed25519 alone."""
-    tensor = np.zeros((1, 28, 28), np.float32)
+    """A peer's share of the crypto on a call's critical path (ms, p50): open one sealed
+    asks message of one input, sign the reply batch of its one reply, seal the answers.
+    Real messages of ``req``'s swarm and family, on a link opened by the real handshake."""
     peer = Identity.generate()
-    request = wire.build_request(req.identity, swarm=req.swarm, tensor=tensor, deadline_ms=1000)
-    signed = request.signed_bytes()
-    body = wire.encode_request(request)
-    reply = wire.build_reply(
-        peer, request, variant="V1", model_sha256="0" * 64, probs=np.full(10, 0.1), infer_us=1
+    offer = Offer(req.identity, swarm=req.swarm, family=req.family)
+    guard = HelloGuard(
+        peer,
+        swarm=req.swarm,
+        family=req.family,
+        trust=TrustStore.open(),
+        freshness_s=60,
+        max_asks=config.MAX_LINK_ASKS,
     )
-    reply_bytes = reply.signed_bytes()
-    reply_body = wire.encode_reply(reply)
-    offer = Offer(req.identity, req.swarm)
-    table = SessionTable(peer, swarm=req.swarm, trust=req.trust, freshness_s=60)
-    welcome = table.open(offer.hello, now_ms=wire.unix_ms())
-    keys = offer.accept(
+    welcome, peer_out, peer_in = guard.accept(offer.hello, now_ms=unix_ms())
+    requester_out, _ = offer.accept(
         welcome,
         expected_peer_id=peer.peer_id,
         expected_key=peer.public_key,
-        now_ms=wire.unix_ms(),
+        now_ms=unix_ms(),
         freshness_s=60,
     )
-    request_mac = keys.request_mac("/v1/infer", body)
-    samples: dict[str, list[float]] = {k: [] for k in ("verify", "sign", "mac_in", "mac_out")}
-    for _ in range(runs):
+    tensor = np.zeros(req.input_shape, np.float32)
+    samples: dict[str, list[float]] = {k: [] for k in ("open", "sign", "seal")}
+    for number in range(runs):
+        # The two ends' counters stay in step: the requester seals what the peer opens.
+        request = build_request(
+            swarm=req.swarm,
+            family=req.family,
+            requester_id=req.identity.peer_id,
+            tensor=tensor,
+            deadline_ms=1000,
+        )
+        ask = Ask(request.request_id, request.k, request.deadline_ms, request.input)
+        sealed = requester_out.seal(codec.encode_asks(Asks(number, (ask,))))
+        reply = codec.build_reply(
+            request,
+            responder_id=peer.peer_id,
+            variant="V1",
+            model_sha256="0" * 64,
+            probs=np.full(10, 0.1),
+            infer_us=1,
+        )
         t0 = time.perf_counter()
-        verify_signature(request.requester_key, request.signature, signed)
+        peer_in.open(sealed)
         t1 = time.perf_counter()
-        peer.sign(reply_bytes)
+        batch = codec.sign_replies(peer, [reply])
         t2 = time.perf_counter()
-        macs_equal(keys.request_mac("/v1/infer", body), request_mac)
+        peer_out.seal(codec.encode_answers(Answers(number, batch)))
         t3 = time.perf_counter()
-        keys.reply_mac(request_mac, 200, reply_body)
-        t4 = time.perf_counter()
-        for name, (a, b) in zip(samples, ((t0, t1), (t1, t2), (t2, t3), (t3, t4)), strict=True):
-            samples[name].append((b - a) * 1000)
+        for name, (x, y) in zip(samples, ((t0, t1), (t1, t2), (t2, t3)), strict=True):
+            samples[name].append((y - x) * 1000)
     p50 = {name: quantile(values, 0.5) for name, values in samples.items()}
-    if req.sessions:
-        verify, sign = p50["mac_in"], p50["sign"] + p50["mac_out"]
-    else:
-        verify, sign = p50["verify"], p50["sign"]
     return {
-        "sessions": req.sessions,
-        "verify": round(verify, 4),
-        "sign": round(sign, 4),
-        "ed25519_verify": round(p50["verify"], 4),
-        "ed25519_sign": round(p50["sign"], 4),
-        "request_mac": round(p50["mac_in"], 4),
-        "reply_mac": round(p50["mac_out"], 4),
+        "open": round(p50["open"], 4),
+        "sign": round(p50["sign"], 4),
+        "seal": round(p50["seal"], 4),
+        "on_path": round(sum(p50.values()), 4),
     }
 
 
-# --- the fast path: each change against its old behaviour, same run -------------------
+# --- the fast path: the peers' options against their defaults, same run --------------
 
-# Old behaviours of the peers: each row runs against a fleet started with it.
-OLD_PEER_ROWS: Final = (
-    "old_batch_wait_2ms",
-    "old_engine_thread",
-    "old_asyncio_loop",
-    "old_aiohttp_server",
-)
-
-
-async def _old_exchange(
-    self: Requester,
-    address: str,
-    port: int,
-    path: str,
-    body: bytes,
-    limit_s: float,
-    max_reply: int,
-    headers: dict[str, str] | None = None,
-) -> Any:
-    # Before: the caller's cancellation (early exit, hedge) tore the connection down.
-    return await self._post(address, port, path, body, limit_s, max_reply, headers)
-
-
-@contextlib.contextmanager
-def _old_vote() -> Any:
-    with (
-        patched(voting, "can_change", legacy_voting.can_change),
-        patched(voting, "decide", legacy_voting.decide),
-    ):
-        yield
-
-
-def _holds_class_by_class(*args: Any, **kwargs: Any) -> bool:
-    return _HOLDS(*args, **kwargs, shortcut=False)
-
-
-_HOLDS: Final = voting._holds
-
-
-@contextlib.contextmanager
-def _old_vote_class_by_class() -> Any:
-    # Before: the certificate and early-exit checks bounded every contender on its own.
-    with patched(voting, "_holds", _holds_class_by_class):
-        yield
-
-
-@contextlib.contextmanager
-def _old_connection() -> Any:
-    with patched(Requester, "_exchange", _old_exchange):
-        yield
-
-
-@contextlib.contextmanager
-def _old_http_client() -> Any:
-    # Before: every exchange with a peer went through aiohttp's client.
-    with patched(Requester, "_post", legacy_http.aiohttp_post):
-        yield
-
-
-@contextlib.contextmanager
-def _nothing() -> Any:
-    yield
+# Peers started with an option other than the default: each row runs against a fleet of
+# its own (``sim.bench.PEER_OPTIONS``); ``old_all`` takes every one of them at once.
+OLD_PEER_ROWS: Final = ("old_batch_wait_2ms", "old_engine_thread", "old_asyncio_loop", "old_all")
 
 
 async def fast_path(
@@ -417,30 +381,20 @@ async def fast_path(
     *,
     old_peers: dict[str, Requester],
 ) -> dict[str, Any]:
-    """classify p50/p99 now and with each old behaviour put back, interleaved.
-
-    ``old_peers`` maps a name to a requester of a fleet whose peers run with that old
-    behaviour (``old_all``: every old peer behaviour at once); the requester's own old
-    behaviours are patched in around the calls.
-    """
-    configs: dict[str, tuple[Requester | None, Callable[[], Any]]] = {
-        "current": (req, _nothing),
-        "old_vote_numpy": (req, _old_vote),
-        "old_vote_class_by_class": (req, _old_vote_class_by_class),
-        "old_connection_closed_on_cancel": (req, _old_connection),
-        "old_signatures_no_sessions": (req, lambda: _no_sessions(req)),
-        "old_aiohttp_client": (req, _old_http_client),
-        **{name: (old_peers.get(name), _nothing) for name in OLD_PEER_ROWS},
-        "old_all": (old_peers.get("old_all"), _old_all),
+    """classify p50/p99 against the default peers and against peers started with each
+    other option (``old_peers``: a requester of each such fleet), interleaved in rounds.
+    ``vote_cost_ms``: one call's voting work, measured on the current calls' replies."""
+    configs: dict[str, Requester | None] = {
+        "current": req,
+        **{name: old_peers.get(name) for name in OLD_PEER_ROWS},
     }
     samples: dict[str, list[float]] = {name: [] for name in configs}
     ballots: list[tuple[ReplyInfo, ...]] = []
     for _ in range(plan.rounds):
-        for name, (target, context) in configs.items():
+        for name, target in configs.items():
             if target is None:
                 continue
-            with context(), _no_sessions(target) if name == "old_all" else _nothing():
-                loop = await classify_loop(target, tensors, count=plan.per_round)
+            loop = await classify_loop(target, tensors, count=plan.per_round)
             samples[name] += loop.latencies_ms
             if name == "current":
                 ballots += loop.replies
@@ -456,55 +410,21 @@ async def fast_path(
     return out
 
 
-@contextlib.contextmanager
-def _no_sessions(req: Requester) -> Any:
-    # Before: every request and every reply checked by its Ed25519 signature.
-    with patched(req, "sessions", False):
-        yield
-
-
-@contextlib.contextmanager
-def _old_all() -> Any:
-    with _old_vote(), _old_connection(), _old_http_client():
-        yield
-
-
 def _vote_cost(calls: Sequence[tuple[ReplyInfo, ...]], asked: int) -> dict[str, float]:
-    """One call's voting work, old against new (ms, p50 over ``calls``): the early-exit
-    check after each reply but the last, then the decision, on the replies that real
-    calls of this run counted, in the order they arrived, ``asked`` ballots expected.
-    ``old``: the numpy vote; ``class_by_class``: the certificate and early-exit checks
-    bounding every contender on its own."""
+    """One call's voting work (ms, p50 over ``calls``): the early-exit check after each
+    reply but the last, then the decision, on the replies that real calls of this run
+    counted, in the order they arrived, ``asked`` ballots expected."""
     sets = [
         [voting.Ballot(r.peer, r.variant, r.topk, r.weight) for r in replies]
         for replies in calls
         if replies
     ]
     bound = max((b.weight for ballots in sets for b in ballots), default=1.0)
-
-    def one(mod: Any, ballots: list[voting.Ballot]) -> float:
+    times: list[float] = []
+    for ballots in sets:
         start = time.perf_counter()
         for k in range(1, len(ballots)):
-            mod.can_change(ballots[:k], missing=asked - k, missing_weight=bound)
-        mod.decide(ballots)
-        return (time.perf_counter() - start) * 1000
-
-    def each_class(ballots: list[voting.Ballot]) -> float:
-        with _old_vote_class_by_class():
-            return one(voting, ballots)
-
-    old: list[float] = []
-    by_class: list[float] = []
-    new: list[float] = []
-    for ballots in sets:  # interleaved: the machine's speed drifts
-        old.append(one(legacy_voting, ballots))
-        by_class.append(each_class(ballots))
-        new.append(one(voting, ballots))
-    return {
-        "calls": len(sets),
-        "old_p50": round(quantile(old, 0.5), 4),
-        "class_by_class_p50": round(quantile(by_class, 0.5), 4),
-        "new_p50": round(quantile(new, 0.5), 4),
-        "speedup": ratio(quantile(old, 0.5), quantile(new, 0.5)),
-        "speedup_vs_class_by_class": ratio(quantile(by_class, 0.5), quantile(new, 0.5)),
-    }
+            voting.can_change(ballots[:k], missing=asked - k, missing_weight=bound)
+        voting.decide(ballots)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"calls": len(sets), "p50": round(quantile(times, 0.5), 4)}

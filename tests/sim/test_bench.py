@@ -14,29 +14,22 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from sim.bench import SECTIONS
-from sim.benchmarks import legacy_voting
 from sim.benchmarks.fleet import Fleet, requester
 from sim.benchmarks.load import median_round
 from sim.benchmarks.measure import Probe, classify_loop, gc_time, inputs, patched
+from sim.benchmarks.wirebytes import difference, parse_ss
 from swarm import aio
 from swarm.crypto.identity import Identity
 from swarm.decision import voting
-from swarm.errors import NoDecisionError
 from swarm.inference.engine import default_manifest_path, load_manifest
-from swarm.requester.fanout import Unchecked
-from swarm.requester.requester import Requester
-from swarm.wire import codec as wire
-from swarm.wire import verify
-from tests.swarm.test_voting import ballots_strategy
+from swarm.wire import codec, verify
+from swarm.wire.messages import build_request
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_TIMEOUT_S = 240
@@ -101,6 +94,9 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert _finite(ov["decide_p50_ms"]) and ov["decide_p50_ms"] > 0
     assert ov["bare_plus_mandated_ms"] > ov["bare_swarm_ms"]["p50"] + ov["decide_p50_ms"]
     assert ov["bare_plus_mandated_vs_floor"] > ov["bare_swarm_vs_floor"]
+    assert ov["classify_vs_bare_plus_mandated"] == pytest.approx(
+        ov["classify_ms"]["p50"] / ov["bare_plus_mandated_ms"], rel=0.01
+    )
     for key in ("cpu_ms_per_call", "cpu_ms_per_call_wave"):
         # The peers' /metrics were read: their models ran during the calls. (Against
         # peers_total only loosely: /proc counts CPU in 10 ms ticks, a few calls here.)
@@ -110,26 +106,43 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
         assert _finite(cpu) and 0 < cpu <= ov[key]["peers_models"] * 1.01, ov[key]
     assert _finite(ov["models_cpu_vs_alone"]) and ov["models_cpu_vs_alone"] > 0
     assert ov["floor_with_swarm_models_cpu_ms"] >= ov["rtt_ms"]["p50"]
-    stages = {"encode", "sign", "send", "infer", "verify", "check", "vote"}
+    stages = {"encode", "seal", "send", "infer", "open", "decode", "check", "verify", "vote"}
     assert set(ov["breakdown_p50_ms"]) == stages
-    assert ov["peer_crypto_ms"]["sessions"] is True
+    # Every call seals its asks and opens the answers: the link's AEAD is on the path.
+    assert ov["breakdown_p50_ms"]["seal"] > 0 and ov["breakdown_p50_ms"]["open"] > 0
+    sent = ov["last_ask_sent_at_ms"]
+    assert sent["n"] > 0 and 0 < sent["p50"] < ov["classify_ms"]["p99"]
+    pc = ov["peer_crypto_ms"]
+    assert min(pc["open"], pc["sign"], pc["seal"]) > 0
+    assert pc["on_path"] == pytest.approx(pc["open"] + pc["sign"] + pc["seal"], abs=1e-3)
+    assert ov["crypto_on_path_ms"] == pytest.approx(
+        ov["requester_crypto_ms"] + pc["on_path"], abs=1e-3
+    )
+    assert ov["crypto_share"] == pytest.approx(
+        ov["crypto_on_path_ms"] / ov["classify_ms"]["p50"], rel=0.01, abs=0.001
+    )
     fp = out["fast_path"]
     assert _finite(fp["current"]["classify_ms"]["p50"])
-    assert _finite(fp["old_vote_numpy"]["p50_vs_current"])
-    for row in (
-        "old_connection_closed_on_cancel",
-        "old_signatures_no_sessions",
-        "old_aiohttp_client",
-    ):
-        assert _finite(fp[row]["p50_vs_current"]), row
-    assert {
+    assert set(fp) == {
+        "current",
         "old_batch_wait_2ms",
         "old_engine_thread",
         "old_asyncio_loop",
-        "old_aiohttp_server",
         "old_all",
         "vote_cost_ms",
-    } <= fp.keys()
+    }
+    assert fp["vote_cost_ms"]["calls"] > 0 and fp["vote_cost_ms"]["p50"] > 0
+    # Bytes on the wire, counted at the sockets: a call's input (784 bytes) goes to at
+    # least one peer (an ask that waits behind a busy exchange with a peer is dropped
+    # unsent once its call has decided) and replies come back; no socket lost meanwhile.
+    wire = out["wire"]["now"]
+    assert wire["calls"] > 0 and wire["failures"] == 0 and wire["peers"] == 5
+    assert wire["closed_during"] == 0
+    assert wire["sent_per_call"] > 784 and wire["received_per_call"] > 0
+    assert wire["bytes_per_call"] == pytest.approx(
+        wire["sent_per_call"] + wire["received_per_call"], abs=0.2
+    )
+    assert out["wire"]["before"] is None and out["wire"]["vs_before"] is None
     tp = out["throughput"]
     assert _finite(tp["floor"]["per_s"])
     low, high = tp["floor_per_s_range"]
@@ -148,8 +161,7 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert "batching_off" in tp["levels"]
     assert _finite(tp["levels"]["batching_on_wave3"]["1"]["per_s"])
     assert _finite(tp["levels"]["batching_on_all_at_once"]["8"]["per_s"])
-    assert _finite(tp["levels"]["batching_on_two_exchanges"]["8"]["per_s"])
-    assert _finite(tp["levels"]["batching_on_trusted_first"]["8"]["per_s"])
+    assert _finite(tp["levels"]["no_coalescing"]["8"]["per_s"])
     assert _finite(tp["levels"]["bare_swarm"]["8"]["per_s"])
     # The load shared among two requester processes: both ran at 8, one alone at 1.
     assert tp["requesters"] == 2
@@ -166,17 +178,26 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     for name in ("no_straggler_ms", "plain", "hedging", "early_exit", "hedging_and_early_exit"):
         assert _finite(out["tails"][name]["p99"]), name
         assert type(out["tails"]["failures"][name]) is int, name
-    assert set(out["targets"]) == {
-        "overhead_ratio_p50",
-        "overhead_ratio_p50_no_early_exit",
-        "overhead_ratio_p50_wave",
+    targets = out["targets"]
+    assert set(targets) == {
+        "classify_vs_bare_plus_mandated",
+        "overhead_ratio_p50_16_cores",
+        "requester_cpu_ms_per_call_c1",
+        "peers_cpu_ms_per_call_outside_models_c1",
         "throughput_c32_vs_floor",
+        "wire_bytes_vs_before",
+        "crypto_share",
         "throughput_c32_wave_vs_floor",
         "throughput_c32_requesters_vs_floor",
-        "crypto_share",
         "all_see_all_at_20_s",
         "p50_40_vs_5_peers",
     }
+    # Measured in the CI run too, and judged against their limits.
+    for name in ("classify_vs_bare_plus_mandated", "requester_cpu_ms_per_call_c1", "crypto_share"):
+        assert _finite(targets[name]["value"]) and type(targets[name]["met"]) is bool, name
+    # No concurrency 32 in the CI run, no baseline checkout: nothing to judge.
+    assert targets["throughput_c32_vs_floor"] == {"value": None, "limit": 0.65, "met": None}
+    assert targets["wire_bytes_vs_before"]["met"] is None
     assert time.monotonic() - started < QUICK_TIMEOUT_S
 
 
@@ -206,8 +227,8 @@ async def test_classify_never_blocks_the_event_loop(
                     clean = await classify_loop(req, tensors, count=CALLS)
                     slow_clean = _slow_callbacks(caplog)
                     caplog.clear()
-                    # The probe itself: a verify that blocks must be caught on every call.
-                    with patched(wire, "verify_reply", _blocking(wire.verify_reply)):
+                    # The probe itself: a check that blocks must be caught on every call.
+                    with patched(verify, "verify_reply", _blocking(verify.verify_reply)):
                         await classify_loop(req, tensors, count=5)
                     slow_blocked = _slow_callbacks(caplog)
             finally:
@@ -220,43 +241,6 @@ async def test_classify_never_blocks_the_event_loop(
 
 def _slow_callbacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Executing")]
-
-
-# --- the old vote the fast-path table puts back ---------------------------------------
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    data=st.data(),
-    num_classes=st.integers(2, 10),
-    rule=st.sampled_from(voting.RULES),
-    missing=st.integers(0, 4),
-)
-def test_legacy_vote_gives_the_same_results(
-    data: st.DataObject, num_classes: int, rule: str, missing: int
-) -> None:
-    """The numpy vote kept for the fast-path row decides exactly as ``swarm.decision.voting``:
-    label, scores, certificate and early exit, bit for bit, so the row compares cost
-    alone."""
-    ballots = data.draw(ballots_strategy(num_classes=num_classes))
-    old = [legacy_voting.Ballot(x.peer_id, x.variant, x.topk, x.weight) for x in ballots]
-    try:
-        new_d = voting.decide(ballots, rule, num_classes=num_classes)
-    except NoDecisionError:
-        with pytest.raises(NoDecisionError):
-            legacy_voting.decide(old, rule, num_classes=num_classes)
-        return
-    old_d = legacy_voting.decide(old, rule, num_classes=num_classes)
-    assert (new_d.label, new_d.certified_f, new_d.used) == (
-        old_d.label,
-        old_d.certified_f,
-        old_d.used,
-    )
-    assert new_d.scores == old_d.scores
-    assert (new_d.margin, new_d.confidence) == (old_d.margin, old_d.confidence)
-    assert voting.can_change(ballots, missing, rule, num_classes=num_classes) == (
-        legacy_voting.can_change(old, missing, rule, num_classes=num_classes)
-    )
 
 
 def test_a_throughput_row_reports_its_median_round_whole() -> None:
@@ -288,21 +272,30 @@ def test_gc_time_counts_collections_only_inside_its_block() -> None:
 
 
 def test_probe_keeps_the_late_checks_apart() -> None:
-    """A signature checked after its call answered (``Requester._check_late``) is timed as
-    a late check; one checked on a call's path, as verify."""
+    """A batch signature checked inside ``late()`` (after its call answered) is timed as a
+    late check; one checked on a call's path, as verify."""
     requester_identity, peer = Identity.generate(), Identity.generate()
-    request = wire.build_request(
-        requester_identity, swarm="probe", tensor=np.zeros((1, 28, 28), np.float32), deadline_ms=1
+    request = build_request(
+        swarm="probe",
+        family="0" * 32,
+        requester_id=requester_identity.peer_id,
+        tensor=np.zeros((1, 28, 28), np.uint8),
+        deadline_ms=1,
     )
-    reply = wire.build_reply(
-        peer, request, variant="V1", model_sha256="0" * 64, probs=np.full(10, 0.1), infer_us=1
+    reply = codec.build_reply(
+        request,
+        responder_id=peer.peer_id,
+        variant="V1",
+        model_sha256="0" * 64,
+        probs=np.full(10, 0.1),
+        infer_us=1,
     )
-    record = SimpleNamespace(peer_id=peer.peer_id, public_key=peer.public_key)
-    owner = SimpleNamespace(reputation=None, metrics=None)  # touched only by a bad signature
+    batch = codec.sign_replies(peer, [reply])
     with Probe() as probe:
-        Requester._check_late(owner, [Unchecked(record, reply, None)])  # type: ignore[arg-type]
+        with probe.late():
+            verify.verify_reply_batch(batch, expected_key=peer.public_key)
         assert Probe.LATE in probe.current and "verify" not in probe.current
-        assert verify.verify_signature(peer.public_key, reply.signature, reply.signed_bytes())
+        verify.verify_reply_batch(batch, expected_key=peer.public_key)
     assert probe.current[Probe.LATE] > 0 and probe.current["verify"] > 0
 
 
@@ -316,3 +309,38 @@ def test_probe_times_the_decision_apart_and_within_the_vote() -> None:
         before = probe.current["vote"]
         assert voting.decide(ballots).label == 3
     assert 0 < probe.current[Probe.DECIDE] <= probe.current["vote"] - before
+
+
+SS_OUTPUT = """\
+0      0      127.0.0.1:40000 127.0.0.1:7001 users:(("python",pid=42,fd=20))
+\t cubic wscale:7,7 rto:204 bytes_sent:5000 bytes_acked:5001 bytes_received:900 segs_out:9
+0      0      127.0.0.1:40002 127.0.0.1:7002 users:(("python",pid=42,fd=21))
+\t cubic wscale:7,7 rto:204 bytes_acked:1 segs_out:1
+0      0      127.0.0.1:7001 127.0.0.1:40000 users:(("python",pid=7,fd=9))
+\t cubic bytes_sent:900 bytes_received:5000
+0      0      127.0.0.1:40004 127.0.0.1:9999 users:(("python",pid=42,fd=22))
+\t cubic bytes_sent:77 bytes_received:77
+0      0      127.0.0.1:40006 127.0.0.1:7003 users:(("python",pid=420,fd=23))
+\t cubic bytes_sent:66 bytes_received:66
+"""
+
+
+def test_parse_ss_keeps_one_process_sockets_to_the_peers_ports() -> None:
+    """Only ``pid``'s own sockets to the peers' ports count (not the peer's end of the same
+    connection, another port, or a pid that merely starts the same); a socket that moved
+    nothing yet counts zero."""
+    counters = parse_ss(SS_OUTPUT, 42, {7001, 7002, 7003})
+    assert counters == {
+        ("127.0.0.1:40000", "127.0.0.1:7001"): (5000, 900),
+        ("127.0.0.1:40002", "127.0.0.1:7002"): (0, 0),
+    }
+
+
+def test_difference_counts_growth_and_new_sockets_and_names_closed_ones() -> None:
+    a, b, c = (("l", f"r{i}") for i in range(3))
+    before = {a: (100, 10), b: (50, 5)}
+    after = {a: (400, 70), c: (30, 3)}  # b closed meanwhile, c opened
+    moved = difference(before, after, calls=3)
+    assert (moved["bytes_sent"], moved["bytes_received"]) == (300 + 30, 60 + 3)
+    assert moved["bytes_per_call"] == pytest.approx((330 + 63) / 3, abs=0.1)
+    assert (moved["opened_during"], moved["closed_during"]) == (1, 1)

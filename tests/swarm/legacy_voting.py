@@ -1,8 +1,8 @@
-"""The voting rules as they were before the fast path: numpy on every small array.
+"""An oracle for ``swarm.decision.voting``: the voting rules written with numpy arrays.
 
-A verbatim copy of ``swarm.decision.voting``'s arithmetic before it moved to plain floats, kept
-so that ``sim.bench`` can put the old cost back into a classify call (``fast_path``) and
-measure both in one run. Results are bit-for-bit those of ``swarm.decision.voting``.
+A verbatim copy of the vote's arithmetic before it moved to plain floats: an independent
+implementation whose results must be bit-for-bit those of ``swarm.decision.voting``
+(``tests/swarm/test_voting_oracle.py``).
 """
 
 from __future__ import annotations
