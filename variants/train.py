@@ -204,6 +204,12 @@ def parser() -> argparse.ArgumentParser:
         "images' median shorter side, 8..64",
     )
     p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=1,
+        help="image folders: processes that decode images into the cache (default: 1)",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
