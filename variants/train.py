@@ -204,6 +204,12 @@ def parser() -> argparse.ArgumentParser:
         "images' median shorter side, 8..64",
     )
     p.add_argument(
+        "--decode-workers",
+        type=int,
+        default=1,
+        help="image folders: processes that decode images into the cache (default: 1)",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -290,8 +296,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error("--jobs must be >= 1")
+    if args.jobs < 1 or args.decode_workers < 1:
+        p.error("--jobs and --decode-workers must be >= 1")
     if args.budget_ms is not None and args.budget_ms <= 0:
         p.error("--budget-ms must be > 0")
     if not 1 <= args.min_members <= args.max_members:
@@ -310,7 +316,12 @@ def _run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
         args.run_dir = DEFAULT_RUN_DIR if args.data == "fashion-mnist" else Path("runs") / name
     cache = args.cache_dir or args.run_dir / "cache"
     splits = datasets.load(
-        args.data, None if named else cache, args.channels, args.input_size, progress=args.progress
+        args.data,
+        None if named else cache,
+        args.channels,
+        args.input_size,
+        progress=args.progress,
+        workers=args.decode_workers,
     )
     args.data_flags = ["--data", args.data, "--cache-dir", str(cache)] + (
         []

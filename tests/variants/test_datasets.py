@@ -167,3 +167,14 @@ def test_a_given_split_without_images_is_refused(tmp_path: Path) -> None:
         (tmp_path / "d" / "test" / f"k{c}").mkdir(parents=True)
     with pytest.raises(DatasetError, match=r"test holds no decodable image"):
         datasets.load(str(tmp_path / "d"), tmp_path / "cache", size=8)
+
+
+def test_decoding_in_worker_processes_gives_the_same_cache(tmp_path: Path) -> None:
+    """Two decode processes produce the same images, labels and skips as one."""
+    root = write_rgb_folder(tmp_path / "shapes")
+    one = datasets.load(str(root), tmp_path / "c1", channels=3, size=10)
+    two = datasets.load(str(root), tmp_path / "c2", channels=3, size=10, workers=2)
+    for a, b in ((one.train, two.train), (one.val, two.val), (one.test, two.test)):
+        assert np.array_equal(np.asarray(a.images[:]), np.asarray(b.images[:]))
+        assert np.array_equal(a.labels, b.labels)
+    assert one.notes["skipped_images"] == two.notes["skipped_images"] == 1

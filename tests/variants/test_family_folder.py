@@ -181,3 +181,40 @@ def test_a_split_too_large_for_memory_is_read_from_disk_per_batch(
     idx = torch.tensor([5, 0, 3, 3, 1])
     assert torch.equal(disk.take(idx), whole.take(idx))
     assert torch.equal(torch.cat(list(disk.batches(4))), whole.whole)
+
+
+def test_a_profile_measured_on_a_device_gives_its_factor(tmp_path: Path) -> None:
+    """python -m variants.budget writes a profile; loaded here it yields a measured factor
+    (the same machine's profile: close to 1)."""
+    out = tmp_path / "dev.json"
+    assert budget.main(["--out", str(out), "--name", "bench"]) == 0
+    raw = json.loads(out.read_text())
+    assert set(raw["probe_ms"]) == {"reference", "V1"}
+    profile = budget.load_profile(str(out))
+    assert profile.measured and profile.name == "bench"
+    assert 0.2 < profile.factor < 5.0
+
+
+@needs_torch
+def test_a_budget_no_candidate_meets_trains_none_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Candidates whose untrained graphs miss the budget are dropped before training; with
+    none left, selection stops with an error that names the budget."""
+    from variants import train
+
+    rc = train.main(
+        [
+            "--data", "digits", "--plan", "tiny", "--budget-ms", "0.000001",
+            "--run-dir", str(tmp_path / "run"), "--out-dir", str(tmp_path / "fam"),
+            "--min-members", "1", "--no-progress", "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (plan,) = [e for e in events if e["event"] == "plan.budget"]
+    assert len(plan["dropped"]) == 3
+    trained = [e["model"] for e in events if e["event"] == "train.finished"]
+    assert trained == ["reference"]
+    assert "latency budget" in err and "--budget-ms" in err

@@ -21,6 +21,7 @@ def load(
     channels: int | None = None,
     size: int | None = None,
     progress: bool = False,
+    workers: int = 1,
 ) -> Splits:
     """The dataset named ``data`` or the image folder at that path."""
     if data in NAMED:
@@ -35,9 +36,8 @@ def load(
             f"--data {data!r} is neither a named dataset ({', '.join(sorted(NAMED))}) nor an "
             "existing folder; give one of those names or the path of an image folder"
         )
-    return load_folder(
-        path, cache_dir or Path("runs") / "cache" / path.resolve().name, channels, size, progress
-    )
+    cache = cache_dir or Path("runs") / "cache" / path.resolve().name
+    return load_folder(path, cache, channels, size, progress, workers)
 
 
 def from_source(source: dict[str, object], cache_dir: Path | None = None) -> Splits:

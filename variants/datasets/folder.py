@@ -10,14 +10,17 @@ batches read from disk. Undecodable files are skipped with a count and a warning
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,10 +188,25 @@ def _cache_key(files: Sequence[Path], spec: InputSpec) -> str:
     return h.hexdigest()[:24]
 
 
+def _decode_one(job: tuple[Path, int, int]) -> tuple[np.ndarray | None, str]:
+    """(pixels, "") or (None, why): one file, in a worker process or here."""
+    path, channels, size = job
+    try:
+        return dec.decode(path, channels, size), ""
+    except dec.BadImage as exc:
+        return None, f"{path}: {exc}"
+
+
 def cached_split(
-    listing: Listing, spec: InputSpec, cache_dir: Path, split: str, progress: bool
+    listing: Listing,
+    spec: InputSpec,
+    cache_dir: Path,
+    split: str,
+    progress: bool,
+    workers: int = 1,
 ) -> tuple[ImageSet, list[str]]:
-    """The split's images decoded into (or read back from) a uint8 cache file on disk."""
+    """The split's images decoded into (or read back from) a uint8 cache file on disk;
+    ``workers`` > 1 decodes in that many processes (the file order is kept)."""
     key = _cache_key(listing.files, spec)
     npy, meta_path = cache_dir / f"{split}-{key}.npy", cache_dir / f"{split}-{key}.json"
     if npy.exists() and meta_path.exists():
@@ -207,14 +225,26 @@ def cached_split(
         from tqdm import tqdm
 
         bar = tqdm(total=len(listing.files), desc=f"decode {split}", unit="img")
-    for path, label in zip(listing.files, listing.labels.tolist(), strict=True):
-        try:
-            out[len(labels)] = dec.decode(path, spec.channels, spec.size)
-            labels.append(label)
-        except dec.BadImage as exc:
-            skipped.append(f"{path}: {exc}")
-        if bar is not None:
-            bar.update(1)
+    jobs = [(path, spec.channels, spec.size) for path in listing.files]
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            # spawn: the parent may hold threads (a progress bar's) that fork would copy
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            )
+            results: Iterator[tuple[np.ndarray | None, str]] = pool.map(
+                _decode_one, jobs, chunksize=64
+            )
+        else:
+            results = map(_decode_one, jobs)
+        for (pixels, why), label in zip(results, listing.labels.tolist(), strict=True):
+            if pixels is None:
+                skipped.append(why)
+            else:
+                out[len(labels)] = pixels
+                labels.append(label)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     out.flush()
@@ -231,6 +261,7 @@ def load_folder(
     channels: int | None = None,
     size: int | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Splits:
     """The image folder at ``root`` as train/val/test splits at the family's input spec."""
     root = root.expanduser().resolve()
@@ -247,7 +278,7 @@ def load_folder(
     sets: dict[str, ImageSet] = {}
     skipped_all: list[str] = []
     for split, listing in listings.items():
-        sets[split], skipped = cached_split(listing, spec, cache_dir, split, progress)
+        sets[split], skipped = cached_split(listing, spec, cache_dir, split, progress, workers)
         skipped_all += skipped
         if not len(sets[split]):
             where = root if split == "all" else root / split
