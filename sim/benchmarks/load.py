@@ -43,13 +43,12 @@ from sim.benchmarks.measure import (
 )
 from sim.benchmarks.sections import (
     CORES,
+    NO_EARLY_EXIT,
     STRAGGLE_PERIODS_S,
     STRAGGLE_S,
     WAVE,
     Plan,
-    _no_early_exit,
 )
-from swarm.decision import voting
 from swarm.inference.engine import Manifest
 from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
 
@@ -379,10 +378,9 @@ async def tails(
         failures["no_straggler_ms"] += loop.failures
         async with straggling(stragglers):
             for name, (timings, early) in configs.items():
-                with patched(req, "timings", timings), contextlib.ExitStack() as stack:
-                    if not early:
-                        stack.enter_context(patched(voting, "can_change", _no_early_exit))
-                    loop = await classify_loop(req, tensors, count=plan.tail_runs)
+                with patched(req, "timings", timings):
+                    policy = DEFAULT_POLICY if early else NO_EARLY_EXIT
+                    loop = await classify_loop(req, tensors, count=plan.tail_runs, policy=policy)
                 samples[name] += loop.latencies_ms
                 failures[name] += loop.failures
     return {

@@ -22,7 +22,6 @@ from sim.benchmarks.measure import (
     FloatArray,
     Probe,
     classify_loop,
-    patched,
     probed_loop,
     quantile,
     ratio,
@@ -145,8 +144,7 @@ def floor_ms(latencies: dict[str, float], chosen: Sequence[str], rtt_ms: float) 
 BREAKDOWN: Final = ("encode", "seal", "send", "infer", "open", "decode", "check", "verify", "vote")
 
 
-def _no_early_exit(*_: Any, **__: Any) -> bool:
-    return True  # "the missing replies could still change it": wait for every reply
+NO_EARLY_EXIT: Final = Policy(early_exit=False)  # wait for every reply asked
 
 
 async def overhead(
@@ -191,8 +189,7 @@ async def overhead(
         models += await model_seconds(peers) - models0
         with_exit += lat
         stages += calls
-        with patched(voting, "can_change", _no_early_exit):
-            loop = await classify_loop(req, tensors, count=per_round)
+        loop = await classify_loop(req, tensors, count=per_round, policy=NO_EARLY_EXIT)
         without += loop.latencies_ms
         peers0 = sum(cpu_seconds(p) for p in peers)
         models0 = await model_seconds(peers)

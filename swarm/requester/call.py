@@ -28,6 +28,9 @@ class Policy:
     # (the default) asks every one at once while the requester has fewer than
     # ``config.WAVE_IN_FLIGHT`` calls in flight, and a majority first from there on.
     wave: int | Literal["auto"] | None = AUTO_WAVE
+    # Stop as soon as the replies still out cannot change the label (``swarm.requester.fanout``,
+    # "Early exit"); False waits for every ballot asked, up to the deadline.
+    early_exit: bool = True
 
     def __post_init__(self) -> None:
         if self.variants is not None and (

@@ -239,6 +239,7 @@ class FanOut:
         wave: int | None = None,
         rank: Callable[[Replicas], Any] = first_wave_key,
         num_classes: int = config.NUM_CLASSES,
+        early_exit: bool = True,
     ) -> None:
         if wave is not None and wave < 1:
             raise ValueError(f"wave must be >= 1 or None (every slot at once), got {wave}")
@@ -250,6 +251,7 @@ class FanOut:
         self.weights = weights
         self.rule = rule
         self.num_classes = num_classes  # the family's
+        self.early_exit = early_exit
         self.quorum = quorum
         self.deadline_at = deadline_at  # time.monotonic(), as the event loop's clock
         # What the asks brought back, not absorbed yet, and the wait for the next one.
@@ -286,7 +288,7 @@ class FanOut:
                 if id(variant) not in held:
                     self._ask_next(variant)
             while any(v.inflight for v in self.variants.values()) or self.reserve:
-                if self._settled():
+                if self.early_exit and self._settled():
                     early = True
                     break
                 if loop.time() >= deadline:

@@ -305,6 +305,7 @@ class Requester(AsyncResource):
                 deadline_at=started + budget_ms / 1000,
                 wave=self._wave(policy, len(plan), quorum),
                 num_classes=self.manifest.num_classes,
+                early_exit=policy.early_exit,
             )
             log.debug("classify_started", variants=sorted(plan), rule=rule, deadline_ms=budget_ms)
             self._in_flight += 1

@@ -476,6 +476,17 @@ async def test_early_exit_skips_a_peer_that_cannot_change_the_result(rig: Rig) -
     assert failures(rig, late) == 0  # not its fault: it was not needed
 
 
+async def test_without_early_exit_every_ballot_is_awaited(rig: Rig) -> None:
+    """Policy(early_exit=False) waits for the third reply the vote no longer needs."""
+    rig.peer("V1", says({3: 0.9}))
+    rig.peer("V2", says({3: 0.9}))
+    late = rig.peer("V3", slow(0.2, {3: 0.9}))
+    policy = Policy(early_exit=False, wave=None)
+    result = await rig.requester().classify(TENSOR, deadline_ms=30_000, policy=policy)
+    assert late.peer_id in {r.peer for r in result.replies}
+    assert result.skipped == ()
+
+
 async def test_no_early_exit_before_quorum(rig: Rig) -> None:
     """With quorum 3, two agreeing replies are not enough: the call waits for the third."""
     rig.peer("V1", says({3: 0.9}))
