@@ -35,11 +35,13 @@ from sim.byzantine import HONEST, MODES, Attacker
 from swarm import PROTOCOL_VERSION, aio, config
 from swarm.cli.peer import serving_announcement
 from swarm.crypto.identity import Identity, TrustStore
-from swarm.discovery.mdns import Discovery, PeerTable
+from swarm.discovery.mdns import Discovery
+from swarm.discovery.table import PeerTable
 from swarm.errors import SwarmError
 from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
-from swarm.inference.engine import Engine, InferenceResult, ModelSpec, load_manifest
+from swarm.inference.engine import Engine, InferenceResult
+from swarm.inference.manifest import ModelSpec, load_manifest
 from swarm.link.answer import Answerer
 from swarm.link.websocket import LinkServer
 from swarm.log import bind_peer, configure_logging, get_logger

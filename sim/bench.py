@@ -43,7 +43,7 @@ from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_r
 from sim.benchmarks.sections import Plan
 from swarm import aio, config
 from swarm.crypto.session import TAG_LEN
-from swarm.inference.engine import default_manifest_path, load_manifest
+from swarm.inference.manifest import default_manifest_path, load_manifest
 from swarm.log import configure_logging
 from swarm.wire import codec
 from swarm.wire.messages import Ask, Asks, pixels_from

@@ -38,11 +38,13 @@ from swarm import aio, config
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.decision import voting
 from swarm.decision.reputation import ReputationBook
-from swarm.discovery.mdns import Discovery, PeerRecord, PeerTable
+from swarm.discovery.mdns import Discovery
+from swarm.discovery.table import PeerRecord, PeerTable
 from swarm.errors import DecodeError, DiscoveryTimeoutError, SwarmError, VerificationError
-from swarm.inference.engine import Manifest, load_manifest
+from swarm.inference.manifest import Manifest, load_manifest
 from swarm.log import configure_logging, get_logger
-from swarm.requester.requester import Policy, Requester
+from swarm.requester.call import Policy
+from swarm.requester.requester import Requester
 from swarm.wire import verify
 from swarm.wire.messages import InferRequest, ItemError, ReplyBatch, build_request, unix_ms
 from variants.data import load_split

@@ -35,7 +35,7 @@ from sim.benchmarks.fleet import BenchError
 from sim.benchmarks.measure import FloatArray, session
 from swarm import aio, config
 from swarm.errors import SwarmError
-from swarm.inference.engine import Manifest, default_manifest_path, load_manifest
+from swarm.inference.manifest import Manifest, default_manifest_path, load_manifest
 
 LOOPBACK: Final = "127.0.0.1"
 PIXELS: Final = 28 * 28

@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from swarm.config import DEFAULT_TIMINGS, Timings
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.decision.reputation import ReputationBook
-from swarm.discovery.mdns import Discovery, PeerTable
-from swarm.inference.engine import Manifest
+from swarm.discovery.mdns import Discovery
+from swarm.discovery.table import PeerTable
+from swarm.inference.manifest import Manifest
 from swarm.metrics import NAMESPACE
 from swarm.requester.requester import Requester
 

@@ -49,8 +49,9 @@ from sim.benchmarks.sections import (
     WAVE,
     Plan,
 )
-from swarm.inference.engine import Manifest
-from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
+from swarm.inference.manifest import Manifest
+from swarm.requester.call import DEFAULT_POLICY, Policy
+from swarm.requester.requester import Requester
 
 # The throughput section's row of the bare swarm (``sim.benchmarks.bare``).
 BARE: Final = "bare_swarm"

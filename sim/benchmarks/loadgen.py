@@ -31,7 +31,7 @@ from sim.benchmarks.fleet import READY_TIMEOUT_S, STOP_TIMEOUT_S, BenchError, re
 from sim.benchmarks.measure import classify_loop, inputs
 from swarm import aio
 from swarm.errors import SwarmError
-from swarm.inference.engine import default_manifest_path, load_manifest
+from swarm.inference.manifest import default_manifest_path, load_manifest
 from swarm.log import configure_logging
 from swarm.resource import AsyncResource
 

@@ -30,11 +30,12 @@ from swarm.crypto import identity
 from swarm.crypto.session import Sealer
 from swarm.decision import voting
 from swarm.errors import SwarmError
-from swarm.inference.engine import ModelSpec
+from swarm.inference.manifest import ModelSpec
 from swarm.link.websocket import WsPipe
 from swarm.requester import requester
+from swarm.requester.call import DEFAULT_POLICY, Policy
 from swarm.requester.fanout import ReplyInfo
-from swarm.requester.requester import DEFAULT_POLICY, Policy, Requester
+from swarm.requester.requester import Requester
 from swarm.wire import codec, messages, verify
 from swarm.wire.messages import Answers
 

@@ -33,9 +33,10 @@ from swarm import config
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.crypto.session import HelloGuard, Offer
 from swarm.decision import voting
-from swarm.inference.engine import Manifest
+from swarm.inference.manifest import Manifest
+from swarm.requester.call import Policy
 from swarm.requester.fanout import ReplyInfo
-from swarm.requester.requester import Policy, Requester
+from swarm.requester.requester import Requester
 from swarm.wire import codec
 from swarm.wire.messages import Answers, Ask, Asks, build_request, unix_ms
 

@@ -15,7 +15,7 @@ import structlog
 
 from sim.procs import Cluster, Driver, Proc, SimError
 from sim.scenario import Fault, PeerSpec, Scenario
-from swarm.inference.engine import load_manifest
+from swarm.inference.manifest import load_manifest
 
 log = structlog.get_logger("sim.runners")
 

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from sim.procs import Cluster
 from sim.runners.common import Report, start_swarm, stream, summarize, target
 from sim.scenario import Scenario
-from swarm.inference.engine import ModelSpec, load_manifest
+from swarm.inference.manifest import ModelSpec, load_manifest
 from variants.data import load_split
 
 

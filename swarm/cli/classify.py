@@ -37,7 +37,8 @@ from swarm.config import DEFAULT_TIMINGS
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.decision import voting
 from swarm.decision.reputation import ReputationBook
-from swarm.discovery.mdns import ALL_INTERFACES, Discovery, PeerTable
+from swarm.discovery.mdns import ALL_INTERFACES, Discovery
+from swarm.discovery.table import PeerTable
 from swarm.errors import (
     ConfigError,
     DecodeError,
@@ -48,7 +49,8 @@ from swarm.errors import (
 from swarm.inference.imaging import PixelArray, load_image_file
 from swarm.inference.manifest import Manifest, load_manifest
 from swarm.log import configure_logging, get_logger
-from swarm.requester.requester import ClassifyResult, Policy, Requester
+from swarm.requester.call import ClassifyResult, Policy
+from swarm.requester.requester import Requester
 from swarm.wire import messages as wire
 
 log = get_logger(__name__)

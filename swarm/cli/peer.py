@@ -32,13 +32,15 @@ from swarm import PROTOCOL_VERSION, aio, config
 from swarm.cli import args as cliargs
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.decision.reputation import ReputationBook
-from swarm.discovery.mdns import ALL_INTERFACES, Announcement, Discovery, PeerTable
+from swarm.discovery.mdns import ALL_INTERFACES, Discovery
+from swarm.discovery.table import Announcement, PeerTable
 from swarm.errors import ConfigError, SwarmError
 from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
 from swarm.http.view import PageSources
 from swarm.inference import autoselect
-from swarm.inference.engine import Engine, Manifest, ModelSpec, load_manifest
+from swarm.inference.engine import Engine
+from swarm.inference.manifest import Manifest, ModelSpec, load_manifest
 from swarm.link.answer import Answerer
 from swarm.link.websocket import LinkServer
 from swarm.log import bind_peer, configure_logging, get_logger

@@ -26,50 +26,14 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from swarm import config
 from swarm.discovery.table import (
     _DETAIL_CHARS,
-    K_ACC,
-    K_ID,
-    K_KEY,
-    K_MACS,
-    K_PROTO,
-    K_ROLE,
-    K_SHA,
-    K_SWARM,
-    K_VARIANT,
-    ROLES,
     Announcement,
-    PeerEvent,
-    PeerListener,
-    PeerRecord,
     PeerTable,
-    Role,
-    parse_announcement,
 )
 from swarm.errors import ConfigError, TransportError
 from swarm.log import get_logger
 from swarm.resource import AsyncResource
 
-__all__ = [
-    "ALL_INTERFACES",
-    "K_ACC",
-    "K_ID",
-    "K_KEY",
-    "K_MACS",
-    "K_PROTO",
-    "K_ROLE",
-    "K_SHA",
-    "K_SWARM",
-    "K_VARIANT",
-    "ROLES",
-    "AllInterfaces",
-    "Announcement",
-    "Discovery",
-    "PeerEvent",
-    "PeerListener",
-    "PeerRecord",
-    "PeerTable",
-    "Role",
-    "parse_announcement",
-]
+__all__ = ["ALL_INTERFACES", "AllInterfaces", "Discovery"]
 
 log = get_logger(__name__)
 

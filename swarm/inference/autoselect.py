@@ -24,9 +24,10 @@ from typing import Final, Literal
 import numpy as np
 
 from swarm import config
-from swarm.discovery.mdns import PeerTable
+from swarm.discovery.table import PeerTable
 from swarm.errors import ConfigError
-from swarm.inference.engine import Engine, Manifest, ModelSpec
+from swarm.inference.engine import Engine
+from swarm.inference.manifest import Manifest, ModelSpec
 from swarm.log import get_logger
 
 log = get_logger(__name__)

@@ -2,8 +2,7 @@
 
 ``Engine`` runs one variant in one dedicated thread, or on the event loop when the
 model is faster than the hand-off to a thread; concurrent ``infer`` calls are gathered
-into one batch. The manifest (``swarm.inference.manifest``) and
-input decoding (``swarm.inference.imaging``) are re-exported here.
+into one batch.
 """
 
 from __future__ import annotations
@@ -24,34 +23,15 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from swarm import config
 from swarm.errors import ConfigError, InferenceError
-from swarm.inference.imaging import FloatArray, decode_image, load_image_file
+from swarm.inference.imaging import FloatArray
 from swarm.inference.manifest import (
-    MANIFEST_NAME,
-    MANIFEST_SCHEMA,
-    ROLES,
-    Manifest,
     ModelSpec,
-    default_manifest_path,
-    load_manifest,
 )
 from swarm.log import get_logger
 from swarm.metrics import Metrics
 from swarm.resource import AsyncResource
 
-__all__ = [
-    "MANIFEST_NAME",
-    "MANIFEST_SCHEMA",
-    "ROLES",
-    "Engine",
-    "FloatArray",
-    "InferenceResult",
-    "Manifest",
-    "ModelSpec",
-    "decode_image",
-    "default_manifest_path",
-    "load_image_file",
-    "load_manifest",
-]
+__all__ = ["Engine", "InferenceResult"]
 
 log = get_logger(__name__)
 

@@ -30,7 +30,7 @@ from swarm import config
 from swarm.decision import voting
 from swarm.errors import ConfigError, NoDecisionError
 from swarm.log import get_logger
-from swarm.requester.requester import DEFAULT_POLICY, ClassifyResult, Policy
+from swarm.requester.call import DEFAULT_POLICY, ClassifyResult, Policy
 
 log = get_logger(__name__)
 

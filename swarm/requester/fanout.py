@@ -62,7 +62,7 @@ from swarm.crypto.identity import TrustStore
 from swarm.decision import voting
 from swarm.decision.reputation import ReputationBook
 from swarm.decision.voting import Ballot
-from swarm.discovery.mdns import PeerRecord, PeerTable
+from swarm.discovery.table import PeerRecord, PeerTable
 from swarm.errors import (
     DecodeError,
     InferenceError,
@@ -70,7 +70,7 @@ from swarm.errors import (
     TransportError,
     VerificationError,
 )
-from swarm.inference.engine import ModelSpec
+from swarm.inference.manifest import ModelSpec
 from swarm.log import get_logger
 from swarm.metrics import Metrics
 from swarm.wire import verify

@@ -58,37 +58,25 @@ from swarm.errors import (
     SwarmError,
     VerificationError,
 )
-from swarm.inference.engine import InferenceResult, Manifest, ModelSpec
+from swarm.inference.engine import InferenceResult
+from swarm.inference.manifest import Manifest, ModelSpec
 from swarm.link.transport import LinkConfig, Transport
 from swarm.link.websocket import WebSocketTransport
 from swarm.log import bound, get_logger
 from swarm.metrics import Metrics
 from swarm.requester.call import AUTO_WAVE, DEFAULT_POLICY, ClassifyResult, Policy
 from swarm.requester.fanout import (
-    MALFORMED,
     Answer,
     BatchCheck,
     FanOut,
-    Rejection,
     Replicas,
-    ReplyInfo,
     Unchecked,
 )
 from swarm.resource import AsyncResource
 from swarm.wire import codec
 from swarm.wire.messages import MAX_DEADLINE_MS, InferReply, InferRequest, build_request
 
-__all__ = [
-    "DEFAULT_POLICY",
-    "MALFORMED",
-    "ClassifyResult",
-    "LocalInfer",
-    "LocalModel",
-    "Policy",
-    "Rejection",
-    "ReplyInfo",
-    "Requester",
-]
+__all__ = ["LocalInfer", "LocalModel", "Requester"]
 
 log = get_logger(__name__)
 T = TypeVar("T")

@@ -15,7 +15,7 @@ from sim.benchmarks.bare import LOOPBACK, PIXELS, REQUEST, BareSwarm
 from sim.benchmarks.fleet import BenchError
 from sim.benchmarks.measure import inputs, session
 from swarm import aio
-from swarm.inference.engine import default_manifest_path, load_manifest
+from swarm.inference.manifest import default_manifest_path, load_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("V1", "V2", "V3")

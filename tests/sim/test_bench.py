@@ -27,7 +27,7 @@ from sim.benchmarks.wirebytes import difference, parse_ss
 from swarm import aio
 from swarm.crypto.identity import Identity
 from swarm.decision import voting
-from swarm.inference.engine import default_manifest_path, load_manifest
+from swarm.inference.manifest import default_manifest_path, load_manifest
 from swarm.wire import codec, verify
 from swarm.wire.messages import build_request
 

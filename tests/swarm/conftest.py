@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from swarm import config
 from swarm.crypto.identity import Identity
-from swarm.inference.engine import Manifest, load_manifest
+from swarm.inference.manifest import Manifest, load_manifest
 from swarm.wire.codec import build_reply
 from swarm.wire.messages import InferReply, InferRequest, build_request
 from tests.swarm.signed import FAMILY, MODEL_SHA, NOW

@@ -26,7 +26,7 @@ from swarm.crypto.identity import Identity, TrustStore
 from swarm.crypto.session import HelloGuard
 from swarm.decision.reputation import ReputationBook
 from swarm.discovery.table import Announcement, PeerRecord, PeerTable
-from swarm.inference.engine import Manifest, ModelSpec
+from swarm.inference.manifest import Manifest, ModelSpec
 from swarm.link.answer import Answerer
 from swarm.link.memory import MemoryNetwork, MemoryPeer, MemoryTransport
 from swarm.link.transport import OVERLOADED, ClientLink, LinkConfig

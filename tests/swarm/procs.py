@@ -36,7 +36,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from swarm.errors import ConfigError
-from swarm.inference.engine import Manifest, default_manifest_path, load_manifest
+from swarm.inference.manifest import Manifest, default_manifest_path, load_manifest
 from tests.swarm.conftest import TINY_VARIANTS, build_tiny_model, model_entry, write_manifest
 from variants.data import load_split
 from variants.ensemble import ensemble_predict

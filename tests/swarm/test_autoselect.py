@@ -9,7 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from swarm import config
-from swarm.discovery.mdns import Announcement, PeerTable
+from swarm.discovery.table import Announcement, PeerTable
 from swarm.errors import ConfigError
 from swarm.inference.autoselect import (
     VariantOption,
@@ -18,7 +18,7 @@ from swarm.inference.autoselect import (
     measure_latency,
     replica_counts,
 )
-from swarm.inference.engine import Manifest
+from swarm.inference.manifest import Manifest
 
 
 def option(name: str, accuracy: float, latency_ms: float, replicas: int = 0) -> VariantOption:

@@ -27,15 +27,18 @@ from swarm import config
 from swarm.cli.classify import _Printer, main
 from swarm.config import Timings
 from swarm.crypto.identity import Identity, TrustStore
-from swarm.discovery.mdns import Announcement, Discovery, PeerTable
+from swarm.discovery.mdns import Discovery
+from swarm.discovery.table import Announcement, PeerTable
 from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
-from swarm.inference.engine import InferenceResult, Manifest, ModelSpec
+from swarm.inference.engine import InferenceResult
+from swarm.inference.manifest import Manifest, ModelSpec
 from swarm.link.answer import Answerer
 from swarm.link.websocket import LinkServer
 from swarm.log import reset_logging
 from swarm.metrics import Metrics
-from swarm.requester.requester import ClassifyResult, Rejection, ReplyInfo
+from swarm.requester.call import ClassifyResult
+from swarm.requester.fanout import Rejection, ReplyInfo
 from tests.swarm.conftest import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,8 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from swarm import PROTOCOL_VERSION, config
 from swarm.config import Timings
-from swarm.discovery.mdns import Discovery, PeerTable
+from swarm.discovery.mdns import Discovery
+from swarm.discovery.table import PeerTable
 from swarm.errors import ConfigError
 from tests.swarm.announce import announcement, new_key, pid, service
 

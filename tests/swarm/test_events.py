@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 
 from swarm.errors import ConfigError, NoDecisionError
+from swarm.requester.call import ClassifyResult, Policy
 from swarm.requester.events import (
     DecisionFeed,
     FeedFullError,
     RecordedClassifier,
     decision_json,
 )
-from swarm.requester.requester import ClassifyResult, Policy, Rejection, ReplyInfo
+from swarm.requester.fanout import Rejection, ReplyInfo
 from tests.swarm.conftest import CLASS_NAMES
 
 

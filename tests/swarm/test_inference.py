@@ -19,7 +19,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from swarm.config import Timings
 from swarm.errors import ConfigError, InferenceError
-from swarm.inference.engine import Engine, Manifest, ModelSpec, load_manifest
+from swarm.inference.engine import Engine
+from swarm.inference.manifest import Manifest, ModelSpec, load_manifest
 from swarm.metrics import Metrics
 from tests.swarm.conftest import build_tiny_model, model_entry, write_manifest
 

@@ -31,7 +31,8 @@ from swarm.errors import NoDecisionError
 from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
 from swarm.http.view import PageSources
-from swarm.inference.engine import Engine, Manifest
+from swarm.inference.engine import Engine
+from swarm.inference.manifest import Manifest
 from swarm.metrics import Metrics
 from swarm.requester.events import DecisionFeed, RecordedClassifier
 from tests.swarm.announce import announcement, new_key, pid, service

@@ -24,11 +24,13 @@ from swarm.crypto.identity import Identity, TrustStore
 from swarm.decision.reputation import PRIOR_SCORE
 from swarm.discovery.table import PeerRecord
 from swarm.errors import ConfigError, NoDecisionError
-from swarm.inference.engine import InferenceResult, ModelSpec
+from swarm.inference.engine import InferenceResult
+from swarm.inference.manifest import ModelSpec
 from swarm.link import memory
 from swarm.link.memory import MemoryPipe
+from swarm.requester.call import ClassifyResult, Policy
 from swarm.requester.fanout import Answer, Replicas, first_wave_key
-from swarm.requester.requester import ClassifyResult, LocalInfer, Policy, Requester
+from swarm.requester.requester import LocalInfer, Requester
 from swarm.wire.messages import Ask, InferRequest, ItemError, ReplyBatch, build_request
 from tests.swarm.fakepeers import (
     SWARM,

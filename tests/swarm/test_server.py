@@ -32,15 +32,17 @@ from yarl import URL
 from swarm import PROTOCOL_VERSION, config
 from swarm.config import Timings
 from swarm.crypto.identity import Identity, TrustStore
-from swarm.discovery.mdns import Announcement, PeerTable
+from swarm.discovery.table import Announcement, PeerTable
 from swarm.errors import ConfigError, NoDecisionError
 from swarm.http.api import ServerContext, create_app
 from swarm.http.listener import HttpServer
-from swarm.inference.engine import Engine, FloatArray, Manifest
+from swarm.inference.engine import Engine
+from swarm.inference.imaging import FloatArray
+from swarm.inference.manifest import Manifest
 from swarm.link.answer import Answerer
 from swarm.link.websocket import LinkServer
 from swarm.metrics import Metrics
-from swarm.requester.requester import Policy
+from swarm.requester.call import Policy
 from swarm.wire.messages import MAX_DEADLINE_MS
 
 SWARM = "test-swarm"
