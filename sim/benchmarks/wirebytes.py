@@ -112,7 +112,7 @@ async def measure(swarm: str | None, calls: int, workdir: Path) -> dict[str, Any
     fleet_mod = importlib.import_module("sim.benchmarks.fleet")
     measure_mod = importlib.import_module("sim.benchmarks.measure")
     try:
-        inference = importlib.import_module("swarm.inference.engine")
+        inference = importlib.import_module("swarm.inference.manifest")
     except ImportError:  # a checkout before swarm/ had subpackages
         inference = importlib.import_module("swarm.inference")
     manifest = inference.load_manifest(inference.default_manifest_path())
