@@ -68,17 +68,17 @@ def reference_from_onnx(path: Path) -> MobileNetV2:
             assert isinstance(bn, nn.BatchNorm2d)
             if tuple(conv.weight.shape) != weight.shape:
                 raise PruneError(f"{path}: weight {weight.shape} for a {conv} layer")
-            conv.weight.copy_(torch.from_numpy(weight))
+            conv.weight.copy_(torch.from_numpy(np.array(weight)))
             # BN(y) = (y - mean) / sqrt(var + eps) * gamma + beta with var = 1 - eps:
             # the identity plus the folded bias, and still a BatchNorm to fine-tune.
             bn.running_mean.zero_()  # type: ignore[union-attr]
             bn.running_var.fill_(1.0 - BN_EPS)  # type: ignore[union-attr]
             bn.weight.fill_(1.0)
-            bn.bias.copy_(torch.from_numpy(bias))
+            bn.bias.copy_(torch.from_numpy(np.array(bias)))
         head = model.classifier[1]
         assert isinstance(head, nn.Linear)
-        head.weight.copy_(torch.from_numpy(inits["net.classifier.1.weight"]))
-        head.bias.copy_(torch.from_numpy(inits["net.classifier.1.bias"]))
+        head.weight.copy_(torch.from_numpy(np.array(inits["net.classifier.1.weight"])))
+        head.bias.copy_(torch.from_numpy(np.array(inits["net.classifier.1.bias"])))
     return model.eval()
 
 
