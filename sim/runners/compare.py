@@ -255,15 +255,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging("console", args.log_level)
     args.approaches = [a for a in args.approaches.split(",") if a]
     bad = [a for a in args.approaches if a not in APPROACHES]
-    counts = (
-        args.images,
-        args.crash_images,
-        args.throughput_images,
-        args.concurrency,
-        args.deadline_ms,
-    )
-    if bad or min(counts) < 1:
-        parser.error(f"unknown approaches {bad} (known: {APPROACHES}) or a count below 1")
+    if bad or not args.approaches:
+        parser.error(f"--approaches: unknown {bad or 'none given'}; choose from {APPROACHES}")
+    for name in ("images", "crash_images", "throughput_images", "concurrency", "deadline_ms"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if any(n < 1 for sizes in args.sizes.values() for n in sizes):
+        parser.error("--sizes: every swarm needs at least one device")
     args.out = (
         args.out or Path("runs") / "sim" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     )

@@ -66,7 +66,10 @@ def test_compare_short_run_reports_every_swarm_and_phase(tmp_path: Path) -> None
 def test_compare_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         sim_main(["compare", "--approaches", "telepathy"])
-    assert "unknown approaches" in capsys.readouterr().err
+    assert "--approaches: unknown" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sim_main(["compare", "--sizes", "model=two"])
     assert "not a list of ints" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sim_main(["compare", "--images", "0"])
+    assert "--images must be at least 1" in capsys.readouterr().err
