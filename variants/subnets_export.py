@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from variants.sensai import Grouping
 
 SCHEMA = 1
-FP16_TOL = 2e-3  # max |probability| change from storing the weights as float16
+# Largest change of any probability that float16 storage may cause; the accuracies
+# recorded are measured on the float16 files themselves.
+FP16_TOL = 1e-2
 
 
 def to_fp16_storage(path: Path) -> None:
