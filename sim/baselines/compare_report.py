@@ -180,9 +180,8 @@ def _plots(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     names = [r["swarm"] for r in healthy]
     cols = [colors[r["approach"]] for r in healthy]
-    axes[0].barh(names, [r["bytes_per_image"] for r in healthy], color=cols)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("bytes on the wire per image")
+    axes[0].barh(names, [r["bytes_per_image"] / 1000 for r in healthy], color=cols)
+    axes[0].set_xlabel("kB on the wire per image")
     axes[1].barh(names, [r["p50_ms"] or 0 for r in healthy], color=cols, label="p50")
     axes[1].scatter([r["p99_ms"] or 0 for r in healthy], names, color="black", s=10, label="p99")
     axes[1].set_xlabel("latency (ms)")
