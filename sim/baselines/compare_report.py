@@ -14,6 +14,7 @@ COLUMNS: Final = (
     "swarm",
     "phase",
     "accuracy",
+    "accuracy_on_crash_images",
     "answered",
     "p50_ms",
     "p99_ms",
@@ -32,7 +33,7 @@ def _cell(key: str, value: Any) -> str:
             "all 10" if len(value) == 10 else ("none" if not value else ",".join(map(str, value)))
         )
     if isinstance(value, float):
-        return f"{value:.4f}" if key in ("accuracy", "answered") else f"{value:g}"
+        return f"{value:.4f}" if key.startswith(("accuracy", "answered")) else f"{value:g}"
     return str(value)
 
 

@@ -133,6 +133,11 @@ async def measure(
                 "bytes_in_per_image": round(into / max(1, len(got))),
                 "bytes_out_per_image": round(out / max(1, len(got))),
                 "answerable": list(swarm.answerable()),
+                # The crash phases drive the first --crash-images images: the healthy
+                # accuracy on those same images is what they compare with.
+                "accuracy_on_crash_images": summarize(
+                    [r for r in got if r["i"] < args.crash_images], 1.0
+                )["accuracy"],
             }
         )
         if args.concurrency > 1:
