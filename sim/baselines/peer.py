@@ -70,7 +70,8 @@ class Peer:
             raise wire.BaselineWireError(
                 f"tensor of shape {list(tensor.shape)}; this model takes {self.shape}"
             )
-        chain = head.get("chain") or []
+        wire.check_head(head)
+        chain = head["chain"]
         hop = head.get("hop", 0)
         image = head.get("image")
         if not isinstance(hop, int) or hop < 0 or (self.role == "stage" and hop >= len(chain)):

@@ -79,6 +79,29 @@ def decode(body: bytes) -> tuple[dict[str, Any], npt.NDArray[Any]]:
     return head, np.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
 
 
+MAX_CHAIN: Final = 32
+
+
+def check_head(head: dict[str, Any]) -> None:
+    """Raise ``BaselineWireError`` unless the request head's fields have their types."""
+    chain = head.get("chain")
+    if not isinstance(head.get("id"), str) or not 0 < len(head["id"]) <= 64:
+        raise BaselineWireError("id must be a string of 1..64 characters")
+    if type(head.get("deadline_ms")) is not int or type(head.get("hop", 0)) is not int:
+        raise BaselineWireError("deadline_ms and hop must be integers")
+    if not isinstance(head.get("requester"), str):
+        raise BaselineWireError("requester must be a base64 public key")
+    if (
+        not isinstance(chain, list)
+        or len(chain) > MAX_CHAIN
+        or not all(
+            isinstance(c, dict) and isinstance(c.get("url"), str) and isinstance(c.get("key"), str)
+            for c in chain
+        )
+    ):
+        raise BaselineWireError(f"chain must be a list of at most {MAX_CHAIN} {{url, key}}")
+
+
 def digest(tensor: npt.NDArray[Any]) -> str:
     return hashlib.sha256(np.ascontiguousarray(tensor).tobytes()).hexdigest()
 

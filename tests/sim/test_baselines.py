@@ -137,7 +137,17 @@ async def test_baseline_peer_refuses_bad_bodies(tmp_path: Path) -> None:
                     assert resp.status == 400
                     assert "error" in await resp.json()
                 image = np.zeros((1, 1, 28, 28), np.uint8)
-                head = {"id": "a", "deadline_ms": wire.unix_ms() + 1000, "chain": [{}], "hop": 0}
+                head = {
+                    "id": "a",
+                    "deadline_ms": wire.unix_ms() + 1000,
+                    "requester": Identity.generate().public_key_b64,
+                    "chain": [{"url": url, "key": swarm.devices[0].key}],
+                    "hop": 0,
+                }
+                for bad in ({"chain": [1]}, {"deadline_ms": "soon"}, {"id": 7}):
+                    async with http.post(url, data=wire.encode({**head, **bad}, image)) as resp:
+                        assert resp.status == 400
+                        assert "must be" in (await resp.json())["error"]
                 async with http.post(url, data=wire.encode(head, image)) as resp:
                     assert resp.status == 403  # unsigned
                 wrong_shape = np.zeros((1, 28, 28), np.uint8)
