@@ -3,7 +3,8 @@
 sensAI (Wang et al., MLSys 2021) serves a classifier as one pruned sub-model per group of
 classes; the answer is the class of the most confident group. This command builds such
 sub-models from the shipped reference for several groupings (one-vs-rest, 5 groups of 2,
-2 groups of 5): prune (``variants.prune``), fine-tune on the training split (hard labels
+2 groups of 5): prune (``variants.prune``), refit the head on pooled features, then
+fine-tune the whole sub-model on the training split (hard labels
 and the reference's own probabilities, collapsed to the group plus "other"), select the
 epoch on the validation split, export ONNX (weights stored as float16, computed in
 float32), and write ``variants/subnets/manifest.json`` with each sub-model's accuracy,
@@ -31,7 +32,6 @@ import numpy as np
 from variants import MANIFEST_PATH, PACKAGE_DIR, data
 
 SUBNETS_DIR = PACKAGE_DIR / "subnets"
-OTHER = "other"
 HEAD_STEPS = 300
 
 
