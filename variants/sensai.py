@@ -4,12 +4,11 @@ sensAI (Wang et al., MLSys 2021) serves a classifier as one pruned sub-model per
 classes; the answer is the class of the most confident group. This command builds such
 sub-models from the shipped reference for several groupings (one-vs-rest, 5 groups of 2,
 2 groups of 5): prune (``variants.prune``), refit the head on pooled features, then
-fine-tune the whole sub-model on the training split (hard labels
-and the reference's own probabilities, collapsed to the group plus "other"), select the
-epoch on the validation split, export ONNX (weights stored as float16, computed in
-float32), and write ``variants/subnets/manifest.json`` with each sub-model's accuracy,
-params, MACs and latency beside the reference's. The t10k test set is scored after
-selection, for the record.
+fine-tune the whole sub-model on the training split (hard labels and the reference's own
+probabilities, collapsed to the group plus "other"), select the epoch on the validation
+split, export ONNX (weights stored as float16, computed in float32), and write
+``variants/subnets/manifest.json`` with each sub-model's accuracy, params, MACs and latency
+beside the reference's. The t10k test set is scored after selection, for the record.
 
 Each sub-model checkpoints after every epoch under ``--run-dir``; running the command
 again resumes, and a larger ``--epochs`` trains on from there (``--device cuda`` on a GPU).
