@@ -1,9 +1,10 @@
 """``python -m sim.run SCENARIO``: run a scenario on a simulated swarm and report.
 
 SCENARIO is a built-in name (paper, byzantine, crash, straggler, partition, churn) or a
-TOML file (schema: ``sim.scenario``). As root every peer and the driver get a network
-namespace of their own on a private bridge; otherwise (or with ``--loopback``) all run on
-127.0.0.1. Every process and namespace is removed on exit, Ctrl-C or failure. Writes
+TOML file (schema: ``sim.scenario``); ``compare`` runs ``sim.runners.compare`` (options
+of its own: ``python -m sim.run compare --help``). As root every peer and the driver get a
+network namespace of their own on a private bridge; otherwise (or with ``--loopback``) all
+run on 127.0.0.1. Every process and namespace is removed on exit, Ctrl-C or failure. Writes
 ``OUT/report.json``, ``OUT/report.md``, PNG plots, ``OUT/state.json`` (for
 ``python -m sim.faults``) and each process's log under ``OUT/logs/``. Exit status: 0 when
 every target of the report is met, 1 when one is missed or the run failed, 2 for a bad
@@ -27,7 +28,7 @@ import structlog
 from sim import netns, report
 from sim.live import LiveRun, LiveServer
 from sim.procs import Cluster, SimError
-from sim.runners import byzantine, churn, crash, paper, partition, straggler
+from sim.runners import byzantine, churn, compare, crash, paper, partition, straggler
 from sim.runners.common import Report
 from sim.scenario import BUILTIN, Scenario, ScenarioError, builtin, load
 from swarm import aio
@@ -157,6 +158,9 @@ async def _main_async(scenario: Scenario, out: Path, args: argparse.Namespace) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:  # its own options: three approaches, not one scenario
+        return compare.main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging("console", args.log_level)
     try:
