@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,17 @@ import pytest
 
 from sim import netns
 from sim.runners.common import Report
+from swarm.log import reset_logging
 
 NETNS_OK, NETNS_WHY = netns.available()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """A command's main() run in-process configures logging for the process (its level
+    among it): put the defaults back for the next test."""
+    yield
+    reset_logging()
 needs_netns = pytest.mark.skipif(not NETNS_OK, reason=NETNS_WHY or "netns available")
 
 

@@ -15,6 +15,7 @@ import io
 import os
 import shutil
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,11 +174,15 @@ def test_page_shows_the_swarm_classifies_a_drop_and_marks_a_dead_peer(
         # shows it backed off, then suspected.
         victim.stop(signal.SIGKILL)
         row = f"#peers tr[data-peer='{victim.peer_id}']"
-        for i in range(1, len(samples)):
-            drop(page, png_of(samples[i]), f"after-kill-{i}.png")
+        # Three failures in a row, each after the backoff of the one before (1 s, then 2 s):
+        # a few seconds of calls, more on a busy machine; bounded at 30 s.
+        give_up = time.monotonic() + 30.0
+        i = 0
+        while not page.locator(f"{row}[data-state=suspected]").count():
+            assert time.monotonic() < give_up, "the killed peer was never shown suspected"
+            i += 1
+            drop(page, png_of(samples[1 + (i - 1) % (len(samples) - 1)]), f"after-kill-{i}.png")
             page.wait_for_selector(f"#feed li[data-seq='{i + 1}']")
-            if page.locator(f"{row}[data-state=suspected]").count():
-                break
             page.wait_for_timeout(700)
         page.wait_for_selector(f"{row}[data-state=suspected]", timeout=5_000)
         assert page.locator(f"#feed .missing .chip[data-peer='{victim.peer_id}']").count() >= 1
