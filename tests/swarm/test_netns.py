@@ -77,6 +77,31 @@ def peers_seen(peer: PeerProcess) -> set[str]:
     return seen
 
 
+def start_peers(
+    group: ProcessGroup,
+    hosts: list[netns.Host],
+    variants: list[str],
+    *,
+    swarm: str,
+    models: Models,
+) -> list[PeerProcess]:
+    """One peer of each variant, each in its host's namespace, once all are ready."""
+    peers = [
+        group.start_peer(
+            variant,
+            swarm=swarm,
+            interface=host.ip,
+            name=f"{host.name}-{variant}",
+            extra=models.flags,
+            prefix=host.exec_prefix(),
+        )
+        for host, variant in zip(hosts, variants, strict=True)
+    ]
+    for peer in peers:
+        peer.wait_ready()
+    return peers
+
+
 def classify_from(
     group: ProcessGroup,
     host: netns.Host,
@@ -115,19 +140,7 @@ def test_five_namespaced_peers_classify_and_survive_two_crashes(
     asker = lab.hosts["host6"]
     paths, labels = samples
     with ProcessGroup(tmp_path / "procs") as group:
-        peers = [
-            group.start_peer(
-                variant,
-                swarm=swarm,
-                interface=host.ip,
-                name=f"{host.name}-{variant}",
-                extra=models.flags,
-                prefix=host.exec_prefix(),
-            )
-            for host, variant in zip(hosts, variants, strict=True)
-        ]
-        for peer in peers:
-            peer.wait_ready()
+        peers = start_peers(group, hosts, variants, swarm=swarm, models=models)
         ids = {p.peer_id for p in peers}
         for peer in peers:
             wait_until(
@@ -200,19 +213,7 @@ def test_a_capture_on_the_bridge_holds_no_run_of_the_images_pixels(
     np.save(image, pixels)
     capture = tmp_path / "bridge.pcap"
     with ProcessGroup(tmp_path / "procs") as group:
-        peers = [
-            group.start_peer(
-                variant,
-                swarm=swarm,
-                interface=host.ip,
-                name=f"{host.name}-{variant}",
-                extra=models.flags,
-                prefix=host.exec_prefix(),
-            )
-            for host, variant in zip(hosts, variants, strict=True)
-        ]
-        for peer in peers:
-            peer.wait_ready()
+        peers = start_peers(group, hosts, variants, swarm=swarm, models=models)
         recorder = group.start_module(
             "sim.capture",
             ["--interface", asker.port, "--out", str(capture), "--seconds", "90"],
