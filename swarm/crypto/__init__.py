@@ -1,1 +1,1 @@
-"""Keys, trust and sessions: who a peer is and how two peers agree on keys."""
+"""Keys, trust and the links' handshake: who a peer is and how two peers agree on keys."""

@@ -528,7 +528,7 @@ class Requester(AsyncResource):
 
     def _sample_signatures(self, call: FanOut) -> None:
         """Check, after the answer, the signatures of a sample of the replies that only
-        their session vouched for: a peer that signs garbage is found out and loses
+        their link vouched for: a peer that signs garbage is found out and loses
         reputation, at a fraction of the cost of checking every reply. The replies of one
         batch share its draw: one check covers them all."""
         sample = [u for u in call.unchecked.values() if u.sampled(_draw_late_check)]
@@ -541,7 +541,7 @@ class Requester(AsyncResource):
             try:
                 unchecked.check()
             except VerificationError as exc:
-                # The session MAC proved this peer sent it: provably its own bad reply.
+                # Its link proved this peer sent it: provably its own bad reply.
                 self.reputation.record(record.peer_id, agreed=False)
                 if self.metrics is not None:
                     self.metrics.observe_rejection(exc.reason)
