@@ -23,6 +23,8 @@ def restore_logging() -> Iterator[None]:
     among it): put the defaults back for the next test."""
     yield
     reset_logging()
+
+
 needs_netns = pytest.mark.skipif(not NETNS_OK, reason=NETNS_WHY or "netns available")
 
 
