@@ -27,9 +27,9 @@ from variants.plans import Recipe
 from variants.trainer import (
     DeviceImages,
     atomic_save,
-    augment,
     autocast,
     build_model,
+    epoch_batches,
     evaluate_logits,
     final_extras,
     kd_loss,
@@ -96,17 +96,20 @@ def train_joint(
     for epoch in range(start_epoch, lead.epochs):
         for m in models:
             m.train()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(lead.seed * 10_007 + epoch)
-        perm = torch.randperm(n, device=device, generator=gen)
         t0 = time.monotonic()
         loss_sum = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            idx = perm[step * lead.batch : (step + 1) * lead.batch]
-            x = images.take(idx).float().div_(255)
-            x, flip = augment(x, gen, lead.erase_p, splits.hflip)
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx]
+        for idx, x, y, flip in epoch_batches(
+            images,
+            labels,
+            count=n,
+            seed=lead.seed,
+            epoch=epoch,
+            batch=lead.batch,
+            steps=steps_per_epoch,
+            erase_p=lead.erase_p,
+            hflip=splits.hflip,
+            device=device,
+        ):
             own = torch.zeros((), device=device)
             log_probs = []
             for m, r in zip(models, group, strict=True):

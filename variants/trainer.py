@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,32 @@ def augment(x: Any, gen: Any, erase_p: float, hflip: bool = True) -> tuple[Any, 
     return x, flip
 
 
+def epoch_batches(
+    images: Any,
+    labels: Any,
+    *,
+    count: int,
+    seed: int,
+    epoch: int,
+    batch: int,
+    steps: int,
+    erase_p: float,
+    hflip: bool,
+    device: str,
+) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """One epoch's shuffled, augmented batches as (idx, x, y, flipped): the same for a given
+    seed and epoch, so a resumed run sees the batches it would have seen."""
+    import torch
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 10_007 + epoch)
+    perm = torch.randperm(count, device=device, generator=gen)
+    for step in range(steps):
+        idx = perm[step * batch : (step + 1) * batch]
+        x, flip = augment(images.take(idx).float().div_(255), gen, erase_p, hflip)
+        yield idx, x.contiguous(memory_format=torch.channels_last), labels[idx], flip
+
+
 def autocast(device: str) -> Any:
     import torch
 
@@ -332,17 +359,20 @@ def train_one(
     t_start = time.monotonic()
     for epoch in range(start_epoch, recipe.epochs):
         model.train()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(recipe.seed * 10_007 + epoch)
-        perm = torch.randperm(n, device=device, generator=gen)
         t0 = time.monotonic()
         loss_sum = torch.zeros((), device=device)
-        for step in range(steps_per_epoch):
-            idx = perm[step * recipe.batch : (step + 1) * recipe.batch]
-            x = images.take(idx).float().div_(255)
-            x, flip = augment(x, gen, recipe.erase_p, splits.hflip)
-            x = x.contiguous(memory_format=torch.channels_last)
-            y = labels[idx]
+        for idx, x, y, flip in epoch_batches(
+            images,
+            labels,
+            count=n,
+            seed=recipe.seed,
+            epoch=epoch,
+            batch=recipe.batch,
+            steps=steps_per_epoch,
+            erase_p=recipe.erase_p,
+            hflip=splits.hflip,
+            device=device,
+        ):
             with autocast(device):
                 logits = model(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
