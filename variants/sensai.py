@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from variants.subnets_export import export_grouping, write_manifest
-    from variants.train import pick_device
+    from variants.trainer import pick_device
 
     args = build_parser().parse_args(argv)
     args.device = pick_device(args.device)
