@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from swarm.inference.manifest import file_sha256
 from variants import budget, ensemble, family, runtime
 from variants.datasets import Splits
 from variants.evaluate import measure_latencies
@@ -36,7 +37,6 @@ MIN_CHEAPEST_SPEEDUP = 10.0  # the shipped family's cheapest: at least 10x faste
 SPEEDUP_MARGIN = 1.25  # ... as measured at selection, times this margin
 PARITY_TOL = 1e-4
 LATENCY_RUNS = 1000
-sha256_file = family.sha256_file
 
 
 class ExportError(RuntimeError):
@@ -226,7 +226,7 @@ def _manifest_entry(
         "name": shipped,
         "role": "reference" if n == "reference" else "variant",
         "file": str(path.relative_to(out_dir)),
-        "sha256": family.sha256_file(path),
+        "sha256": file_sha256(path),
         "params": count_params(model),
         "macs": macs,
         "resolution": recipe.resolution,
@@ -431,5 +431,4 @@ __all__ = [
     "export_onnx",
     "select",
     "select_and_export",
-    "sha256_file",
 ]

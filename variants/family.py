@@ -9,22 +9,13 @@ model's file, sha256, size, cost, accuracies and recipe, and the family's name a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from swarm.inference.manifest import family_id
+from swarm.inference.manifest import family_id, file_sha256
 
 SCHEMA = 2
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def input_object(
@@ -64,7 +55,7 @@ def family_object(name: str, models: list[dict[str, Any]]) -> dict[str, Any]:
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest`` as the folder's manifest.json (after checking its hashes)."""
     for m in manifest["models"]:
-        got = sha256_file(folder / m["file"])
+        got = file_sha256(folder / m["file"])
         if got != m["sha256"]:
             raise ValueError(f"{m['file']}: sha256 {got} is not the manifest's {m['sha256']}")
     folder.mkdir(parents=True, exist_ok=True)

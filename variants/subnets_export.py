@@ -76,7 +76,7 @@ def export_grouping(
     test: data.Split,
 ) -> dict[str, Any]:
     """Export one grouping's sub-models; score them and the grouping on val and test."""
-    from variants.export import sha256_file
+    from swarm.inference.manifest import file_sha256
     from variants.models import count_macs, count_params
     from variants.sensai import combine, group_labels
 
@@ -97,7 +97,7 @@ def export_grouping(
             {
                 "name": name,
                 "file": path.name,
-                "sha256": sha256_file(path),
+                "sha256": file_sha256(path),
                 "classes": list(group),
                 "outputs": [CLASS_NAMES[c] for c in group] + ["other"],
                 "params": count_params(model),

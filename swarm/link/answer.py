@@ -81,9 +81,9 @@ class Answerer:
         """One signature over the replies among ``items``."""
         return codec.sign_replies(self.identity, items)
 
-    async def answer_one(self, requester_id: str, ask: Ask) -> InferReply | ItemError:
-        """One ask's reply (unsigned: its batch is signed), or why it has none."""
-        request = InferRequest(
+    def request_of(self, requester_id: str, ask: Ask) -> InferRequest:
+        """``ask`` as the request it stands for, on this peer's link from ``requester_id``."""
+        return InferRequest(
             swarm=self.swarm,
             family=self.family,
             request_id=ask.request_id,
@@ -94,6 +94,10 @@ class Answerer:
             k=ask.k,
             deadline_ms=ask.deadline_ms,
         )
+
+    async def answer_one(self, requester_id: str, ask: Ask) -> InferReply | ItemError:
+        """One ask's reply (unsigned: its batch is signed), or why it has none."""
+        request = self.request_of(requester_id, ask)
         model = self.model
         # The requester's budget counts from receipt: clocks of two devices may differ.
         try:

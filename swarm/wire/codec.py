@@ -63,7 +63,6 @@ MAX_REPLY: Final = 512  # one encoded reply: ids, names, k pairs
 MAX_ERROR_TEXT: Final = 300  # an item error's message, in characters
 MAX_ERROR_CODE: Final = 40
 _ASK_OVERHEAD: Final = 48  # an ask's bytes beside its input: array, id, k, deadline
-_HEX_DIGITS: Final = frozenset("0123456789abcdef")
 _PEER_ID: Final = re.compile(f"[0-9a-f]{{{PEER_ID_LEN}}}")
 _MAX_CLASS: Final = 65_535  # a class index; the family's own bound is the vote's check
 
@@ -411,7 +410,7 @@ def _name(value: object, field: str) -> str:
 
 
 def _peer_id(value: object, field: str) -> str:
-    if type(value) is not str or len(value) != PEER_ID_LEN or not _HEX_DIGITS.issuperset(value):
+    if type(value) is not str or _PEER_ID.fullmatch(value) is None:
         _bad(field, f"a peer id ({PEER_ID_LEN} lowercase hex characters)", value)
     return value
 

@@ -49,7 +49,6 @@ REQUEST_ID_LEN: Final = 16  # bytes on the wire, 32 hex characters in memory
 SHA256_LEN: Final = 32
 
 HEX_ID: Final = re.compile(r"[0-9a-f]{32}")
-SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 # Swarm and variant names: the rule discovery announces them under (at most one DNS
 # label, RFC 1035 section 2.3.4), safe in TXT records, logs and file names.
 NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -203,8 +202,8 @@ class ReplyBatch:
 
     def signed_bytes(self) -> bytes:
         """The exact bytes the responder's signature covers: its replies, in order."""
-        return BATCH_REPLY_TAG + b"".join(
-            i.digest() for i in self.items if isinstance(i, InferReply)
+        return reply_batch_signed_bytes(
+            [i.digest() for i in self.items if isinstance(i, InferReply)]
         )
 
     @property

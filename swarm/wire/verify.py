@@ -22,7 +22,6 @@ from swarm.wire.messages import PPM, InferReply, InferRequest, ReplyBatch
 TOPK_SUM_SLACK_PPM: Final = config.MAX_TOP_K
 
 # Rejection reasons (VerificationError.reason).
-WRONG_VERSION: Final = "wrong_version"
 WRONG_SWARM: Final = "wrong_swarm"
 WRONG_FAMILY: Final = "wrong_family"
 BAD_SIGNATURE: Final = "bad_signature"
@@ -35,7 +34,6 @@ WRONG_BINDING: Final = "wrong_binding"
 WRONG_VARIANT: Final = "wrong_variant"
 BAD_TOPK: Final = "bad_topk"
 REJECT_REASONS: Final = (
-    WRONG_VERSION,
     WRONG_SWARM,
     WRONG_FAMILY,
     BAD_SIGNATURE,

@@ -39,7 +39,6 @@ from swarm.wire.messages import (
     InferRequest,
     ItemError,
     ReplyBatch,
-    input_sha256,
     unix_ms,
 )
 from tests.swarm.conftest import CLASS_NAMES
@@ -226,17 +225,7 @@ class FakePeer(Answerer):
     async def answer_one(self, requester_id: str, ask: Ask) -> Reply:
         self.asks.append(ask)
         self.received.set()
-        request = InferRequest(
-            swarm=self.swarm,
-            family=self.family,
-            request_id=ask.request_id,
-            requester_id=requester_id,
-            input=ask.input,
-            input_shape=self.input_shape,
-            input_sha256=input_sha256(ask.input),
-            k=ask.k,
-            deadline_ms=ask.deadline_ms,
-        )
+        request = self.request_of(requester_id, ask)
         return await self.behaviour(self, request)
 
     def sign(self, items: Sequence[Reply]) -> ReplyBatch:

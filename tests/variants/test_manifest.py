@@ -8,9 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from swarm.inference.manifest import load_manifest
+from swarm.inference.manifest import file_sha256, load_manifest
 from variants import CLASS_NAMES, DEFAULT_FAMILY_DIR, FAMILIES_DIR, MANIFEST_PATH
-from variants.family import sha256_file
 
 MANIFEST = json.loads(MANIFEST_PATH.read_text())
 MODELS = MANIFEST["models"]
@@ -29,7 +28,7 @@ def test_manifest_lists_a_reference_and_at_least_five_variants() -> None:
 def test_file_hash_and_interface_match(entry: dict[str, object]) -> None:
     """Each file exists, has the recorded sha256 and the one shared interface."""
     path = DEFAULT_FAMILY_DIR / str(entry["file"])
-    assert sha256_file(path) == entry["sha256"]
+    assert file_sha256(path) == entry["sha256"]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
     (out,) = sess.get_outputs()
