@@ -41,6 +41,7 @@ from sim.benchmarks.fleet import BenchError, Fleet, requester
 from sim.benchmarks.loadgen import LoadGens
 from sim.benchmarks.measure import FloatArray, classify_loop, inputs, loopback_rtt, quantile
 from sim.benchmarks.sections import Plan
+from sim.benchmarks.wsfloor import WsFloor
 from swarm import aio, config
 from swarm.crypto.session import TAG_LEN
 from swarm.inference.manifest import default_manifest_path, load_manifest
@@ -93,6 +94,8 @@ async def run(plan: Plan, workdir: Path, wire_baseline: Path | None = None) -> d
         )
         bare = await stack.enter_async_context(BareSwarm(VARIANTS))
         await bare.loop(tensors, count=20)  # connections warm, models warm
+        link_floor = await stack.enter_async_context(WsFloor(VARIANTS))
+        await link_floor.loop(tensors, count=20)
         side = [
             await stack.enter_async_context(requester(f, manifest, peers=len(VARIANTS)))
             for f in others
@@ -113,7 +116,7 @@ async def run(plan: Plan, workdir: Path, wire_baseline: Path | None = None) -> d
             return sections.floor_ms(again, chosen, rtt_again)
 
         out["overhead"] = await sections.overhead(
-            req, tensors, latencies, rtt, fanout, plan, main.peers, bare, floor_again
+            req, tensors, latencies, rtt, fanout, plan, main.peers, bare, link_floor, floor_again
         )
         old_peers = dict(zip([*PEER_OPTIONS, "old_all"], side, strict=False))
         out["fast_path"] = await sections.fast_path(req, tensors, plan, old_peers=old_peers)
@@ -129,6 +132,7 @@ async def run(plan: Plan, workdir: Path, wire_baseline: Path | None = None) -> d
             None if gens is None else (gens, main.peers),
         )
         await bare.aclose()  # its processes idle from here, but need not stay
+        await link_floor.aclose()
         if gens is not None:  # their requesters would keep probing the peers that follow
             await gens.aclose()
         for fleet in others:  # their CPU is not part of what follows
@@ -312,6 +316,13 @@ def markdown(out: dict[str, Any]) -> str:
         f"| classify / (bare swarm + crypto on the path + one decide) "
         f"| {ov['classify_vs_bare_plus_mandated']} | | |"
     )
+    links = ov["link_floor_ms"]
+    lines.append(
+        f"| link floor x5: the same models on aiohttp WebSockets with the codec, AEAD, "
+        f"signatures and one robust decide, no other machinery | {links['p50']} "
+        f"| {links['p99']} | {ov['link_floor_vs_floor']} |"
+    )
+    lines.append(f"| classify / link floor | {ov['classify_vs_link_floor']} | | |")
     for key, label, r in (
         ("classify_ms", "classify", ov["overhead_ratio"]),
         ("classify_no_early_exit_ms", "no early exit", ov["overhead_ratio_no_early_exit"]),
@@ -326,6 +337,11 @@ def markdown(out: dict[str, Any]) -> str:
             f"peers {cpu['peers_total']} ms, of which their models ran {cpu['peers_models']} ms "
             f"({cpu['peers_models_cpu']} ms of the models' own CPU)"
         )
+    lf = ov["cpu_ms_per_call_link_floor"]
+    lines.append(
+        f"\nCPU per call (link floor, every reply awaited): requester {lf['requester']} ms, "
+        f"peers {lf['peers_total']} ms"
+    )
     lines.append(
         f"\nThe models' CPU per call, run as the swarm runs them, is {ov['models_cpu_vs_alone']}x "
         f"the sum of their latencies alone (the floor's); with it the floor would be "

@@ -16,7 +16,7 @@ from typing import Any, Final
 import numpy as np
 
 from sim.benchmarks.bare import BareSwarm
-from sim.benchmarks.fleet import Peer, cpu_seconds, model_seconds
+from sim.benchmarks.fleet import Peer, cpu_seconds, model_seconds, process_cpu_seconds
 from sim.benchmarks.measure import (
     THROUGHPUT_BATCH,
     FloatArray,
@@ -29,6 +29,7 @@ from sim.benchmarks.measure import (
     session,
     summary,
 )
+from sim.benchmarks.wsfloor import WsFloor
 from swarm import config
 from swarm.crypto.identity import Identity, TrustStore
 from swarm.crypto.session import HelloGuard, Offer
@@ -157,6 +158,7 @@ async def overhead(
     plan: Plan,
     peers: Sequence[Peer],
     bare: BareSwarm,
+    link_floor: WsFloor,
     floor_again: Callable[[Sequence[str]], Awaitable[float]] | None = None,
 ) -> dict[str, Any]:
     """classify p50 against the floor, with and without early exit, and its stages.
@@ -164,7 +166,9 @@ async def overhead(
     ``fanout`` is a reference: one POST of a request-sized body to each of five trivial
     aiohttp handlers at once, what the transport alone costs on these cores. ``bare``
     runs the same models as processes with nothing around them (``sim.benchmarks.bare``),
-    its calls interleaved with classify's: the least such a swarm costs here. The floor
+    its calls interleaved with classify's: the least such a swarm costs here.
+    ``link_floor`` adds what every call must do on this design (``sim.benchmarks.wsfloor``:
+    aiohttp WebSockets, the codec, AEAD, signatures, one robust decide). The floor
     is the mean of the one from ``latencies`` and ``rtt`` (measured before) and, when
     given, ``floor_again`` of the chosen variants after the calls: the machine's speed
     drifts over minutes, and the calls sit between the two.
@@ -175,6 +179,8 @@ async def overhead(
     without: list[float] = []
     waved: list[float] = []
     bare_ms: list[float] = []
+    links_ms: list[float] = []
+    cpu_links = np.zeros(2)  # the link floor's [requester, workers] CPU seconds
     stages: list[dict[str, float]] = []
     per_round = max(1, plan.classify_runs // plan.rounds)
     cpu_req = cpu_peers = cpu_req_wave = cpu_peers_wave = 0.0
@@ -200,6 +206,9 @@ async def overhead(
         models_wave += await model_seconds(peers) - models0
         waved += loop.latencies_ms
         bare_ms += (await bare.loop(tensors, count=per_round))[0]
+        before = np.array([time.process_time(), _workers_cpu(link_floor)])
+        links_ms += await link_floor.loop(tensors, count=per_round)
+        cpu_links += np.array([time.process_time(), _workers_cpu(link_floor)]) - before
     floor_after = floor_before if floor_again is None else await floor_again(chosen)
     floor = (floor_before + floor_after) / 2
     p50 = quantile(with_exit, 0.5)
@@ -241,6 +250,15 @@ async def overhead(
         "bare_plus_mandated_vs_floor": ratio(mandated, floor),
         # classify against that: what the protocol's machinery adds beyond the work kept.
         "classify_vs_bare_plus_mandated": ratio(p50, mandated),
+        # The same models behind the link's mandated work and nothing else: the least
+        # this design (aiohttp WebSockets, msgpack, AEAD, signatures, robust vote) costs.
+        "link_floor_ms": summary(links_ms),
+        "link_floor_vs_floor": ratio(quantile(links_ms, 0.5), floor),
+        "classify_vs_link_floor": ratio(p50, quantile(links_ms, 0.5)),
+        "cpu_ms_per_call_link_floor": {
+            "requester": round(float(cpu_links[0]) * 1000 / max(1, len(links_ms)), 4),
+            "peers_total": round(float(cpu_links[1]) * 1000 / max(1, len(links_ms)), 4),
+        },
         "classify_ms": summary(with_exit),
         "classify_no_early_exit_ms": summary(without),
         "overhead_ratio": ratio(p50, floor),
@@ -290,6 +308,10 @@ async def overhead(
         "late_check_ms_per_call": round(late, 4),
         "crypto_share_with_late_checks": ratio(on_path_crypto + late, p50),
     }
+
+
+def _workers_cpu(link_floor: WsFloor) -> float:
+    return sum(process_cpu_seconds(p.pid) for p in link_floor.processes)
 
 
 def _cpu_per_call(

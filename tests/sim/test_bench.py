@@ -97,6 +97,12 @@ def test_quick_bench_writes_complete_json(tmp_path: Path) -> None:
     assert ov["classify_vs_bare_plus_mandated"] == pytest.approx(
         ov["classify_ms"]["p50"] / ov["bare_plus_mandated_ms"], rel=0.01
     )
+    # The link floor ran beside them: the same models behind the mandated link work.
+    assert ov["link_floor_ms"]["n"] > 0
+    assert ov["classify_vs_link_floor"] == pytest.approx(
+        ov["classify_ms"]["p50"] / ov["link_floor_ms"]["p50"], rel=0.01
+    )
+    assert ov["cpu_ms_per_call_link_floor"]["requester"] > 0
     for key in ("cpu_ms_per_call", "cpu_ms_per_call_wave"):
         # The peers' /metrics were read: their models ran during the calls. (Against
         # peers_total only loosely: /proc counts CPU in 10 ms ticks, a few calls here.)
