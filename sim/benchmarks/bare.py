@@ -142,15 +142,13 @@ class _Link(asyncio.Protocol):
         self.waiting.clear()
 
 
-class BareSwarm:
-    """Bare workers for ``variants``, and the fan-out to them (see the module)."""
+class Workers:
+    """Worker processes, one per variant: ``async with`` starts them (``_start``) and
+    stops them (``aclose``), also when starting fails."""
 
     def __init__(self, variants: Sequence[str]) -> None:
         self.variants = tuple(variants)
         self._procs: list[asyncio.subprocess.Process] = []
-        self._links: list[_Link] = []
-        self.ports: list[int] = []  # each worker's, in the order of ``variants``
-        self._ids = itertools.count(1)
 
     async def __aenter__(self) -> Self:
         try:
@@ -162,6 +160,28 @@ class BareSwarm:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    @property
+    def processes(self) -> tuple[asyncio.subprocess.Process, ...]:
+        """The workers' processes, in the order of ``variants``."""
+        return tuple(self._procs)
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await stop_processes(self._procs)
+        self._procs.clear()
+
+
+class BareSwarm(Workers):
+    """Bare workers for ``variants``, and the fan-out to them (see the module)."""
+
+    def __init__(self, variants: Sequence[str]) -> None:
+        super().__init__(variants)
+        self._links: list[_Link] = []
+        self.ports: list[int] = []  # each worker's, in the order of ``variants``
+        self._ids = itertools.count(1)
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -192,11 +212,6 @@ class BareSwarm:
                 )
                 self.ports.append(port)
                 self._links.append(link)
-
-    @property
-    def processes(self) -> tuple[asyncio.subprocess.Process, ...]:
-        """The workers' processes, in the order of ``variants``."""
-        return tuple(self._procs)
 
     async def classify(self, x: FloatArray) -> int:
         """The class with the largest of ``scores(x)``, ties to the lower index."""
@@ -248,18 +263,22 @@ class BareSwarm:
             if link.transport is not None:
                 link.transport.close()
         self._links.clear()
-        for proc in self._procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        for proc in self._procs:
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+        await super().aclose()
+
+
+async def stop_processes(procs: Sequence[asyncio.subprocess.Process]) -> None:
+    """SIGTERM ``procs``, then SIGKILL those still alive after 10 s."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    for proc in procs:
+        try:
+            async with asyncio.timeout(10):
                 await proc.wait()
-        self._procs.clear()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 @contextlib.asynccontextmanager

@@ -27,13 +27,19 @@ async def _ok(request: web.Request) -> web.Response:
 async def serve() -> None:
     app = web.Application()
     app.router.add_post("/", _ok)
+    await serve_app(app)
+
+
+async def serve_app(app: web.Application, extra: str = "") -> None:
+    """Serve ``app`` on 127.0.0.1, print its port (and ``extra``) on stdout, serve until
+    SIGTERM or SIGINT."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((LOOPBACK, 0))
     await web.SockSite(runner, sock).start()
     port = sock.getsockname()[1]
-    sys.stdout.write(f"{port}\n")
+    sys.stdout.write(f"{port} {extra}".rstrip() + "\n")
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

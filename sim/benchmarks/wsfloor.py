@@ -18,21 +18,19 @@ call is the least any requester on aiohttp WebSockets and this codec could spend
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
-import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import Final, Self
+from typing import Final
 
 import aiohttp
 import numpy as np
 from aiohttp import web
 
-from sim.benchmarks.bare import START_TIMEOUT_S
+from sim.benchmarks.bare import START_TIMEOUT_S, Workers
+from sim.benchmarks.echo import serve_app
 from sim.benchmarks.fleet import BenchError
 from sim.benchmarks.measure import session
 from swarm import aio, config
@@ -98,19 +96,7 @@ async def serve(variant: str) -> None:
 
     app = web.Application()
     app.router.add_get("/ws", link)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((LOOPBACK, 0))
-    await web.SockSite(runner, sock).start()
-    sys.stdout.write(f"{sock.getsockname()[1]} {identity.public_key.hex()}\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_app(app, identity.public_key.hex())
 
 
 def _request_of(ask: Ask, family: str, shape: tuple[int, int, int]) -> InferRequest:
@@ -153,32 +139,16 @@ class _Worker:
                     future.set_exception(BenchError(f"wsfloor worker {self.name} went away"))
 
 
-class WsFloor:
+class WsFloor(Workers):
     """Link-floor workers for ``variants``, and the fan-out to them (see the module)."""
 
     def __init__(self, variants: Sequence[str]) -> None:
-        self.variants = tuple(variants)
+        super().__init__(variants)
         self.manifest = load_manifest()
-        self._procs: list[asyncio.subprocess.Process] = []
         self._workers: list[_Worker] = []
         self._session: aiohttp.ClientSession | None = None
         self._exchanges = itertools.count()
         self._sampler = np.random.default_rng(0)
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    @property
-    def processes(self) -> tuple[asyncio.subprocess.Process, ...]:
-        return tuple(self._procs)
 
     async def _start(self) -> None:
         for name in self.variants:
@@ -258,18 +228,7 @@ class WsFloor:
         self._workers.clear()
         if self._session is not None:
             await self._session.close()
-        for proc in self._procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-        for proc in self._procs:
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        self._procs.clear()
+        await super().aclose()
 
 
 def main(argv: Sequence[str]) -> int:
