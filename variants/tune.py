@@ -40,6 +40,7 @@ DEFAULT_BETA = 0.5
 MOMENTUM = 0.9
 K = 2  # the swarm's vote: sum of each member's top-2 probabilities
 LOG_EVERY = 50  # steps between progress lines
+KEPT = "warm start kept: no fine-tuned epoch beat it on validation"
 
 
 def log(event: str, **fields: Any) -> None:
@@ -345,7 +346,7 @@ def export(
     for m, r in zip(members[1:], recipes, strict=True):
         entries[m.candidate] = {
             "command": command,
-            "kind": "joint fine-tune",
+            "kind": "joint fine-tune" if best["epoch"] else KEPT,
             "candidate": m.candidate,
             "warm_started_from": {**source, "model": m.name, "sha256": file_sha256(m.path)},
             "seed": r.seed,

@@ -271,7 +271,7 @@ def test_tune_cli_resumes_chooses_on_validation_and_writes_a_family(
     assert abs(result["val_ensemble_accuracy_onnx"] - max(scores)) <= 0.01
     for m in variants:
         rec = m["recipe"]
-        assert rec["kind"] == "joint fine-tune"
+        assert rec["kind"] == ("joint fine-tune" if result["chosen_epoch"] else tune.KEPT)
         assert rec["warm_started_from"]["id"] == source["family"]["id"]
         assert (rec["epochs"], rec["lr"], rec["joint_beta"]) == (3, 0.05, 0.5)
         assert rec["chosen_epoch"] == result["chosen_epoch"]
