@@ -349,8 +349,12 @@ def export_family(
     splits: Splits,
     args: argparse.Namespace,
     out_dir: Path,
+    recipes: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Export the reference and the members to ``out_dir`` and write its manifest."""
+    """Export the reference and the members to ``out_dir`` and write its manifest.
+
+    ``recipes``: manifest recipe entries that replace the default ones, by candidate.
+    """
     models_dir = out_dir / "models"
     if models_dir.exists():
         shutil.rmtree(models_dir)
@@ -376,6 +380,8 @@ def export_family(
                 args.plan,
             )
         )
+        if recipes and n in recipes:
+            entries[-1]["recipe"] = recipes[n]
         print(
             json.dumps(
                 {

@@ -19,6 +19,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,12 +41,45 @@ from variants.trainer import (
 )
 
 
+def teacher_rows(teacher: tuple[Any, Any] | None, idx: Any, flip: Any) -> Any:
+    """The teacher's logits for a batch: of the flipped image where it was flipped."""
+    import torch
+
+    if teacher is None:
+        return None
+    return torch.where(flip[:, None], teacher[1][idx], teacher[0][idx])
+
+
+def member_loss(logits: Any, y: Any, recipe: Recipe, teacher_logits: Any = None) -> Any:
+    """A member's own loss: cross-entropy, mixed with distillation if it distills."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+    if teacher_logits is not None and recipe.distill:
+        kd = kd_loss(logits, teacher_logits, recipe.kd_temperature)
+        loss = recipe.kd_alpha * kd + (1 - recipe.kd_alpha) * loss
+    return loss
+
+
+def joint_loss(
+    logits: list[Any], y: Any, recipes: list[Recipe], teacher_logits: Any, beta: float
+) -> Any:
+    """(1 - beta) * mean of the members' own losses + beta * NLL of their mean softmax."""
+    import torch
+    import torch.nn.functional as F
+
+    own = sum(member_loss(z, y, r, teacher_logits) for z, r in zip(logits, recipes, strict=True))
+    # log of the members' mean probability, computed stably in log space
+    log_probs = torch.stack([F.log_softmax(z, 1) for z in logits])
+    ens = torch.logsumexp(log_probs, 0) - math.log(len(logits))
+    return (1 - beta) * own / len(logits) + beta * F.nll_loss(ens, y)
+
+
 def train_joint(
     group: list[Recipe], run_dir: Path, device: str, progress: bool, splits: Splits
 ) -> None:
     """Train the members of ``group`` together to completion, resuming if interrupted."""
     import torch
-    import torch.nn.functional as F
 
     if not group:
         return
@@ -110,21 +144,10 @@ def train_joint(
             hflip=splits.hflip,
             device=device,
         ):
-            own = torch.zeros((), device=device)
-            log_probs = []
-            for m, r in zip(models, group, strict=True):
-                with autocast(device):
-                    logits = m(x).float()
-                loss_i = F.cross_entropy(logits, y, label_smoothing=r.label_smoothing)
-                if teacher is not None:
-                    tl = torch.where(flip[:, None], teacher[1][idx], teacher[0][idx])
-                    kd = kd_loss(logits, tl, r.kd_temperature)
-                    loss_i = r.kd_alpha * kd + (1 - r.kd_alpha) * loss_i
-                own = own + loss_i
-                log_probs.append(F.log_softmax(logits, 1))
-            # log of the members' mean probability, computed stably in log space
-            ens = torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(models))
-            loss = (1 - beta) * own / len(models) + beta * F.nll_loss(ens, y)
+            tl = teacher_rows(teacher, idx, flip)
+            with autocast(device):
+                logits = [m(x).float() for m in models]
+            loss = joint_loss(logits, y, group, tl, beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -239,16 +239,19 @@ def evaluate_logits(model: Any, images: DeviceImages, device: str, flip: bool = 
     return torch.cat(outs)
 
 
+def param_groups(params: list[Any], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups: weight decay on weights, none on norms and biases."""
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
 def make_optimizer(params: list[Any], recipe: Recipe, device: str, total: int) -> Any:
     """SGD with Nesterov momentum, no decay on norms and biases, a one-cycle schedule."""
     import torch
 
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": recipe.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = param_groups(params, recipe.weight_decay)
     opt_kw: dict[str, Any] = {"lr": recipe.lr, "momentum": 0.9, "nesterov": True}
     if device == "cuda":
         opt_kw["fused"] = True
