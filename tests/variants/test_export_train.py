@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.variants.conftest import needs_torch
+from tests.variants.conftest import dies_after_checkpoint, needs_torch
 
 pytestmark = needs_torch
 
@@ -31,10 +31,6 @@ def test_export_matches_pytorch_within_1e4(tmp_path: Path) -> None:
     assert np.abs(runtime.predict(path, x) - want).max() <= 1e-4
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_training_checkpoints_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -46,18 +42,9 @@ def test_training_checkpoints_and_resumes(
     recipe = Recipe(
         "w025-tiny", width=0.25, resolution=6, epochs=2, batch=32, lr=0.05, train_limit=96
     )
-    real_save = trainer.atomic_save
-
-    def save_then_die(obj: object, path: Path) -> None:
-        real_save(obj, path)
-        if path.name == "ckpt.pt":
-            raise _Interrupted
-
-    monkeypatch.setattr(trainer, "atomic_save", save_then_die)
-    with pytest.raises(_Interrupted):
+    with dies_after_checkpoint(monkeypatch):
         trainer.train_one(recipe, tmp_path, "cpu", progress=False, splits=splits)
     assert not (tmp_path / recipe.name / "final.pt").exists()
-    monkeypatch.setattr(trainer, "atomic_save", real_save)
     capsys.readouterr()
     final = trainer.train_one(recipe, tmp_path, "cpu", progress=False, splits=splits)
     events = [

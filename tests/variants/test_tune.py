@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.variants.conftest import needs_torch
+from tests.variants.conftest import dies_after_checkpoint, needs_torch
 from variants.warmstart import PARITY_TOL
 
 pytestmark = needs_torch
@@ -217,10 +217,6 @@ def _digits_family(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def _events(err: str, name: str) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     return [r for r in rows if r["event"] == name]
@@ -232,7 +228,7 @@ def test_tune_cli_resumes_chooses_on_validation_and_writes_a_family(
     """Killed after epoch 1, the run resumes at epoch 2; it keeps the best validation epoch,
     writes a family that loads and evaluates, and refuses to resume with other settings."""
     from swarm.inference.manifest import load_manifest
-    from variants import evaluate, trainer, tune
+    from variants import evaluate, tune
 
     src = tmp_path / "src"
     source = _digits_family(src)
@@ -241,17 +237,8 @@ def test_tune_cli_resumes_chooses_on_validation_and_writes_a_family(
         "--family", str(src), "--epochs", "3", "--batch", "16", "--train-limit", "64",
         "--lr", "0.05", "--run-dir", str(run), "--out-dir", str(out), "--latency-runs", "20",
     ]  # fmt: skip
-    real_save = trainer.atomic_save
-
-    def save_then_die(obj: object, path: Path) -> None:
-        real_save(obj, path)
-        if path.name == "ckpt.pt":
-            raise _Interrupted
-
-    monkeypatch.setattr(trainer, "atomic_save", save_then_die)
-    with pytest.raises(_Interrupted):
+    with dies_after_checkpoint(monkeypatch):
         tune.main(argv)
-    monkeypatch.setattr(trainer, "atomic_save", real_save)
     assert (run / "teacher.pt").exists() and not out.exists()
     capsys.readouterr()
     assert tune.main(argv) == 0
