@@ -33,32 +33,13 @@ from variants.trainer import (
     epoch_batches,
     evaluate_logits,
     final_extras,
-    kd_loss,
     load_teacher,
     log,
     make_optimizer,
+    member_loss,
     same_recipe,
+    teacher_rows,
 )
-
-
-def teacher_rows(teacher: tuple[Any, Any] | None, idx: Any, flip: Any) -> Any:
-    """The teacher's logits for a batch: of the flipped image where it was flipped."""
-    import torch
-
-    if teacher is None:
-        return None
-    return torch.where(flip[:, None], teacher[1][idx], teacher[0][idx])
-
-
-def member_loss(logits: Any, y: Any, recipe: Recipe, teacher_logits: Any = None) -> Any:
-    """A member's own loss: cross-entropy, mixed with distillation if it distills."""
-    import torch.nn.functional as F
-
-    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
-    if teacher_logits is not None and recipe.distill:
-        kd = kd_loss(logits, teacher_logits, recipe.kd_temperature)
-        loss = recipe.kd_alpha * kd + (1 - recipe.kd_alpha) * loss
-    return loss
 
 
 def joint_loss(

@@ -298,6 +298,26 @@ def kd_loss(logits: Any, teacher_logits: Any, temperature: float) -> Any:
     )
 
 
+def teacher_rows(teacher: tuple[Any, Any] | None, idx: Any, flip: Any) -> Any:
+    """The teacher's logits for a batch: of the flipped image where it was flipped."""
+    import torch
+
+    if teacher is None:
+        return None
+    return torch.where(flip[:, None], teacher[1][idx], teacher[0][idx])
+
+
+def member_loss(logits: Any, y: Any, recipe: Recipe, teacher_logits: Any = None) -> Any:
+    """A member's own loss: cross-entropy, mixed with distillation if it distills."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+    if teacher_logits is not None and recipe.distill:
+        kd = kd_loss(logits, teacher_logits, recipe.kd_temperature)
+        loss = recipe.kd_alpha * kd + (1 - recipe.kd_alpha) * loss
+    return loss
+
+
 def same_recipe(stored: dict[str, Any], recipe: Recipe) -> bool:
     """Whether a checkpoint's recipe is this one (fields it predates at their defaults)."""
     return dataclasses.asdict(recipe_from_dict(stored)) == dataclasses.asdict(recipe)
@@ -308,7 +328,6 @@ def train_one(
 ) -> dict[str, Any]:
     """Train one model to completion, resuming from its last checkpoint."""
     import torch
-    import torch.nn.functional as F
 
     out_dir = run_dir / recipe.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -378,11 +397,7 @@ def train_one(
         ):
             with autocast(device):
                 logits = model(x).float()
-            loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
-            if teacher is not None:
-                tl = torch.where(flip[:, None], teacher[1][idx], teacher[0][idx])
-                kd = kd_loss(logits, tl, recipe.kd_temperature)
-                loss = recipe.kd_alpha * kd + (1 - recipe.kd_alpha) * loss
+            loss = member_loss(logits, y, recipe, teacher_rows(teacher, idx, flip))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -144,8 +144,14 @@ def fine_tune(args: argparse.Namespace) -> dict[str, Any]:
     """Train (resuming), choose the epoch on validation, export; returns the result."""
     import torch
 
-    from variants.joint import joint_loss, teacher_rows
-    from variants.trainer import DeviceImages, atomic_save, epoch_batches, param_groups
+    from variants.joint import joint_loss
+    from variants.trainer import (
+        DeviceImages,
+        atomic_save,
+        epoch_batches,
+        param_groups,
+        teacher_rows,
+    )
 
     torch.set_num_threads(args.threads)
     manifest, members = read_family(args.family)

@@ -25,6 +25,18 @@ COLUMNS: Final = (
 )
 
 
+# What the report keeps of each class-parallel sub-model in the subnets manifest.
+SUBNET_FIELDS: Final = (
+    "name",
+    "classes",
+    "params",
+    "macs",
+    "test_accuracy",
+    "latency_ms",
+    "speedup",
+)
+
+
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
@@ -64,18 +76,7 @@ def model_table(subnets: Path, stages: Path) -> dict[str, Any]:
             {
                 "grouping": g["name"],
                 "grouping_test_accuracy": g["test_accuracy"],
-                **{
-                    k: m.get(k)
-                    for k in (
-                        "name",
-                        "classes",
-                        "params",
-                        "macs",
-                        "test_accuracy",
-                        "latency_ms",
-                        "speedup",
-                    )
-                },
+                **{k: m.get(k) for k in SUBNET_FIELDS},
             }
             for g in sub["groupings"]
             for m in g["members"]
@@ -110,19 +111,7 @@ def write(report: dict[str, Any], out: Path) -> list[Path]:
             "(onnxruntime, 1 thread, batch 1). Sub-model accuracy is on its own task "
             "(its classes plus 'other'), on t10k.",
             "",
-            table(
-                models["subnets"],
-                [
-                    "grouping",
-                    "name",
-                    "classes",
-                    "params",
-                    "macs",
-                    "test_accuracy",
-                    "latency_ms",
-                    "speedup",
-                ],
-            ),
+            table(models["subnets"], ["grouping", *SUBNET_FIELDS]),
         ]
     for name, plan in models.get("stages", {}).items():
         md += [

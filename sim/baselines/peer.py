@@ -88,20 +88,32 @@ class Peer:
         left = (int(head.get("deadline_ms", 0)) - wire.unix_ms()) / 1000
         return head, tensor, left
 
-    async def stage(self, request: web.Request) -> web.Response:
+    async def _ran(
+        self, request: web.Request, what: str
+    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray] | web.Response:
+        """The checked request's head, input and this device's output; or the error."""
         try:
             head, tensor, left = self._checked(await request.read())
         except wire.BaselineWireError as exc:
             status = 403 if "signature" in str(exc) else 400
             return _error(status, str(exc))
         if left <= 0:
-            return _error(504, "deadline passed before this stage ran")
-        out = self._run(tensor)
+            return _error(504, f"deadline passed before this {what} ran")
+        return head, tensor, self._run(tensor)
+
+    def _reply(self, head: dict[str, Any], out: np.ndarray) -> web.Response:
+        fields = {"id": head["id"], "probs": wire.digest(out)}
+        reply = {"id": head["id"], "sig": wire.sign(self.identity, "reply", fields)}
+        return web.Response(body=wire.encode(reply, out))
+
+    async def stage(self, request: web.Request) -> web.Response:
+        ran = await self._ran(request, "stage")
+        if isinstance(ran, web.Response):
+            return ran
+        head, tensor, out = ran
         hop, chain = head["hop"], head["chain"]
         if hop == len(chain) - 1:
-            fields = {"id": head["id"], "probs": wire.digest(out)}
-            reply = {"id": head["id"], "sig": wire.sign(self.identity, "reply", fields)}
-            return web.Response(body=wire.encode(reply, out))
+            return self._reply(head, out)
         nxt = {
             **head,
             "hop": hop + 1,
@@ -129,17 +141,11 @@ class Peer:
             return _error(502, f"stage {hop + 2} unreachable: {type(exc).__name__}")
 
     async def group(self, request: web.Request) -> web.Response:
-        try:
-            head, tensor, left = self._checked(await request.read())
-        except wire.BaselineWireError as exc:
-            status = 403 if "signature" in str(exc) else 400
-            return _error(status, str(exc))
-        if left <= 0:
-            return _error(504, "deadline passed before this sub-model ran")
-        out = self._run(tensor)
-        fields = {"id": head["id"], "probs": wire.digest(out)}
-        reply = {"id": head["id"], "sig": wire.sign(self.identity, "reply", fields)}
-        return web.Response(body=wire.encode(reply, out))
+        ran = await self._ran(request, "sub-model")
+        if isinstance(ran, web.Response):
+            return ran
+        head, _, out = ran
+        return self._reply(head, out)
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -1,8 +1,8 @@
 """An oracle for ``swarm.decision.voting``: the voting rules written with numpy arrays.
 
-A verbatim copy of the vote's arithmetic before it moved to plain floats: an independent
-implementation whose results must be bit-for-bit those of ``swarm.decision.voting``
-(``tests/swarm/test_voting_oracle.py``).
+A verbatim copy of the vote's arithmetic before it moved to plain floats (on the same
+``Ballot`` and ``Decision``): an independent implementation whose results must be
+bit-for-bit those of ``swarm.decision.voting`` (``tests/swarm/test_voting_oracle.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from swarm import config
+from swarm.decision.voting import Ballot, Decision
 from swarm.errors import ConfigError, NoDecisionError
 
 RULES: Final = ("robust", "sum", "vote", "trimmed", "median")
@@ -25,36 +26,6 @@ DEFAULT_RULE: Final = "robust"
 TIE_EPS: Final = 1e-9
 
 _Array = npt.NDArray[np.float64]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Ballot:
-    """One verified reply: a peer's top-k, as (class, probability in [0, 1]) pairs."""
-
-    peer_id: str
-    variant: str
-    topk: tuple[tuple[int, float], ...]
-    weight: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Decision:
-    """The outcome of a vote.
-
-    ``scores`` holds each class's aggregate under ``rule`` (for ``vote``: counts).
-    ``confidence`` is the winner's share of the summed scores, in [0, 1]. ``margin`` is
-    the winner's score minus the best other score. ``certified_f`` is how many of the
-    ``used`` ballots could be replaced by arbitrary ones without changing ``label``.
-    """
-
-    label: int
-    confidence: float
-    scores: tuple[float, ...]
-    rule: str
-    certified_f: int
-    margin: float
-    used: tuple[str, ...]
-    excluded: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
